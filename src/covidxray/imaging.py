@@ -1,0 +1,218 @@
+"""Image loading: turn a file or an upload into one normalised grayscale array.
+
+Every later stage (datasets, prediction, the REST API) reads pixels through
+:func:`load_image`, so the accepted formats, the safety limits and the intensity scaling are
+defined once, here. The format is sniffed from the content, never taken from the file name.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import stat
+import warnings
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+
+from covidxray.errors import ImageError
+
+__all__ = ["MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "load_image", "sniff_format"]
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # larger inputs are refused before they are read
+MAX_PIXELS = 50_000_000  # about 7000x7000: above any radiograph, far below a decompression bomb
+MIN_SIDE = 16  # pixels; anything smaller is an icon or a tracking pixel, not an X-ray
+MAX_ASPECT = 10  # longest side / shortest side; larger means a strip or a crafted header
+
+_KNOWN = "PNG, JPEG, BMP, TIFF, GIF or DICOM"
+_MAGIC = (  # (prefix, format); Pillow decodes all of these
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+    (b"BM", "bmp"),
+)
+_RGB_TO_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as Pillow's convert("L")
+_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # scaled by their own range
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name an image format from the first bytes of a file (its magic number).
+
+    Args:
+        head: the start of the file; 132 bytes are enough for every format.
+
+    Returns:
+        ``"dicom"``, ``"png"``, ``"jpeg"``, ``"bmp"``, ``"tiff"`` or ``"gif"``; ``None`` when
+        the bytes match none of them.
+
+    Examples:
+        >>> sniff_format(b"\\x89PNG\\r\\n\\x1a\\n")
+        'png'
+    """
+    # DICOM is tested first: its free 128-byte preamble may itself look like a TIFF header.
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+
+
+def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
+    """Return a 2-D float32 grayscale array with values in [0, 1].
+
+    8-bit images are divided by 255; 16-bit, 32-bit, float and DICOM images are scaled by
+    their own minimum and maximum. Colour is reduced to luma, the EXIF orientation is applied,
+    the first frame of an animation or stack is taken, and DICOM MONOCHROME1 is inverted so
+    that bone is bright.
+
+    Args:
+        source: a path, or the raw bytes of a file (an upload).
+        name: how to call ``source`` in error messages when it is bytes (default ``"<bytes>"``).
+
+    Returns:
+        Array of shape (height, width), dtype float32, values in [0, 1].
+
+    Raises:
+        ImageError: for any unreadable, unsupported, corrupt, blank or oversized input; the
+            message names the file (or ``name``) and the reason.
+        TypeError: if ``source`` is neither a path nor bytes (a programming error).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label, data = name or "<bytes>", bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        label = os.fsdecode(source)
+        data = _read_file(label)
+    else:
+        raise TypeError(f"load_image expects a path or bytes, not {type(source).__name__}")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(label, _too_big(len(data)))
+    if not data:
+        raise ImageError(label, "file is empty")
+    fmt = sniff_format(data[:132])
+    if fmt is None:
+        raise ImageError(label, f"not a recognised image format ({_KNOWN})")
+    try:
+        pixels = _decode_dicom(data, label) if fmt == "dicom" else _decode_pillow(data, fmt, label)
+    except ImageError:
+        raise
+    except Exception as exc:  # decoders raise anything (OSError, ValueError, struct.error...)
+        raise ImageError(label, f"could not decode: {type(exc).__name__}: {exc}") from exc
+    log.debug("loaded %s: %s, %dx%d", label, fmt, pixels.shape[1], pixels.shape[0])
+    return pixels
+
+
+def _too_big(size: int) -> str:
+    limit = MAX_FILE_BYTES / 2**20
+    return f"file is too large ({size / 2**20:.1f} MiB; the limit is {limit:g} MiB)"
+
+
+def _read_file(path: str) -> bytes:
+    """Read a whole file after checking, from its metadata alone, that it is worth reading."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError(path, "is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise ImageError(path, "is not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(path, _too_big(info.st_size))
+        with open(path, "rb") as file:
+            return file.read(MAX_FILE_BYTES + 1)  # +1 so a file that grew is still caught
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except OSError as exc:
+        reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read: {exc.strerror}"
+        raise ImageError(path, reason) from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise ImageError(path, f"invalid path: {exc}") from None
+
+
+def _check_size(label: str, width: int, height: int) -> None:
+    """Refuse sizes no radiograph has, before any pixel is decoded."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            label, f"image too large: {width}x{height} pixels (the limit is {MAX_PIXELS:,})"
+        )
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(
+            label,
+            f"absurd size {width}x{height} (each side must be at least {MIN_SIDE} px and "
+            f"the long side at most {MAX_ASPECT} times the short one)",
+        )
+
+
+def _min_max(values: np.ndarray, label: str) -> np.ndarray:
+    """Scale to [0, 1] by the image's own range, refusing NaN, infinity and blank images."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageError(label, "image contains non-finite values (NaN or infinity)")
+    low, high = values.min(), values.max()
+    if low == high:
+        raise ImageError(label, "image is blank (constant intensity)")
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+def _decode_pillow(data: bytes, fmt: str, label: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        # Pillow only warns between its limit and twice that limit; treat the warning as a bomb.
+        # (The filter is process-wide, not per thread; _check_size below is the real limit.)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            # formats= stops Pillow from trying other decoders than the one the magic named.
+            with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
+                _check_size(label, *img.size)  # open() parsed only the header so far
+                img.load()  # decodes the first frame; raises on truncated data
+                img = ImageOps.exif_transpose(img)  # a new image, independent of the file
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(label, f"image too large (decompression bomb?): {exc}") from None
+        except Image.UnidentifiedImageError:
+            raise ImageError(label, f"corrupt {fmt.upper()} header") from None
+    if img.mode in _HIGH_DEPTH_MODES:
+        return _min_max(np.asarray(img), label)
+    # Alpha is dropped rather than composited: no background colour is right for an X-ray.
+    gray = img if img.mode == "L" else img.convert("L")
+    return np.asarray(gray, dtype=np.float32) / 255
+
+
+def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+    # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
+    # pydicom decodes pixels only when pixel_array is read, after the checks below.
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageError(label, "DICOM file has no pixel data")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ImageError(label, "DICOM file has no Rows/Columns")
+    _check_size(label, int(ds.Columns), int(ds.Rows))
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageError(label, f"unsupported DICOM transfer syntax {syntax}") from None
+    if not decoder.is_available:
+        raise ImageError(
+            label,
+            f"no decoder installed for DICOM transfer syntax '{syntax.name}' ({syntax}); "
+            f"install one of: {'; '.join(decoder.missing_dependencies)}",
+        )
+    ds.pixel_array_options(index=0)  # decode only the first frame of a multi-frame file
+    pixels = ds.pixel_array
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":  # stored values are indices
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:  # colour; pydicom has already converted YBR to RGB
+        return _min_max(pixels[..., :3] @ _RGB_TO_GRAY, label)
+    with np.errstate(over="ignore", invalid="ignore"):  # a crazy rescale is refused below
+        values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
+    gray = _min_max(values, label)
+    # MONOCHROME1 stores bone dark; every other source (and the model) expects bone bright.
+    return 1 - gray if ds.get("PhotometricInterpretation") == "MONOCHROME1" else gray
