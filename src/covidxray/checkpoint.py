@@ -1,0 +1,148 @@
+"""Checkpoints: weights as safetensors, everything else as JSON. Nothing here unpickles.
+
+A run directory holds
+
+* ``model.safetensors`` + ``model.json`` — the model to use: architecture, preprocessing, class
+  names, operating threshold, temperature, metrics, data fingerprint and the SHA-256 of the
+  weights file (so a weights/JSON pair from different writes is detected);
+* ``last.safetensors`` — the training state for ``--resume``: model and optimizer tensors plus a
+  JSON header (epoch, scheduler, history, config) in the safetensors metadata, so the whole state
+  is one file and one atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import CheckpointError
+from .utils import atomic_write_bytes, atomic_write_json
+
+__all__ = ["FORMAT", "save_model", "load_model", "read_model_meta", "save_state", "load_state", "resolve_model_path"]
+
+FORMAT = "covidxray-model/1"
+# Field -> type every model.json must carry (validated on load with a clear message).
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str, "arch": str, "num_classes": int, "class_names": list, "preprocess": dict,
+    "threshold": (float, int), "temperature": (float, int), "weights_sha256": str,
+}
+
+
+def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses views that share storage; a contiguous copy is a few MB at most.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """Map a run directory, ``model.json`` or ``model.safetensors`` to the ``model.json`` path."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.json"
+    elif p.suffix == ".safetensors":
+        p = p.with_suffix(".json")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no model here (expected a run folder or model.json with model.safetensors beside it)")
+    return p
+
+
+def save_model(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any], stem: str = "model") -> Path:
+    """Write ``<stem>.safetensors`` then ``<stem>.json`` atomically; returns the JSON path."""
+    run_dir = Path(run_dir)
+    blob = st_save(_tensors(model.state_dict()))
+    atomic_write_bytes(run_dir / f"{stem}.safetensors", blob)
+    meta = {**meta, "format": FORMAT, "weights_file": f"{stem}.safetensors", "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    atomic_write_json(run_dir / f"{stem}.json", meta)
+    return run_dir / f"{stem}.json"
+
+
+def read_model_meta(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """Read and validate ``model.json``; returns ``(meta, json_path)``."""
+    p = resolve_model_path(path)
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object")
+    for key, typ in REQUIRED.items():
+        if key not in meta:
+            raise CheckpointError(f"{p}: missing field {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise CheckpointError(f"{p}: field {key!r} has the wrong type ({type(meta[key]).__name__})")
+    if meta["format"] != FORMAT:
+        raise CheckpointError(f"{p}: unsupported format {meta['format']!r} (this covidxray reads {FORMAT})")
+    if len(meta["class_names"]) != meta["num_classes"]:
+        raise CheckpointError(f"{p}: {len(meta['class_names'])} class names for {meta['num_classes']} classes")
+    return meta, p
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network described by ``model.json`` and load its safetensors weights (eval mode)."""
+    from .models import build_model
+
+    meta, p = read_model_meta(path)
+    wpath = p.parent / meta.get("weights_file", "model.safetensors")
+    try:
+        blob = wpath.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{wpath}: cannot read weights ({e.strerror})") from e
+    if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
+        raise CheckpointError(f"{wpath}: weights do not match {p.name} (SHA-256 differs); the pair was not written together")
+    try:
+        sd = st_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{wpath}: not a safetensors file ({e})") from e
+    model = build_model(meta["arch"], in_chans=meta.get("in_chans", 1), num_classes=meta["num_classes"])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:3]
+        raise CheckpointError(f"{wpath}: weights do not fit architecture {meta['arch']!r}: {' '.join(first)}") from e
+    return model.eval(), meta
+
+
+def save_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, header: dict[str, Any]) -> None:
+    """Write the resumable training state (model + optimizer tensors, JSON header) as one safetensors file."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v
+            else:
+                plain.setdefault(str(idx), {})[k] = v
+    header = {**header, "optim_param_groups": opt["param_groups"], "optim_plain": plain}
+    atomic_write_bytes(path, st_save(_tensors(tensors), metadata={"header": json.dumps(header, allow_nan=False)}))
+
+
+def load_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer from `save_state`'s file in place; returns the JSON header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})["header"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a covidxray training state ({e})") from e
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, name = k.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, st in header.pop("optim_plain").items():
+        state.setdefault(int(idx), {}).update(st)
+    optimizer.load_state_dict({"state": state, "param_groups": header.pop("optim_param_groups")})
+    return header

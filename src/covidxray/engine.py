@@ -1,0 +1,410 @@
+"""Training engine, in the shape of torchvision's classification references.
+
+``train(cfg)`` is ``main(args)``: it reads the data, decodes every image once into an in-memory
+uint8 cache (also kept on disk, so the next run starts at once), builds the model from the
+registry and runs `train_one_epoch` / `predict_probs` per epoch. After each epoch it writes the
+resumable state (``last.safetensors``), the history (CSV + JSON + curve PNG) and, when validation
+ROC-AUC improved, the model checkpoint. At the end the best model's operating threshold is chosen
+on the validation set and stored in ``model.json``.
+
+Each epoch's randomness (sampling order, augmentation, dropout) is seeded from ``(seed, epoch)``,
+so a run resumed after a crash replays exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import CLASS_NAMES, __version__
+from .checkpoint import load_state, save_model, save_state
+from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
+from .errors import DataError, ImageError
+from .imaging import load_image
+from .models import build_model, get_spec
+from .presets import Preprocess, TrainAugment
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, seed_everything
+
+__all__ = ["TrainConfig", "RECIPES", "train", "train_one_epoch", "predict_probs", "prepare_images", "default_device"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint and the resume state."""
+
+    data: str = ""  # folder tree or CSV manifest
+    out: str = "runs/default"  # run directory
+    splits: str | None = None  # CSV path,split; None: use the data's splits or make them
+    recipe: str = "default"  # name of the preset this config started from
+    arch: str = "tf_efficientnet_lite0"  # registry name
+    weights: str | None = "imagenet"  # None/"none", "imagenet" (offline only) or a local file
+    size: int = 160  # input side in pixels
+    equalize: bool = True  # histogram equalisation in preprocessing
+    epochs: int = 8
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    scheduler: str = "cosine"  # cosine (linear warm-up, cosine decay per step) | step (StepLR per epoch)
+    warmup_epochs: float = 0.3  # cosine only
+    step_size: int = 3  # step only
+    gamma: float = 0.1  # step only
+    label_smoothing: float = 0.1
+    balanced: bool = True  # sample both classes equally often
+    augment: str = "cxr"  # cxr (geometric + resolution + intensity + erasing) | reference | none
+    freeze: bool = True  # freeze the architecture's declared early layers (fast on CPU)
+    patience: int = 3  # stop after this many epochs without a better validation AUC (0: never)
+    target_sensitivity: float | None = None  # threshold rule: None = Youden's J, else min sensitivity
+    seed: int = 0
+    deterministic: bool = False
+    limit: int | None = None  # use at most this many images per split (quick experiments, tests)
+    device: str = "auto"  # auto | cpu | cuda
+    cache_dir: str | None = None  # decoded-image cache; None: $COVIDXRAY_CACHE or ~/.cache/covidxray
+    eval_batch_size: int = 128
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Fast and accurate on two CPU cores: ImageNet EfficientNet-Lite0 (offline), 160 px, frozen stem.
+    "default": {},
+    # The project this grew from: ResNet18, 224 px, Adam 1e-3, StepLR(3, 0.1), 15 epochs, flips/rotation.
+    "reference": dict(
+        arch="resnet18", weights="imagenet", size=224, equalize=False, epochs=15, optimizer="adam", lr=1e-3,
+        weight_decay=0.0, scheduler="step", step_size=3, gamma=0.1, label_smoothing=0.0, balanced=False,
+        augment="reference", freeze=False, patience=0,
+    ),
+    # A from-scratch compact CNN: no pretrained weights needed, trains in minutes.
+    "fast": dict(arch="cxrnet", weights=None, size=128, epochs=12, lr=3e-3, freeze=False, patience=4),
+}
+
+AUGMENTS = {
+    "cxr": TrainAugment(),
+    "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
+                              gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
+}
+
+
+def default_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cache_root(cfg_dir: str | None) -> Path:
+    return Path(cfg_dir or os.environ.get("COVIDXRAY_CACHE") or Path.home() / ".cache" / "covidxray")
+
+
+def prepare_images(
+    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding"
+) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Decode and prepare every image once: ``(N, size, size)`` uint8 plus ``(path, reason)`` failures.
+
+    Unreadable images are returned as failures (and their rows are zero); callers drop or report
+    them. Results are cached on disk under a key made of the files (path, size, mtime) and the
+    preprocessing, so changing either decodes again.
+    """
+    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__] + [
+        [str(s.path), *(lambda st: (st.st_size, st.st_mtime_ns))(s.path.stat())] if s.path.is_file() else [str(s.path)]
+        for s in samples
+    ]).encode()).hexdigest()[:24]
+    cache = _cache_root(cache_dir) / f"{key}.npz" if cache_dir != "" else None
+    if cache and cache.is_file():
+        try:
+            with np.load(cache) as z:
+                return torch.from_numpy(z["images"]), [tuple(f) for f in json.loads(str(z["failed"]))]
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s", cache)
+    out = np.zeros((len(samples), pre.size, pre.size), dtype=np.uint8)
+    failed: list[tuple[str, str]] = []
+
+    def work(i: int) -> None:
+        try:
+            out[i] = pre.prepare(load_image(samples[i].path))
+        except ImageError as e:
+            failed.append((str(samples[i].path), e.reason))
+
+    # Pillow releases the GIL while decoding, so two threads keep both cores busy.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(tqdm(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img", leave=False))
+    if cache:
+        buf = io.BytesIO()
+        np.savez(buf, images=out, failed=np.array(json.dumps(sorted(failed))))
+        atomic_write_bytes(cache, buf.getvalue())
+    return torch.from_numpy(out), sorted(failed)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, temperature: float = 1.0,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """P(covid) for prepared uint8 images ``(N, S, S)``, in eval mode (the model's mode is restored)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    probs = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = pre.to_tensor(images[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                logits = model(x).float()
+            probs.append(torch.softmax(logits / temperature, dim=1)[:, 1].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on GPU; a no-op on CPU, where bf16 convolutions are slower than fp32 here.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
+    model.train()
+    for name in frozen:  # frozen layers keep their pretrained BatchNorm statistics
+        model.get_submodule(name).eval()
+
+
+def train_one_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
+    cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device,
+) -> dict[str, float]:
+    """One pass over the training images; returns mean loss, accuracy, images/s and seconds."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
+    n = len(labels)
+    if cfg.balanced:
+        counts = torch.bincount(labels, minlength=2).clamp(min=1).float()
+        order = torch.multinomial((1.0 / counts)[labels], n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
+    augment = AUGMENTS.get(cfg.augment)
+    _set_train_mode(model, frozen)
+    steps = math.ceil(n / cfg.batch_size)
+    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    for step in bar:
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        x = images[idx].unsqueeze(1).float() / 255.0
+        if augment is not None:
+            x = augment(x, g)
+        x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device)
+        with _autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cfg.scheduler == "cosine":
+            scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+    if cfg.scheduler == "step":
+        scheduler.step()
+    secs = time.perf_counter() - t0
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs}
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    else:
+        raise DataError(f"unknown optimizer {cfg.optimizer!r} (adamw, adam or sgd)")
+    if cfg.scheduler == "step":
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.scheduler != "cosine":
+        raise DataError(f"unknown scheduler {cfg.scheduler!r} (cosine or step)")
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _split(samples: list[Sample], name: str, limit: int | None, seed: int) -> list[Sample]:
+    part = [s for s in samples if s.split == name]
+    if limit and len(part) > limit:
+        rng = np.random.default_rng(seed)
+        part = [part[i] for i in sorted(rng.choice(len(part), limit, replace=False))]
+    return part
+
+
+def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
+    from matplotlib.figure import Figure
+
+    atomic_write_json(run / "history.json", history)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(run / "history.csv", buf.getvalue())
+    ep = [h["epoch"] for h in history]
+    fig = Figure(figsize=(10, 3.6), dpi=110)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation loss")
+    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
+    ax2.plot(ep, [h["val_auc"] for h in history], "o-", color="firebrick", label="validation ROC-AUC")
+    ax2.plot(ep, [h["val_acc"] for h in history], "o-", color="gray", label="validation accuracy @0.5")
+    ax2.set_xlabel("epoch"), ax2.set_title("validation (positive class: COVID-19)"), ax2.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(run / "curves.png", png.getvalue())
+
+
+def _model_meta(cfg: TrainConfig, pre: Preprocess, fingerprint: str, epoch: int, val_auc: float) -> dict[str, Any]:
+    return {
+        "arch": cfg.arch, "in_chans": 1, "num_classes": 2, "class_names": list(CLASS_NAMES), "positive_class": "covid",
+        "preprocess": pre.to_dict(), "threshold": 0.5, "threshold_rule": "not chosen yet", "temperature": 1.0,
+        "epoch": epoch, "val_auc": val_auc, "data_fingerprint": fingerprint, "train_config": asdict(cfg),
+        "covidxray_version": __version__,
+    }
+
+
+def config_for(recipe: str, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a named recipe with ``overrides`` (None values are ignored)."""
+    if recipe not in RECIPES:
+        raise DataError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    names = {f.name for f in fields(TrainConfig)}
+    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None and k in names}}
+    return TrainConfig(recipe=recipe, **values)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the run directory.
+
+    Raises:
+        DataError: when the data has no training or validation images.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from .metrics import choose_threshold
+
+    run = Path(cfg.out)
+    state_path = run / "last.safetensors"
+    header: dict[str, Any] | None = None
+    if resume:
+        if not state_path.is_file():
+            raise DataError(f"{run}: nothing to resume (no last.safetensors); start the run without --resume")
+        from safetensors import safe_open
+
+        with safe_open(str(state_path), framework="pt") as f:
+            saved = json.loads(f.metadata()["header"])["config"]
+        cfg = replace(TrainConfig(**saved), epochs=max(cfg.epochs, saved["epochs"]) if cfg.epochs else saved["epochs"])
+    run.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = default_device(cfg.device)
+
+    samples = load_samples(cfg.data, cfg.splits)
+    if not any(s.split for s in samples):
+        samples = make_splits(samples, seed=cfg.seed)
+        write_splits(run / "splits.csv", samples)
+        log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
+    spec = get_spec(cfg.arch)
+    pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std)
+    parts = {}
+    for name in ("train", "val"):
+        part = _split(samples, name, cfg.limit, cfg.seed)
+        if not part or len({s.label for s in part}) < 2:
+            raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
+        images, failed = prepare_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
+        for path, reason in failed:
+            log.warning("skipping unreadable image %s: %s", path, reason)
+        bad = {p for p, _ in failed}
+        keep = torch.tensor([str(s.path) not in bad for s in part])
+        parts[name] = (images[keep], torch.tensor([s.label for s in part])[keep], [s for s in part if str(s.path) not in bad])
+    (xtr, ytr, _), (xva, yva, val_samples) = parts["train"], parts["val"]
+    log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
+             cfg.arch, len(ytr), int(ytr.sum()), len(yva), int(yva.sum()))
+
+    model = build_model(cfg.arch, in_chans=1, num_classes=2, weights=None if resume else cfg.weights)
+    frozen = spec.freezable if cfg.freeze else ()
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
+    optimizer, scheduler = _make_optimizer(model, cfg, steps_per_epoch)
+    fingerprint = data_fingerprint(cfg.data, cfg.splits)
+    history: list[dict[str, Any]] = []
+    best_auc, best_epoch, start = -1.0, -1, 0
+    if resume:
+        header = load_state(state_path, model, optimizer)
+        scheduler.load_state_dict(header["scheduler"])
+        history, best_auc, best_epoch, start = header["history"], header["best_auc"], header["best_epoch"], header["epoch"] + 1
+        log.info("resuming %s after epoch %d (best validation AUC %.4f at epoch %d)", run, start, best_auc, best_epoch + 1)
+
+    t_start = time.perf_counter() - sum(h["train_seconds"] + h["val_seconds"] for h in history)
+    for epoch in range(start, cfg.epochs):
+        if cfg.patience and best_epoch >= 0 and epoch - best_epoch > cfg.patience:
+            log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
+            break
+        stats = train_one_epoch(model, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device)
+        t0 = time.perf_counter()
+        p = predict_probs(model, xva, pre, cfg.eval_batch_size, device=device)
+        y = yva.numpy()
+        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), yva))
+        auc = float(roc_auc_score(y, p))
+        row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_auc": auc, "val_acc": float(((p >= 0.5) == y).mean()),
+               "val_seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        log.info("epoch %d/%d  loss %.4f  val loss %.4f  val AUC %.4f  %.1f img/s", epoch + 1, cfg.epochs,
+                 stats["train_loss"], val_loss, auc, stats["img_per_s"])
+        if auc > best_auc:
+            best_auc, best_epoch = auc, epoch
+            save_model(run, model, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
+        save_state(state_path, model, optimizer, {
+            "config": asdict(cfg), "epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
+            "best_auc": best_auc, "best_epoch": best_epoch,
+        })
+        _write_history(run, history)
+
+    # Operating threshold: chosen on validation predictions of the best model, never on test data.
+    from .checkpoint import load_model
+
+    best, meta = load_model(run)
+    p = predict_probs(best.to(device), xva, pre, cfg.eval_batch_size, device=device)
+    rule = f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "Youden's J"
+    meta.update(threshold=float(choose_threshold(yva.numpy(), p, cfg.target_sensitivity)),
+                threshold_rule=f"{rule} on the validation split ({len(p)} images)",
+                train_seconds=time.perf_counter() - t_start)
+    for k in ("format", "weights_file", "weights_sha256"):
+        meta.pop(k)
+    save_model(run, best, meta)
+    from .report import save_predictions_csv
+
+    save_predictions_csv(run / "val_predictions.csv", [s.key for s in val_samples], yva.numpy(), p, meta["threshold"],
+                         sources=[s.source for s in val_samples])
+    log.info("best validation AUC %.4f at epoch %d; threshold %.4f (%s); run in %s",
+             best_auc, best_epoch + 1, meta["threshold"], rule, run)
+    return run

@@ -1,0 +1,135 @@
+"""`Predictor`: the one place that loads a model for inference (CLI, Python API, REST API).
+
+Example:
+    >>> from covidxray.predictor import Predictor
+    >>> p = Predictor()                      # the bundled model
+    >>> p.predict_path("chest.png").label    # 'covid' or 'normal'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .errors import CheckpointError, ImageError
+from .imaging import load_image
+from .presets import Preprocess
+
+__all__ = ["Prediction", "Predictor", "default_model_path"]
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path() -> Path:
+    """``$COVIDXRAY_MODEL`` if set, else the model bundled in the repository's ``models/`` folder."""
+    env = os.environ.get("COVIDXRAY_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models" / "default"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer. ``probability`` is P(COVID-19); ``label`` is ``covid`` when it reaches ``threshold``."""
+
+    path: str
+    label: str  # "covid" (COVID-19 positive) or "normal"
+    probability: float  # P(covid), after temperature scaling
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Predictor:
+    """Load a checkpoint once and classify X-rays.
+
+    Args:
+        model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        threads: torch intra-op threads for CPU inference (None: leave torch's default).
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None):
+        from .engine import default_device
+
+        path = Path(model) if model else default_model_path()
+        if model is None and not path.exists():
+            raise CheckpointError(
+                f"no model given and the bundled model is missing ({path}); pass --model RUN_DIR or set COVIDXRAY_MODEL"
+            )
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = default_device(device)
+        self.model, self.meta = load_model(path)
+        self.model = self.model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.preprocess = Preprocess(**self.meta["preprocess"])
+        self.threshold = float(self.meta["threshold"])
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.name = f"{self.meta['arch']}@{self.preprocess.size}px"
+
+    def predict_prepared(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
+        from .engine import predict_probs
+
+        return predict_probs(self.model, images, self.preprocess, batch_size, self.temperature, self.device)
+
+    def predict_array(self, image: np.ndarray, name: str = "<array>") -> Prediction:
+        """Classify one decoded grayscale image (float in [0, 1])."""
+        prob = float(self.predict_prepared(torch.from_numpy(self.preprocess.prepare(image))[None])[0])
+        return self._answer(name, prob)
+
+    def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
+        """Classify the raw bytes of an image file (PNG, JPEG, DICOM, ...). Raises `ImageError`."""
+        return self.predict_array(load_image(data, name=name), name)
+
+    def predict_path(self, path: str | os.PathLike) -> Prediction:
+        """Classify one image file. Raises `ImageError` naming the file when it cannot be read."""
+        return self.predict_array(load_image(path), str(path))
+
+    def predict_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 32) -> Iterator[Prediction | ImageError]:
+        """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order."""
+        batch: list[tuple[str, np.ndarray | ImageError]] = []
+
+        def flush() -> Iterator[Prediction | ImageError]:
+            good = [(i, img) for i, (_, img) in enumerate(batch) if not isinstance(img, ImageError)]
+            probs = self.predict_prepared(torch.from_numpy(np.stack([img for _, img in good]))) if good else []
+            by_index = {i: float(p) for (i, _), p in zip(good, probs)}
+            for i, (name, img) in enumerate(batch):
+                yield img if isinstance(img, ImageError) else self._answer(name, by_index[i])
+            batch.clear()
+
+        for path in paths:
+            try:
+                batch.append((str(path), self.preprocess.prepare(load_image(path))))
+            except ImageError as e:
+                batch.append((str(path), e))
+            if len(batch) >= batch_size:
+                yield from flush()
+        yield from flush()
+
+    def _answer(self, name: str, prob: float) -> Prediction:
+        return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """Files, folders (recursively, hidden files skipped) and glob patterns -> sorted file list."""
+    import glob
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif any(c in item for c in "*?[") and not p.exists():
+            out += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+        else:
+            out.append(p)  # missing files are reported by the loader, by name
+    return out

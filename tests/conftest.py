@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data set from ../shared (or $COVIDXRAY_DATA) and one small trained run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("COVIDXRAY_DATA", REPO.parent / "shared" / "datasets" / "covid-cxr"))
+    if not (root / "manifest.csv").is_file():
+        pytest.fail(f"the shared X-ray data set is missing: {root}/manifest.csv (set COVIDXRAY_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def manifest(data_root: Path) -> Path:
+    return data_root / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def split_file() -> Path:
+    return REPO / "splits" / "covid-cxr.csv"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path) -> Path:
+    """A real (small) training run on shared X-rays: 400 train / 400 val images at 96 px, 3 epochs."""
+    from covidxray.engine import config_for, train
+
+    out = tmp_path_factory.mktemp("run") / "small"
+    cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(out), size=96, epochs=3,
+                     limit=400, cache_dir=str(cache_dir), seed=1)
+    return train(cfg)
