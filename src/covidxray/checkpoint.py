@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import CheckpointError
-from .utils import atomic_write_bytes, atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = ["FORMAT", "save_model", "load_model", "read_model_meta", "save_state", "load_state", "resolve_model_path"]
 
@@ -58,9 +58,10 @@ def save_model(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any
     """Write ``<stem>.safetensors`` then ``<stem>.json`` atomically; returns the JSON path."""
     run_dir = Path(run_dir)
     blob = st_save(_tensors(model.state_dict()))
-    atomic_write_bytes(run_dir / f"{stem}.safetensors", blob)
     meta = {**meta, "format": FORMAT, "weights_file": f"{stem}.safetensors", "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    atomic_write_json(run_dir / f"{stem}.json", meta)
+    text = json.dumps(meta, indent=2, allow_nan=False) + "\n"  # fails before anything is overwritten
+    atomic_write_bytes(run_dir / f"{stem}.safetensors", blob)
+    atomic_write_text(run_dir / f"{stem}.json", text)
     return run_dir / f"{stem}.json"
 
 
@@ -80,6 +81,10 @@ def read_model_meta(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             raise CheckpointError(f"{p}: field {key!r} has the wrong type ({type(meta[key]).__name__})")
     if meta["format"] != FORMAT:
         raise CheckpointError(f"{p}: unsupported format {meta['format']!r} (this covidxray reads {FORMAT})")
+    if not 0.0 <= meta["threshold"] <= 1.0:  # also false for NaN
+        raise CheckpointError(f"{p}: field 'threshold' must be a probability in [0, 1], got {meta['threshold']}")
+    if not meta["temperature"] > 0.0:
+        raise CheckpointError(f"{p}: field 'temperature' must be positive, got {meta['temperature']}")
     if len(meta["class_names"]) != meta["num_classes"]:
         raise CheckpointError(f"{p}: {len(meta['class_names'])} class names for {meta['num_classes']} classes")
     return meta, p
@@ -110,9 +115,18 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def save_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, header: dict[str, Any]) -> None:
-    """Write the resumable training state (model + optimizer tensors, JSON header) as one safetensors file."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+def save_state(
+    path: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, header: dict[str, Any]
+) -> None:
+    """Write the resumable training state as one safetensors file.
+
+    Args:
+        modules: name -> module whose state is saved (e.g. ``{"model": net, "ema": averaged}``).
+        header: JSON-able facts (epoch, scheduler state, history, config) stored in the metadata.
+    """
+    if "optim" in modules:
+        raise ValueError("'optim' is reserved for the optimizer's tensors")
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     opt = optimizer.state_dict()
     plain: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
@@ -125,8 +139,8 @@ def save_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
     atomic_write_bytes(path, st_save(_tensors(tensors), metadata={"header": json.dumps(header, allow_nan=False)}))
 
 
-def load_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer from `save_state`'s file in place; returns the JSON header."""
+def load_state(path: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore ``modules`` and the optimizer from `save_state`'s file in place; returns the JSON header."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -136,7 +150,12 @@ def load_state(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not a covidxray training state ({e})") from e
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    for name, m in modules.items():
+        prefix = f"{name}."
+        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"{path}: holds no state for {name!r}")
+        m.load_state_dict(sd, strict=True)
     state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

@@ -100,10 +100,10 @@ def read_folder(root: str | os.PathLike) -> list[Sample]:
             for f in _files_under(sub):
                 samples.append(Sample(f.resolve(), label, key=f.relative_to(root).as_posix(), split=split))
 
-    split_dirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES)
     if split_dirs:
-        for split, folder in sorted(split_dirs.items()):
-            classes(folder, split)
+        for folder in split_dirs:  # `val` and `Validation` side by side are both read
+            classes(folder, SPLIT_ALIASES[folder.name.lower()])
     else:
         classes(root, "")
     if not samples:
@@ -153,7 +153,12 @@ def _apply_split_file(samples: list[Sample], splits_csv: Path) -> list[Sample]:
         raise DataError(f"{splits_csv}: cannot read split file: {e}") from e
     if not rows or not {"path", "split"} <= set(rows[0]):
         raise DataError(f"{splits_csv}: a split file needs the columns 'path' and 'split'")
-    mapping = {r["path"]: SPLIT_ALIASES.get(r["split"].strip().lower(), "") for r in rows}
+    mapping = {}
+    for i, r in enumerate(rows, start=2):
+        split = SPLIT_ALIASES.get((r["split"] or "").strip().lower())
+        if split is None:
+            raise DataError(f"{splits_csv}, line {i}: unknown split {r['split']!r} (expected train, val or test)")
+        mapping[r["path"]] = split
     missing = [s.key for s in samples if s.key not in mapping]
     if missing:
         raise DataError(

@@ -174,6 +174,17 @@ def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.T
     return sd.get("state_dict", sd.get("model", sd))
 
 
+def _convert_stem(stem: nn.Conv2d, in_chans: int) -> None:
+    """Give the first convolution ``in_chans`` inputs; a no-op when it already has them."""
+    if stem.in_channels == in_chans:
+        return
+    # Edit the convolution in place so subclasses (timm's TF-"same"-padding conv) keep their behaviour.
+    with torch.no_grad():
+        w = stem.weight.sum(dim=1, keepdim=True)  # grey copied to RGB == summed kernels on grey
+        stem.weight = nn.Parameter(w.repeat(1, in_chans, 1, 1) / in_chans)
+    stem.in_channels = in_chans
+
+
 def build_model(name: str, in_chans: int = 1, num_classes: int = 2, weights: str | None = None) -> nn.Module:
     """Build a registry network with an ``in_chans``-channel stem and ``num_classes`` outputs.
 
@@ -200,6 +211,11 @@ def build_model(name: str, in_chans: int = 1, num_classes: int = 2, weights: str
         unknown = [k for k in sd if k not in own]
         if unknown:
             raise CheckpointError(f"{weights}: {len(unknown)} tensors do not belong to {name} (first: {unknown[0]})")
+        stem_key = f"{spec.stem}.weight"
+        if stem_key in sd and sd[stem_key].shape[1] == in_chans:
+            # Weights saved after the stem conversion (e.g. a covidxray checkpoint): convert first, load as they are.
+            _convert_stem(model.get_submodule(spec.stem), in_chans)
+            own = model.state_dict()
         keep = {k: v for k, v in sd.items() if v.shape == own[k].shape}
         skipped = sorted(set(sd) - set(keep))
         log.info("loaded %d pretrained tensors into %s; re-initialised %s", len(keep), name, skipped or "nothing")
@@ -210,11 +226,5 @@ def build_model(name: str, in_chans: int = 1, num_classes: int = 2, weights: str
         # a first-epoch loss of ~4 and a wrecked pretrained backbone.
         nn.init.normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
-    stem: nn.Conv2d = model.get_submodule(spec.stem)
-    if stem.in_channels != in_chans:
-        # Edit the convolution in place so subclasses (timm's TF-"same"-padding conv) keep their behaviour.
-        with torch.no_grad():
-            w = stem.weight.sum(dim=1, keepdim=True)  # grey copied to RGB == summed kernels on grey
-            stem.weight = nn.Parameter(w.repeat(1, in_chans, 1, 1) / in_chans)
-        stem.in_channels = in_chans
+    _convert_stem(model.get_submodule(spec.stem), in_chans)
     return model
