@@ -153,6 +153,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from .card import write_card
+
+    print(f"wrote {write_card(args.run, args.out)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Classify a few held-out X-rays of the shared data set with the bundled model."""
+    import os
+
+    from .data import load_samples
+    from .predictor import Predictor
+
+    predictor = Predictor(args.model)
+    root = Path(os.environ.get("COVIDXRAY_DATA", Path(__file__).resolve().parents[3] / "shared" / "datasets" / "covid-cxr"))
+    print(f"model: {predictor.name}, threshold {predictor.threshold:.3f} (positive class: COVID-19)")
+    if not (root / "manifest.csv").is_file():
+        print(f"no demo images ({root}/manifest.csv missing); try: covidxray predict YOUR_XRAY.png")
+        return 0
+    split_file = Path(__file__).resolve().parents[2] / "splits" / "covid-cxr.csv"
+    samples = [s for s in load_samples(root / "manifest.csv", split_file if split_file.is_file() else None) if s.split in ("test", "")]
+    picks = [s for s in samples if s.label == 1][: args.n // 2] + [s for s in samples if s.label == 0][: args.n - args.n // 2]
+    right = 0
+    for s, r in zip(picks, predictor.predict_paths([s.path for s in picks])):
+        if isinstance(r, ImageError):
+            print(f"error: {r}")
+            continue
+        right += r.label == s.label_name
+        print(f"{s.key:45s} truth {s.label_name:6s} -> {r.label:6s} P(covid)={r.probability:.3f}")
+    print(f"{right}/{len(picks)} correct on held-out test images. Research software, not a diagnosis.")
+    print("Next: covidxray predict IMAGE.png | covidxray evaluate RUN | covidxray train --data DATA --out RUN")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -232,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     pr.set_defaults(func=cmd_predict)
+
+    cd = sub.add_parser("card", help="write MODEL_CARD.md for a run from its checkpoint and evaluation reports")
+    cd.add_argument("run")
+    cd.add_argument("--out", help="default RUN/MODEL_CARD.md")
+    cd.set_defaults(func=cmd_card)
+
+    d = sub.add_parser("demo", help="classify a few held-out X-rays with the bundled model")
+    d.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+    d.add_argument("-n", type=int, default=8, help="number of images (half COVID-19, half normal)")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__
@@ -72,6 +73,7 @@ class TrainConfig:
     balanced: bool = True  # sample both classes equally often
     augment: str = "cxr"  # cxr (geometric + resolution + intensity + erasing) | reference | none
     freeze: bool = True  # freeze the architecture's declared early layers (fast on CPU)
+    ema: float = 0.997  # per-step decay of the weight average that is validated and saved (0: off)
     patience: int = 3  # stop after this many epochs without a better validation AUC (0: never)
     target_sensitivity: float | None = None  # threshold rule: None = Youden's J, else min sensitivity
     seed: int = 0
@@ -89,7 +91,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reference": dict(
         arch="resnet18", weights="imagenet", size=224, equalize=False, epochs=15, optimizer="adam", lr=1e-3,
         weight_decay=0.0, scheduler="step", step_size=3, gamma=0.1, label_smoothing=0.0, balanced=False,
-        augment="reference", freeze=False, patience=0,
+        augment="reference", freeze=False, ema=0.0, patience=0,
     ),
     # A from-scratch compact CNN: no pretrained weights needed, trains in minutes.
     "fast": dict(arch="cxrnet", weights=None, size=128, epochs=12, lr=3e-3, freeze=False, patience=4),
@@ -121,10 +123,11 @@ def prepare_images(
     them. Results are cached on disk under a key made of the files (path, size, mtime) and the
     preprocessing, so changing either decodes again.
     """
-    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__] + [
-        [str(s.path), *(lambda st: (st.st_size, st.st_mtime_ns))(s.path.stat())] if s.path.is_file() else [str(s.path)]
-        for s in samples
-    ]).encode()).hexdigest()[:24]
+    def stamp(p: Path) -> list:
+        st = p.stat() if p.is_file() else None
+        return [str(p), st.st_size, st.st_mtime_ns] if st else [str(p)]
+
+    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__, *map(stamp, (s.path for s in samples))]).encode()).hexdigest()[:24]
     cache = _cache_root(cache_dir) / f"{key}.npz" if cache_dir != "" else None
     if cache and cache.is_file():
         try:
@@ -177,6 +180,21 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def _ema_update(decay: float):
+    """EMA step for `AveragedModel` whose decay warms up as (1 + n) / (10 + n), so that short runs
+    average recent weights rather than sticking to the initial ones."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1 - d)
+            else:  # integer buffers (BatchNorm's batch counter) just follow the model
+                a.copy_(c)
+
+    return update
+
+
 def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
     model.train()
     for name in frozen:  # frozen layers keep their pretrained BatchNorm statistics
@@ -185,9 +203,9 @@ def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
 
 def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
-    cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device,
+    cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device, ema: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over the training images; returns mean loss, accuracy, images/s and seconds."""
+    """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
     n = len(labels)
@@ -214,6 +232,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if cfg.scheduler == "cosine":
             scheduler.step()
         loss_sum += loss.item() * len(idx)
@@ -321,7 +341,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
         with safe_open(str(state_path), framework="pt") as f:
             saved = json.loads(f.metadata()["header"])["config"]
-        cfg = replace(TrainConfig(**saved), epochs=max(cfg.epochs, saved["epochs"]) if cfg.epochs else saved["epochs"])
+        cfg = replace(TrainConfig(**saved), out=str(run), epochs=max(cfg.epochs, saved["epochs"]) if cfg.epochs else saved["epochs"])
     run.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
     device = default_device(cfg.device)
@@ -355,11 +375,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = model.to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
     optimizer, scheduler = _make_optimizer(model, cfg, steps_per_epoch)
+    # An exponential moving average of the weights is what gets validated and shipped: on small,
+    # noisy data it is steadier from epoch to epoch than the raw weights.
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
+    scored = ema.module if ema is not None else model
+    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
     fingerprint = data_fingerprint(cfg.data, cfg.splits)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, start = -1.0, -1, 0
     if resume:
-        header = load_state(state_path, model, optimizer)
+        header = load_state(state_path, modules, optimizer)
         scheduler.load_state_dict(header["scheduler"])
         history, best_auc, best_epoch, start = header["history"], header["best_auc"], header["best_epoch"], header["epoch"] + 1
         log.info("resuming %s after epoch %d (best validation AUC %.4f at epoch %d)", run, start, best_auc, best_epoch + 1)
@@ -369,9 +394,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.patience and best_epoch >= 0 and epoch - best_epoch > cfg.patience:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
-        stats = train_one_epoch(model, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device)
+        stats = train_one_epoch(model, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema)
         t0 = time.perf_counter()
-        p = predict_probs(model, xva, pre, cfg.eval_batch_size, device=device)
+        p = predict_probs(scored, xva, pre, cfg.eval_batch_size, device=device)
         y = yva.numpy()
         val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), yva))
         auc = float(roc_auc_score(y, p))
@@ -382,8 +407,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                  stats["train_loss"], val_loss, auc, stats["img_per_s"])
         if auc > best_auc:
             best_auc, best_epoch = auc, epoch
-            save_model(run, model, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
-        save_state(state_path, model, optimizer, {
+            save_model(run, scored, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
+        save_state(state_path, modules, optimizer, {
             "config": asdict(cfg), "epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
             "best_auc": best_auc, "best_epoch": best_epoch,
         })
