@@ -42,3 +42,14 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_
     cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(out), size=96, epochs=3,
                      limit=400, cache_dir=str(cache_dir), seed=1)
     return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread avoids spinning against other work on the same two cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,7 @@ from covidxray.models import REGISTRY, _lite0_imagenet, build_model, get_spec
 ALL_ARCHS = sorted(REGISTRY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny forward passes: one thread avoids spinning against a training job on the same two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grey_xray(manifest: Path, size: int = 96) -> torch.Tensor:
