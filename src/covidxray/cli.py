@@ -125,7 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
-    predictor = Predictor(args.model, device=args.device)
+    predictor = Predictor(args.model, device=args.device, backend=args.backend)
     rows, failed = [], 0
     for result in predictor.predict_paths(paths, batch_size=args.batch_size):
         if isinstance(result, ImageError):
@@ -151,6 +151,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"# model {predictor.name}, threshold {predictor.threshold:.4f}; positive class: COVID-19. "
               "Research software, not a diagnosis.", file=sys.stderr)
     return 2 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    out = export_onnx(args.run, args.onnx, opset=args.opset)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
 
 
 def cmd_card(args: argparse.Namespace) -> int:
@@ -266,7 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="also write predictions to this CSV")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
+                    help="torch (default), onnx (needs `covidxray export`), auto (onnx when the file exists)")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export a model to ONNX (with its preprocessing contract as JSON)")
+    ex.add_argument("run", help="run folder or model.json")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write (OUT.json is written beside it)")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.set_defaults(func=cmd_export)
 
     cd = sub.add_parser("card", help="write MODEL_CARD.md for a run from its checkpoint and evaluation reports")
     cd.add_argument("run")

@@ -57,7 +57,9 @@ class Predictor:
         threads: torch intra-op threads for CPU inference (None: leave torch's default).
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "torch",
+    ):
         from .engine import default_device
 
         path = Path(model) if model else default_model_path()
@@ -65,11 +67,23 @@ class Predictor:
             raise CheckpointError(
                 f"no model given and the bundled model is missing ({path}); pass --model RUN_DIR or set COVIDXRAY_MODEL"
             )
+        if backend not in ("torch", "onnx", "auto"):
+            raise CheckpointError(f"unknown backend {backend!r} (torch, onnx or auto)")
+        onnx_file = _onnx_file(path) if backend != "torch" else None
+        if backend == "onnx" and onnx_file is None:
+            raise CheckpointError(f"{path}: no ONNX model here; make one with `covidxray export {path} --onnx {path}/model.onnx`")
         if threads:
             torch.set_num_threads(threads)
         self.device = default_device(device)
-        self.model, self.meta = load_model(path)
-        self.model = self.model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.model: torch.nn.Module | None = None
+        self.session = None
+        if onnx_file is not None:
+            self.session, self.meta = _onnx_session(onnx_file, threads)
+            self.backend = "onnx"
+        else:
+            model_, self.meta = load_model(path)
+            self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
+            self.backend = "torch"
         self.preprocess = Preprocess(**self.meta["preprocess"])
         self.threshold = float(self.meta["threshold"])
         self.temperature = float(self.meta.get("temperature", 1.0))
@@ -77,9 +91,16 @@ class Predictor:
 
     def predict_prepared(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
-        from .engine import predict_probs
+        if self.session is None:
+            from .engine import predict_probs
 
-        return predict_probs(self.model, images, self.preprocess, batch_size, self.temperature, self.device)
+            return predict_probs(self.model, images, self.preprocess, batch_size, self.temperature, self.device)
+        probs = []
+        for start in range(0, len(images), batch_size):
+            x = self.preprocess.to_tensor(images[start:start + batch_size]).numpy()
+            logits = torch.from_numpy(self.session.run(["logits"], {"image": x})[0])
+            probs.append(torch.softmax(logits / self.temperature, dim=1)[:, 1])
+        return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
     def predict_array(self, image: np.ndarray, name: str = "<array>") -> Prediction:
         """Classify one decoded grayscale image (float in [0, 1])."""
@@ -117,6 +138,30 @@ class Predictor:
 
     def _answer(self, name: str, prob: float) -> Prediction:
         return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
+
+
+def _onnx_file(path: Path) -> Path | None:
+    """The ONNX file for a run folder, ``model.json`` or ``.onnx`` path; None when there is none."""
+    candidate = path if path.suffix == ".onnx" else (path / "model.onnx" if path.is_dir() else path.with_suffix(".onnx"))
+    return candidate if candidate.is_file() else None
+
+
+def _onnx_session(onnx_file: Path, threads: int | None):
+    """An ONNX Runtime session for ``onnx_file`` and its validated JSON contract (hash checked)."""
+    import hashlib
+
+    import onnxruntime as ort
+
+    from .checkpoint import read_model_meta
+
+    meta, _ = read_model_meta(onnx_file.with_suffix(".json"))
+    blob = onnx_file.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("onnx_sha256"):
+        raise CheckpointError(f"{onnx_file}: does not match {onnx_file.with_suffix('.json').name} (SHA-256 differs); export again")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"]), meta
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:

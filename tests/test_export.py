@@ -1,0 +1,82 @@
+"""ONNX export of the bundled model: parity with PyTorch on real X-rays, and the ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidxray.cli import main
+from covidxray.data import load_samples
+from covidxray.engine import prepare_images
+from covidxray.errors import CheckpointError
+from covidxray.export import export_onnx
+from covidxray.predictor import Predictor, default_model_path
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(default_model_path(), out / "model.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def xrays(manifest: Path, split_file: Path) -> list:
+    test = [s for s in load_samples(manifest, split_file) if s.split == "test"]
+    return [s for s in test if s.label == 1][:6] + [s for s in test if s.label == 0][:6]
+
+
+def test_onnx_matches_torch_on_real_xrays(onnx_dir: Path, xrays: list):
+    torch_pred = Predictor(default_model_path())
+    onnx_pred = Predictor(onnx_dir / "model.onnx", backend="onnx")
+    assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
+    images, failed = prepare_images(xrays, torch_pred.preprocess, cache_dir="")
+    assert failed == []
+    p_torch = torch_pred.predict_prepared(images)
+    for batch in (1, 5, 12):  # the batch axis is dynamic
+        p_onnx = onnx_pred.predict_prepared(images, batch_size=batch)
+        assert np.max(np.abs(p_torch - p_onnx)) < 1e-4
+    assert onnx_pred.threshold == torch_pred.threshold and onnx_pred.preprocess == torch_pred.preprocess
+    assert len({round(float(p), 3) for p in p_torch}) > 3  # real, varied answers, not a constant
+
+
+def test_contract_json_carries_preprocessing_and_hash(onnx_dir: Path):
+    contract = json.loads((onnx_dir / "model.json").read_text())
+    meta = json.loads((default_model_path() / "model.json").read_text())
+    assert contract["preprocess"] == meta["preprocess"] and contract["threshold"] == meta["threshold"]
+    assert len(contract["onnx_sha256"]) == 64 and contract["class_names"] == ["normal", "covid"]
+
+
+def test_tampered_onnx_is_refused(onnx_dir: Path, tmp_path: Path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes((onnx_dir / "model.onnx").read_bytes()[:-10] + b"0123456789")
+    (tmp_path / "model.json").write_text((onnx_dir / "model.json").read_text())
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        Predictor(bad, backend="onnx")
+
+
+def test_backend_choice(onnx_dir: Path, tmp_path: Path):
+    with pytest.raises(CheckpointError, match="no ONNX model"):
+        Predictor(default_model_path(), backend="onnx")
+    assert Predictor(default_model_path(), backend="auto").backend == "torch"  # no model.onnx beside it
+    assert Predictor(onnx_dir, backend="auto").backend == "onnx"
+
+
+def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(default_model_path()), "--onnx", str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file()
+    capsys.readouterr()
+    path = str(xrays[0].path)
+    assert main(["predict", path, "--model", str(out), "--backend", "onnx", "--format", "json"]) == 0
+    onnx_row = json.loads(capsys.readouterr().out)
+    assert main(["predict", path, "--format", "json"]) == 0
+    torch_row = json.loads(capsys.readouterr().out)
+    assert onnx_row["label"] == torch_row["label"]
+    assert abs(onnx_row["probability"] - torch_row["probability"]) < 1e-4
