@@ -99,7 +99,9 @@ def write_card(run: str | os.PathLike, out: str | os.PathLike | None = None) -> 
         "a normal-looking X-ray); patient IDs are missing for most images, so patient-level separation is partial.",
         "- Normals are adults; 14 COVID-19 images are pediatric. Not evaluated on children, lateral views, CT, or "
         "other lung diseases.",
-        "- Probabilities are not calibrated unless a temperature other than 1 is shown above.", "",
+        "- Probabilities are not calibrated unless a temperature other than 1 is shown above.",
+        "- Training images carry mixed licences, some non-commercial (CC BY-NC-SA, ieee8023 rows); check the data "
+        "set's `provenance.csv` before any commercial use of these weights.", "",
         "## Reproduce", "",
         "```sh", "bash bench/train_default.sh   # trains, evaluates and regenerates this card", "```", "",
     ]
