@@ -116,25 +116,34 @@ class Predictor:
         return self.predict_array(load_image(path), str(path))
 
     def predict_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 32) -> Iterator[Prediction | ImageError]:
-        """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order."""
-        batch: list[tuple[str, np.ndarray | ImageError]] = []
+        """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
-        def flush() -> Iterator[Prediction | ImageError]:
+        Two threads decode and preprocess ahead (Pillow releases the GIL) while the model runs.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        from itertools import islice
+
+        def prepare(path: str | os.PathLike) -> tuple[str, np.ndarray | ImageError]:
+            try:
+                return str(path), self.preprocess.prepare(load_image(path))
+            except ImageError as e:
+                return str(path), e
+
+        def classify(batch: list[tuple[str, np.ndarray | ImageError]]) -> Iterator[Prediction | ImageError]:
             good = [(i, img) for i, (_, img) in enumerate(batch) if not isinstance(img, ImageError)]
             probs = self.predict_prepared(torch.from_numpy(np.stack([img for _, img in good]))) if good else []
             by_index = {i: float(p) for (i, _), p in zip(good, probs)}
             for i, (name, img) in enumerate(batch):
                 yield img if isinstance(img, ImageError) else self._answer(name, by_index[i])
-            batch.clear()
 
-        for path in paths:
-            try:
-                batch.append((str(path), self.preprocess.prepare(load_image(path))))
-            except ImageError as e:
-                batch.append((str(path), e))
-            if len(batch) >= batch_size:
-                yield from flush()
-        yield from flush()
+        todo = iter(paths)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
+            while pending:
+                batch = [f.result() for f in pending]
+                # Decode the next batch while this one is classified; at most two batches are held.
+                pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
+                yield from classify(batch)
 
     def _answer(self, name: str, prob: float) -> Prediction:
         return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
