@@ -171,6 +171,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Classify a few held-out X-rays of the shared data set with the bundled model."""
     import os
+    from itertools import zip_longest
 
     from .data import load_samples
     from .predictor import Predictor
@@ -183,7 +184,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     split_file = Path(__file__).resolve().parents[2] / "splits" / "covid-cxr.csv"
     samples = [s for s in load_samples(root / "manifest.csv", split_file if split_file.is_file() else None) if s.split in ("test", "")]
-    picks = [s for s in samples if s.label == 1][: args.n // 2] + [s for s in samples if s.label == 0][: args.n - args.n // 2]
+    def round_robin(label: int, n: int) -> list:  # alternate sources so one collection does not fill the demo
+        by_source: dict[str, list] = {}
+        for s in samples:
+            if s.label == label:
+                by_source.setdefault(s.source, []).append(s)
+        mixed = [s for group in zip_longest(*by_source.values()) for s in group if s is not None]
+        return mixed[:n]
+
+    picks = round_robin(1, args.n // 2) + round_robin(0, args.n - args.n // 2)
     right = 0
     for s, r in zip(picks, predictor.predict_paths([s.path for s in picks])):
         if isinstance(r, ImageError):
