@@ -153,6 +153,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_files
+    from .predictor import Predictor, expand_inputs
+
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
+    results = explain_files(Predictor(args.model, device=args.device), paths, args.out)
+    failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}\t{r['label']}\tP(covid)={r['probability']:.4f}\t-> {r['overlay']}")
+    return 2 if failed else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
@@ -286,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
                     help="torch (default), onnx (needs `covidxray export`), auto (onnx when the file exists)")
     pr.set_defaults(func=cmd_predict)
+
+    xp = sub.add_parser("explain", help="Grad-CAM: where the model looked (overlay PNG + raw .npy per image)")
+    xp.add_argument("inputs", nargs="+", metavar="IMAGE")
+    xp.add_argument("--out", required=True, help="output folder")
+    xp.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+    xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    xp.set_defaults(func=cmd_explain)
 
     ex = sub.add_parser("export", help="export a model to ONNX (with its preprocessing contract as JSON)")
     ex.add_argument("run", help="run folder or model.json")

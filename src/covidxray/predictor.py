@@ -102,6 +102,31 @@ class Predictor:
             probs.append(torch.softmax(logits / self.temperature, dim=1)[:, 1])
         return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
+    def predict(
+        self, source: str | os.PathLike | bytes | np.ndarray, explain: bool = False, name: str | None = None,
+    ) -> Prediction | tuple[Prediction, np.ndarray]:
+        """Classify one image given as a path, raw bytes or a decoded array.
+
+        Args:
+            source: image file path, file bytes (``name`` labels them in errors) or a float image in [0, 1].
+            explain: also return the COVID-19 Grad-CAM map (``H x W`` in [0, 1], torch backend only).
+
+        Returns:
+            The `Prediction`, or ``(prediction, cam)`` with ``explain=True``.
+        """
+        if isinstance(source, np.ndarray):
+            image, label = source, name or "<array>"
+        elif isinstance(source, (bytes, bytearray)):
+            image, label = load_image(source, name=name or "<upload>"), name or "<upload>"
+        else:
+            image, label = load_image(source), str(source)
+        if not explain:
+            return self.predict_array(image, label)
+        from .explain import explain as grad_cam_explain
+
+        prob, cam = grad_cam_explain(self, image)
+        return self._answer(label, prob), cam
+
     def predict_array(self, image: np.ndarray, name: str = "<array>") -> Prediction:
         """Classify one decoded grayscale image (float in [0, 1])."""
         prob = float(self.predict_prepared(torch.from_numpy(self.preprocess.prepare(image))[None])[0])
