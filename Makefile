@@ -7,7 +7,7 @@ export COVIDXRAY_DATA ?= $(abspath ../shared/datasets/covid-cxr)
 # On two cores, keep glibc from returning big activation buffers to the OS after every batch.
 export MALLOC_MMAP_MAX_ ?= 0
 
-.PHONY: run test install model clean
+.PHONY: run test install chromium model clean
 
 # Re-install only when the dependency list changes; the stamp makes repeated runs instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,11 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# tests/test_browser.py drives Debian's Chromium; Playwright's own browser download is never used.
+chromium:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -ra
 
+# The web page and REST API on the bundled model; `covidxray demo` still classifies a few X-rays in the terminal.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: $(STAMP)
-	$(VENV)/bin/covidxray demo
+	@echo "covidxray: open http://$(HOST):$(PORT)/ (API docs: http://$(HOST):$(PORT)/docs); Ctrl-C stops"
+	$(VENV)/bin/covidxray serve --host $(HOST) --port $(PORT)
 
 model: $(STAMP)
 	bash bench/train_default.sh

@@ -1,0 +1,221 @@
+"""Load test of the REST API: N concurrent clients for T seconds against a local `covidxray serve`.
+
+    .venv/bin/python bench/load.py --clients 8 --seconds 30 [--backend onnx] [--bad-fraction 0.2] [--explain]
+
+The server runs in a subprocess on a free loopback port (uvicorn, the bundled model; for the ONNX
+backend the model is exported to a temporary folder first). Each client posts real X-rays from
+the shared data set (test split) one after another. With ``--bad-fraction`` some uploads are a
+truncated PNG, text or an empty file: their 4xx answers are counted as expected errors, anything
+else (5xx, a wrong status, a dropped connection) as unexpected. Reported: requests/s, latency
+percentiles of the good requests, errors, the server's resident memory at the start and the end,
+and the load average (other work on the machine competes for the same cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from common import ROOT, save
+from covidxray.export import export_onnx
+from covidxray.predictor import default_model_path
+
+MAX_CLIENTS, MAX_SECONDS = 256, 600
+SAMPLE_FILES = 64
+
+
+def xrays(data: Path, n: int) -> list[tuple[str, bytes]]:
+    """``n`` real X-rays of the test split, COVID-19 and normal alternating, as (name, bytes)."""
+    split = {r["path"]: r["split"] for r in csv.DictReader(open(ROOT / "splits" / "covid-cxr.csv", newline=""))}
+    rows = [r for r in csv.DictReader(open(data / "manifest.csv", newline="")) if split.get(r["path"], "test") == "test"]
+    by_label = {label: [r for r in rows if r["label"] == label][: n // 2] for label in ("covid", "normal")}
+    picked = [r for pair in zip(by_label["covid"], by_label["normal"], strict=False) for r in pair]
+    return [(Path(r["path"]).name, (data / r["path"]).read_bytes()) for r in picked]
+
+
+def bad_files(good: bytes) -> list[tuple[str, bytes, int]]:
+    """(name, bytes, expected status): a truncated PNG, text, an empty file."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(good)).convert("L").save(buf, format="PNG")
+    png = buf.getvalue()
+    text = b"this is not an X-ray\n" * 20
+    return [("truncated.png", png[: len(png) // 2], 422), ("notes.txt", text, 415), ("empty.png", b"", 422)]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, backend: str, threads: int | None, log_file: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
+    command = [sys.executable, "-m", "covidxray.cli", "serve", "--port", str(port), "--model", str(model), "--backend", backend]
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(command + (["--threads", str(threads)] if threads else []), stdout=log,
+                                stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log_file.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise SystemExit(f"server not ready after 300 s:\n{log_file.read_text()}")
+
+
+async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list[tuple[str, bytes, int]], clients: int,
+                   seconds: float, bad_fraction: float, explain: bool) -> dict:
+    latencies: list[float] = []
+    counts = {"ok": 0, "expected_errors": 0, "unexpected_errors": 0}
+    unexpected: dict[str, int] = {}
+    rss = [rss_mb(pid)]
+    cpu_start = cpu_seconds(pid)
+    params = {"explain": "true"} if explain else {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+        end = time.perf_counter() + seconds
+
+        async def client(seed: int) -> None:
+            rng = random.Random(seed)
+            while time.perf_counter() < end:
+                if rng.random() < bad_fraction:
+                    name, data, expected = rng.choice(bad)
+                else:
+                    (name, data), expected = rng.choice(files), 200
+                start = time.perf_counter()
+                try:
+                    r = await http.post("/v1/predict", params=params, files={"file": (name, data)})
+                    status = r.status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                if status == expected == 200:
+                    counts["ok"] += 1
+                    latencies.append(time.perf_counter() - start)
+                elif status == expected:
+                    counts["expected_errors"] += 1
+                else:
+                    counts["unexpected_errors"] += 1
+                    unexpected[f"{name}: {status}"] = unexpected.get(f"{name}: {status}", 0) + 1
+
+        async def sample_rss() -> None:
+            while time.perf_counter() < end:
+                await asyncio.sleep(1)
+                rss.append(rss_mb(pid))
+
+        started = time.perf_counter()
+        await asyncio.gather(sample_rss(), *(client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    rss.append(rss_mb(pid))
+    server_cpu = cpu_seconds(pid) - cpu_start
+    ms = 1000 * np.asarray(latencies) if latencies else np.full(1, np.nan)
+    total = sum(counts.values())
+    return {
+        **counts, "requests": total, "elapsed_s": elapsed, "requests_per_s": total / elapsed,
+        "ok_per_s": counts["ok"] / elapsed, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "unexpected": unexpected,
+        "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss), "rss_mb_each_second": [round(x) for x in rss],
+        "rss_growth_pct": 100 * (rss[-1] - rss[0]) / rss[0],
+        # CPU the server spent per request: unlike latency, hardly changed by other work on the machine.
+        "server_cpu_ms_per_request": 1000 * server_cpu / max(total, 1), "server_cpu_share": server_cpu / elapsed,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=8, help=f"concurrent clients (at most {MAX_CLIENTS})")
+    ap.add_argument("--seconds", type=float, default=30.0, help=f"duration (at most {MAX_SECONDS})")
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    ap.add_argument("--bad-fraction", type=float, default=0.0, help="share of uploads that are broken files")
+    ap.add_argument("--explain", action="store_true", help="ask for the Grad-CAM overlay on every request")
+    ap.add_argument("--threads", type=int, help="model intra-op threads of the server (default: the library's)")
+    ap.add_argument("--warmup", type=float, default=5.0,
+                    help="seconds of the same load before measuring, so memory is measured after the batch sizes settled")
+    ap.add_argument("--note", default="", help="a sentence added under the table (e.g. what else ran)")
+    ap.add_argument("--name", help="result file bench/results/NAME.json (default load-<clients>c-<seconds>s)")
+    args = ap.parse_args()
+    if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS or not 0 <= args.bad_fraction <= 1:
+        ap.error(f"--clients must be 1..{MAX_CLIENTS}, --seconds 0..{MAX_SECONDS}, --bad-fraction 0..1")
+    data = Path(os.environ.get("COVIDXRAY_DATA", ROOT.parent / "shared" / "datasets" / "covid-cxr"))
+    files = xrays(data, SAMPLE_FILES)
+    bad = bad_files(files[0][1])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        model.mkdir()
+        for name in ("model.json", "model.safetensors"):  # a copy, so the export does not touch the shipped model
+            shutil.copy(default_model_path() / name, model / name)
+        if args.backend == "onnx":
+            export_onnx(model, model / "model.onnx")
+        proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log")
+        try:
+            model_name = httpx.get(url + "/v1/model").json()["name"]
+            load = (url, proc.pid, files, bad, args.clients)
+            if args.warmup > 0:
+                asyncio.run(run_load(*load, args.warmup, args.bad_fraction, args.explain))
+            result = asyncio.run(run_load(*load, args.seconds, args.bad_fraction, args.explain))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    load_after = os.getloadavg()
+    command = " ".join(["python bench/load.py", *sys.argv[1:]])
+    r = result
+    table = [
+        "| Clients | Seconds | Backend | Bad uploads | Requests/s | p50 ms | p90 ms | p99 ms | OK | Expected 4xx "
+        "| Unexpected errors | Server RSS start → end (MB) | Server CPU ms/request |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {args.clients} | {args.seconds:g} | {args.backend}{f', {args.threads} thread(s)' if args.threads else ''}"
+        f"{' + Grad-CAM' if args.explain else ''} | "
+        f"{args.bad_fraction:.0%} | "
+        f"{r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ok']} | "
+        f"{r['expected_errors']} | {r['unexpected_errors']} | {r['rss_start_mb']:.0f} → {r['rss_end_mb']:.0f} "
+        f"({r['rss_growth_pct']:+.1f} %) | {r['server_cpu_ms_per_request']:.1f} |",
+        "",
+        f"Model {model_name}; latencies of the successful requests, measured by the client (asyncio + httpx) on the same "
+        f"machine. Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs: "
+        "other work on the machine competes for the cores.",
+        *([args.note] if args.note else []),
+    ]
+    name = args.name or f"load-{args.clients:03d}c-{args.seconds:g}s"
+    save(name, {"title": f"REST API load — {args.clients} clients × {args.seconds:g} s", "args": vars(args), "model": model_name,
+                "result": result, "loadavg_before": load_before, "loadavg_after": load_after, "table": table, "command": command})
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

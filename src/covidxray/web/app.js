@@ -1,0 +1,101 @@
+// covidxray web page: upload one X-ray, show the answer, the threshold and the Grad-CAM heat map.
+// Plain JS, no libraries: the page must work without any network but its own server.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function headers() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (_) { /* not JSON: fall back to the status */ }
+  return `the server answered HTTP ${response.status}`;
+}
+
+async function loadModel() {
+  try {
+    const response = await fetch("/v1/model", { headers: headers() });
+    if (!response.ok) {
+      $("model-name").textContent = response.status === 401 ? "(enter the API key below)" : "(unavailable)";
+      return;
+    }
+    const card = await response.json();
+    $("model-name").textContent = `${card.name} (${card.backend}, weights ${card.sha256.slice(0, 12)})`;
+  } catch (_) {
+    $("model-name").textContent = "(server unreachable)";
+  }
+}
+
+function showResult(answer) {
+  const positive = answer.label === "covid";
+  const label = $("result-label");
+  label.textContent = positive ? "COVID-19 positive" : "COVID-19 negative";
+  label.className = `label ${positive ? "positive" : "negative"}`;
+  $("probability").textContent = answer.probability.toFixed(4);
+  $("threshold").textContent = answer.threshold.toFixed(4);
+  $("filename").textContent = answer.filename;
+  $("timing").textContent = `${Math.round(answer.timing_ms)} ms`;
+  // Server-rendered PNGs for both views: browsers cannot show DICOM, and both have the same size.
+  $("xray").src = `data:image/png;base64,${answer.preview_png}`;
+  $("heatmap").src = `data:image/png;base64,${answer.heatmap_png}`;
+  applyToggle();
+  $("result").hidden = false;
+}
+
+function applyToggle() {
+  const on = $("heatmap-toggle").checked;
+  $("heatmap").hidden = !on;
+  $("xray").hidden = on;
+}
+
+async function classify(file) {
+  $("error").hidden = true;
+  $("result").hidden = true;
+  $("status").textContent = `Classifying ${file.name}…`;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const response = await fetch("/v1/predict?explain=true&preview=true", { method: "POST", body: form, headers: headers() });
+    if (!response.ok) {
+      showError(await errorMessage(response));
+      return;
+    }
+    showResult(await response.json());
+    loadModel(); // the key may have been entered just now
+  } catch (err) {
+    showError(`could not reach the server: ${err.message}`);
+  } finally {
+    $("status").textContent = "";
+  }
+}
+
+function setUp() {
+  const zone = $("drop-zone");
+  $("file").addEventListener("change", () => {
+    if ($("file").files.length) classify($("file").files[0]);
+  });
+  $("heatmap-toggle").addEventListener("change", applyToggle);
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => { event.preventDefault(); zone.classList.add("dragging"); });
+  }
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
+  });
+  $("api-key").addEventListener("change", loadModel);
+  loadModel();
+}
+
+document.addEventListener("DOMContentLoaded", setUp);
