@@ -1,0 +1,203 @@
+"""Running under ``torchrun``: process-group set-up, DDP wrapping, sharding and collectives.
+
+Everything here is a no-op for a plain single process (``WORLD_SIZE`` unset or 1), so the
+training engine and the CLI call these helpers unconditionally and behave exactly as before
+when nobody started them with ``torchrun``.
+
+Example:
+    >>> env, device = setup("auto")          # rank 0 of 1 on a plain `python` start
+    >>> env.is_main, env.world_size
+    (True, 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DistEnv", "get_env", "setup", "teardown", "barrier", "main_first", "all_reduce_sum", "broadcast_object",
+    "wrap", "unwrap", "pad_order", "rank_seed",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0  # global rank: 0 logs, writes files and validates
+    world_size: int = 1  # processes in the whole job (all nodes)
+    local_rank: int = 0  # rank on this node: which GPU this process drives
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def get_env() -> DistEnv:
+    """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by ``torchrun``; rank 0 of 1 when unset."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(name: str) -> torch.device:
+    # engine.default_device's rule, repeated here because the engine builds on this module.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def setup(device: str = "auto") -> tuple[DistEnv, torch.device]:
+    """Join the ``torchrun`` job (once; later calls return the same answer) and pick this process's device.
+
+    Single process: returns ``(DistEnv(), device)`` without touching ``torch.distributed``, where
+    ``"auto"`` means CUDA when available. Distributed: GPU processes use ``cuda:LOCAL_RANK`` and
+    NCCL, CPU processes gloo; ranks other than 0 log only errors, so one process reports.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (or ``"cuda:N"`` for a single process).
+
+    Returns:
+        ``(env, device)``.
+    """
+    env = get_env()
+    dev = _device(device)
+    if not env.enabled:
+        return env, dev
+    import torch.distributed as dist
+
+    if dev.type == "cuda":
+        dev = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if not env.is_main:
+            logging.getLogger("covidxray").setLevel(logging.ERROR)
+        log.info("distributed: %d processes, backend %s", env.world_size, dist.get_backend())
+    return env, dev
+
+
+def _active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    import torch.distributed as dist
+
+    if not _active():
+        return
+    if dist.get_backend() == "nccl":  # tell NCCL which GPU, else it guesses (and warns)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def teardown() -> None:
+    """Wait for every rank, then leave the process group (no-op when not distributed).
+
+    Call it only on success: a rank that failed must not wait here, or the others would block in
+    a collective it never joins; ``torchrun`` stops the job when a rank exits with an error.
+    """
+    import torch.distributed as dist
+
+    if _active():
+        barrier()  # rank 0 may still be writing the final files; nobody exits before it is done
+        dist.destroy_process_group()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks (e.g. fill a disk cache once, then read it)."""
+    main = get_env().is_main
+    if not main:
+        barrier()
+    yield
+    if main:
+        barrier()
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Sum numbers over all ranks (float64); the values themselves when not distributed."""
+    import torch.distributed as dist
+
+    if not _active():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
+    import torch.distributed as dist
+
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap(model: nn.Module, env: DistEnv, device: torch.device, compiled: bool = False) -> nn.Module:
+    """The module to train: DDP when distributed, then `torch.compile` when ``compiled``; ``model`` itself otherwise.
+
+    ``model`` must already be on ``device`` with its final weights (resumed or not): DDP copies
+    rank 0's parameters and buffers to the other ranks here.
+    """
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compiled:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / `torch.compile` wrappers: its ``state_dict`` has no ``module.`` prefix."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def pad_order(order: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Repeat the first indices so ``len(order)`` is a multiple of ``world_size`` (as DistributedSampler does).
+
+    With the global batch a multiple of ``world_size`` too, every step's batch then splits into
+    equal per-rank slices ``batch[rank::world_size]`` and no rank ever gets an empty one.
+    """
+    extra = -len(order) % world_size
+    return torch.cat([order, order[:extra]]) if extra else order
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """An independent 63-bit seed per ``(seed, rank)``, for per-rank augmentation and dropout noise."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
