@@ -74,9 +74,11 @@ def parse_label(text: str) -> int | None:
 
 
 def _files_under(folder: Path) -> list[Path]:
+    # Every entry but folders: a broken symlink or a pipe where an image should be is reported by
+    # `check_samples` (and skipped by training with a warning), not silently left out of the data.
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in NOT_IMAGES
+        if not p.is_dir() and not p.name.startswith(".") and p.suffix.lower() not in NOT_IMAGES
     )
 
 
@@ -98,7 +100,8 @@ def read_folder(root: str | os.PathLike) -> list[Sample]:
                 log.warning("%s: skipping folder %r (not a known class name)", folder, sub.name)
                 continue
             for f in _files_under(sub):
-                samples.append(Sample(f.resolve(), label, key=f.relative_to(root).as_posix(), split=split))
+                path = f.resolve() if f.exists() else f.absolute()  # a symlink loop cannot be resolved
+                samples.append(Sample(path, label, key=f.relative_to(root).as_posix(), split=split))
 
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES)
     if split_dirs:
@@ -195,33 +198,44 @@ def data_fingerprint(data: str | os.PathLike, splits: str | os.PathLike | None =
 # Near-duplicates and splitting
 
 
-def _phash_ints(samples: Sequence[Sample], compute: bool = True) -> np.ndarray:
-    """64-bit pHash of every sample as uint64: from the manifest, else computed from the file."""
+def _phash_ints(samples: Sequence[Sample], compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit pHash of every sample as uint64 (from the manifest, else from the decoded image) and a
+    mask of the samples that have one.
+
+    Images are decoded by `load_image`, so DICOM files get a hash too and a pipe, a bomb or a
+    broken file is refused with the same limits as everywhere else.
+    """
     import imagehash
     from PIL import Image
 
+    from .imaging import load_image
+
     out = np.zeros(len(samples), dtype=np.uint64)
+    known = np.zeros(len(samples), dtype=bool)
     for i, s in enumerate(samples):
         if s.phash:
-            out[i] = np.uint64(int(s.phash, 16))
+            out[i], known[i] = np.uint64(int(s.phash, 16)), True
         elif compute:
             try:
-                with Image.open(s.path) as im:
-                    out[i] = np.uint64(int(str(imagehash.phash(im)), 16))
-            except Exception:  # unreadable files are reported by check_samples, not here
-                out[i] = np.uint64(0)
-    return out
+                gray = Image.fromarray(np.round(load_image(s.path) * 255).astype(np.uint8))
+            except ImageError:  # unreadable files are reported by check_samples, not here
+                continue
+            out[i], known[i] = np.uint64(int(str(imagehash.phash(gray)), 16)), True
+    return out, known
 
 
 def near_duplicate_pairs(samples: Sequence[Sample], max_distance: int = 4, chunk: int = 512) -> list[tuple[int, int, int]]:
     """Index pairs ``(i, j, distance)``, i < j, whose pHash Hamming distance is <= ``max_distance``."""
-    hashes = _phash_ints(samples)
+    hashes, known = _phash_ints(samples)
+    # An image without a hash is nobody's near-duplicate (a placeholder hash would pair all of them).
+    index = np.flatnonzero(known)
+    hashes = hashes[index]
     pairs = []
     for start in range(0, len(hashes), chunk):
         block = hashes[start:start + chunk, None] ^ hashes[None, :]
         dist = np.bitwise_count(block)
         for a, b in zip(*np.nonzero(dist <= max_distance)):
-            i, j = start + int(a), int(b)
+            i, j = int(index[start + a]), int(index[b])
             if i < j:
                 pairs.append((i, j, int(dist[a, b])))
     return pairs

@@ -25,6 +25,9 @@ class ImageError(CovidXrayError):
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
 
+    def __reduce__(self):  # pickle by the constructor's arguments, so it can cross process boundaries (DataLoader workers)
+        return type(self), (self.source, self.reason)
+
 
 class DataError(CovidXrayError):
     """A dataset folder, manifest or split file is missing or malformed."""

@@ -44,6 +44,17 @@ _MAGIC = (  # (prefix, format); Pillow decodes all of these
 )
 _RGB_TO_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as Pillow's convert("L")
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # scaled by their own range
+_GREY_MODES = {"1", "L", "LA", "La"}  # no colour to look at
+# DICOM ViewPosition values of side views. The model only ever saw frontal (PA/AP) films, and
+# a lateral film's answer would look as confident as any other, so it is refused, not guessed.
+_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT"}
+# Radiographs are grey (a tint or a coloured arrow at most): an image in which more than
+# _COLOUR_SHARE of the pixels have a chroma (max - min of R, G, B) above _COLOUR_CHROMA of full
+# scale is a photo or a drawing. It is still classified, as before, but with a warning: no
+# pixel statistic separates every odd X-ray export from every non-X-ray, so refusing could
+# reject real films, while the warning puts the doubt where the user sees it.
+_COLOUR_CHROMA = 0.2
+_COLOUR_SHARE = 0.05
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -72,11 +83,13 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     8-bit images are divided by 255; 16-bit, 32-bit, float and DICOM images are scaled by
     their own minimum and maximum. Colour is reduced to luma, the EXIF orientation is applied,
     the first frame of an animation or stack is taken, and DICOM MONOCHROME1 is inverted so
-    that bone is bright.
+    that bone is bright. A clearly coloured picture (probably not an X-ray) is still returned,
+    with a logged warning; a DICOM file tagged as a lateral view is refused.
 
     Args:
         source: a path, or the raw bytes of a file (an upload).
-        name: how to call ``source`` in error messages when it is bytes (default ``"<bytes>"``).
+        name: how to call ``source`` in error messages when it is bytes (default ``"<bytes>"``);
+            it never appears in log lines.
 
     Returns:
         Array of shape (height, width), dtype float32, values in [0, 1].
@@ -88,8 +101,10 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         label, data = name or "<bytes>", bytes(source)
+        # Logs never repeat a client-chosen name: it may hold patient data (a server promises as much).
+        log_name = "<bytes>"
     elif isinstance(source, (str, os.PathLike)):
-        label = os.fsdecode(source)
+        label = log_name = os.fsdecode(source)
         data = _read_file(label)
     else:
         raise TypeError(f"load_image expects a path or bytes, not {type(source).__name__}")
@@ -101,12 +116,15 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     if fmt is None:
         raise ImageError(label, f"not a recognised image format ({_KNOWN})")
     try:
-        pixels = _decode_dicom(data, label) if fmt == "dicom" else _decode_pillow(data, fmt, label)
+        if fmt == "dicom":
+            pixels = _decode_dicom(data, label, log_name)
+        else:
+            pixels = _decode_pillow(data, fmt, label, log_name)
     except ImageError:
         raise
     except Exception as exc:  # decoders raise anything (OSError, ValueError, struct.error...)
         raise ImageError(label, f"could not decode: {type(exc).__name__}: {exc}") from exc
-    log.debug("loaded %s: %s, %dx%d", label, fmt, pixels.shape[1], pixels.shape[0])
+    log.debug("loaded %s: %s, %dx%d", log_name, fmt, pixels.shape[1], pixels.shape[0])
     return pixels
 
 
@@ -163,7 +181,19 @@ def _min_max(values: np.ndarray, label: str) -> np.ndarray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
-def _decode_pillow(data: bytes, fmt: str, label: str) -> np.ndarray:
+def _warn_if_colourful(rgb: np.ndarray, full_scale: float, log_name: str) -> None:
+    """Log a warning when an (H, W, 3) image is clearly coloured, i.e. probably not an X-ray."""
+    chroma = rgb.max(axis=-1).astype(np.float32) - rgb.min(axis=-1)
+    share = float((chroma > _COLOUR_CHROMA * full_scale).mean())
+    if share > _COLOUR_SHARE:
+        log.warning(
+            "%s: %.0f%% of the pixels are strongly coloured, so this is probably not a chest X-ray; "
+            "it is classified in grey anyway and the answer means nothing if it is not one",
+            log_name, 100 * share,
+        )
+
+
+def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> np.ndarray:
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice that limit; treat the warning as a bomb.
         # (The filter is process-wide, not per thread; _check_size below is the real limit.)
@@ -180,12 +210,35 @@ def _decode_pillow(data: bytes, fmt: str, label: str) -> np.ndarray:
             raise ImageError(label, f"corrupt {fmt.upper()} header") from None
     if img.mode in _HIGH_DEPTH_MODES:
         return _min_max(np.asarray(img), label)
+    if img.mode not in _GREY_MODES:
+        _warn_if_colourful(np.asarray(img.convert("RGB")), 255, log_name)
     # Alpha is dropped rather than composited: no background colour is right for an X-ray.
-    gray = img if img.mode == "L" else img.convert("L")
-    return np.asarray(gray, dtype=np.float32) / 255
+    gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.float32) / 255
+    if gray.min() == gray.max():  # refused like a blank deeper image (see _min_max): nothing to classify
+        raise ImageError(label, "image is blank (constant intensity)")
+    return gray
 
 
-def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+class _DecoderFailureFilter(logging.Filter):
+    """Drop the traceback pydicom logs for each decoding plug-in that fails on a frame.
+
+    pydicom then raises one error that quotes every plug-in's message, and that becomes the
+    `ImageError`'s reason; a traceback on the user's terminal (or in a server log, for every
+    hostile upload) would say nothing more.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.funcName == "_decode_frame")
+
+
+def _quiet_pydicom_decoder_failures() -> None:
+    # Installed on first use, not at import: importing covidxray changes no other library.
+    logger = logging.getLogger("pydicom.pixels.decoders.base")  # where the per-plug-in failures are logged
+    if not any(isinstance(f, _DecoderFailureFilter) for f in logger.filters):
+        logger.addFilter(_DecoderFailureFilter())
+
+
+def _decode_dicom(data: bytes, label: str, log_name: str) -> np.ndarray:
     # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
     # pydicom decodes pixels only when pixel_array is read, after the checks below.
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -193,6 +246,12 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
         raise ImageError(label, "DICOM file has no pixel data")
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageError(label, "DICOM file has no Rows/Columns")
+    view = str(ds.get("ViewPosition", "")).strip().upper()
+    if view in _LATERAL_VIEWS:
+        raise ImageError(
+            label,
+            f"lateral view (ViewPosition {view}): covidxray classifies frontal (PA/AP) chest X-rays only",
+        )
     _check_size(label, int(ds.Columns), int(ds.Rows))
     syntax = ds.file_meta.TransferSyntaxUID
     try:
@@ -206,10 +265,13 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
             f"install one of: {'; '.join(decoder.missing_dependencies)}",
         )
     ds.pixel_array_options(index=0)  # decode only the first frame of a multi-frame file
+    _quiet_pydicom_decoder_failures()
     pixels = ds.pixel_array
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":  # stored values are indices
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:  # colour; pydicom has already converted YBR to RGB
+        full = np.iinfo(pixels.dtype).max if pixels.dtype.kind in "iu" else 1.0  # palette LUTs are 16-bit
+        _warn_if_colourful(pixels[..., :3], full, log_name)
         return _min_max(pixels[..., :3] @ _RGB_TO_GRAY, label)
     with np.errstate(over="ignore", invalid="ignore"):  # a crazy rescale is refused below
         values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)

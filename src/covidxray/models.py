@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "get_submodule"]
+__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "get_submodule", "features"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,37 @@ def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
     return model.get_submodule(dotted)
 
 
+@torch.no_grad()
+def features(model: nn.Module, x: torch.Tensor, arch: str) -> torch.Tensor:
+    """Pre-logit features ``(N, D)``: what the final linear layer (`ModelSpec.head`) receives.
+
+    The input of the registry's head layer is captured with a forward pre-hook, which works the
+    same for timm, torchvision and covidxray networks (pooled, flattened, dropout inactive in eval
+    mode), so ``head(features(model, x, arch))`` equals ``model(x)``. The model runs in eval mode;
+    each module's train/eval flag is restored afterwards.
+
+    Args:
+        model: a registry network.
+        x: normalised input ``(N, 1, S, S)``.
+        arch: its registry name (which layer is the head).
+
+    Returns:
+        float32 features on ``x``'s device.
+    """
+    head = model.get_submodule(get_spec(arch).head)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(x)
+    finally:
+        handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return captured[-1].float().flatten(1)
+
+
 def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.Tensor]:
     if weights == "imagenet":
         if spec.imagenet is None:
@@ -162,9 +193,13 @@ def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.T
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:  # e.g. a pickle renamed: it is never unpickled
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code; say so instead of a traceback
