@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Retrain the bundled model from scratch on the committed split, evaluate it on validation and test,
-# regenerate its model card and copy it to models/default. Wall time goes to bench/results/train_default.json.
+# Retrain the bundled model from scratch on the committed split (temperature and threshold are fitted on
+# validation at the end of training), evaluate it on validation and test, audit it for shortcuts,
+# copy it to models/default and regenerate its model card (Markdown + HTML). Wall time goes to bench/results/train_default.json.
 #   bash bench/train_default.sh            (about 15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,13 +15,15 @@ $CX train --data "$DATA/manifest.csv" --splits splits/covid-cxr.csv --out "$RUN"
 end=$(date +%s.%N)
 $CX evaluate "$RUN" --split val
 $CX evaluate "$RUN" --split test
+$CX audit "$RUN"
 rm -rf models/default && mkdir -p models/default
 cp "$RUN"/{model.json,model.safetensors,history.csv,curves.png,splits.csv} models/default/ 2>/dev/null || \
   cp "$RUN"/{model.json,model.safetensors,history.csv,curves.png} models/default/
 for s in val test; do
   mkdir -p "models/default/eval-$s"
-  cp "$RUN/eval-$s"/{report.json,report.md,roc.png,pr.png,confusion_matrix.png} "models/default/eval-$s/"
+  cp "$RUN/eval-$s"/{report.json,report.md,roc.png,pr.png,confusion_matrix.png,reliability.png} "models/default/eval-$s/"
 done
+cp -r "$RUN/audit" models/default/
 $CX card models/default --out models/MODEL_CARD.md
 .venv/bin/python - "$start" "$end" <<'PY'
 import json, os, platform, sys

@@ -186,7 +186,7 @@ def test_write_report_files(tmp_path):
     meta = {"threshold_source": "Youden's J on the validation split", "model": "resnet18"}
     returned = write_report(out, y, p, 0.42, sources=sources, paths=paths, meta=meta, n_boot=200, title="Test run")
 
-    names = {"report.json", "report.md", "confusion_matrix.png", "roc.png", "pr.png", "predictions.csv"}
+    names = {"report.json", "report.md", "confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "predictions.csv"}
     assert {f.name for f in out.iterdir()} == names  # and no temporary files left behind
     report = json.loads((out / "report.json").read_text(), parse_constant=_no_nan)
     assert report == returned

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ from torch import nn
 from .errors import CheckpointError
 from .utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["FORMAT", "save_model", "load_model", "read_model_meta", "save_state", "load_state", "resolve_model_path"]
+__all__ = [
+    "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
+    "read_state_header", "resolve_model_path",
+]
 
 FORMAT = "covidxray-model/1"
 # Field -> type every model.json must carry (validated on load with a clear message).
@@ -72,6 +76,12 @@ def read_model_meta(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    _validate(meta, p)
+    return meta, p
+
+
+def _validate(meta: Any, p: Path) -> None:
+    """Raise `CheckpointError` naming ``p`` unless ``meta`` is a complete, sane model.json object."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p}: expected a JSON object")
     for key, typ in REQUIRED.items():
@@ -87,7 +97,75 @@ def read_model_meta(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
         raise CheckpointError(f"{p}: field 'temperature' must be positive, got {meta['temperature']}")
     if len(meta["class_names"]) != meta["num_classes"]:
         raise CheckpointError(f"{p}: {len(meta['class_names'])} class names for {meta['num_classes']} classes")
-    return meta, p
+    name = meta.get("weights_file", "model.safetensors")
+    # A bare file name only: a path could send the loader to /dev/zero, a pipe or another run's weights.
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise CheckpointError(f"{p}: field 'weights_file' must be the name of a file beside {p.name}, got {name!r}")
+    _validate_preprocess(meta["preprocess"], p)
+
+
+def _validate_preprocess(pre: dict[str, Any], p: Path) -> None:
+    """Check the preprocessing contract field by field against `Preprocess`, so it fails on load, not mid-prediction."""
+    from typing import get_type_hints
+
+    from .presets import Preprocess
+
+    hints = get_type_hints(Preprocess)
+    for key, value in pre.items():
+        if key not in hints:
+            raise CheckpointError(f"{p}: unknown preprocess field {key!r} (known: {', '.join(hints)})")
+        want = (int, float) if hints[key] is float else hints[key]
+        if not isinstance(value, want) or isinstance(value, bool) != (hints[key] is bool):
+            raise CheckpointError(f"{p}: preprocess field {key!r} has the wrong type ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{p}: preprocess field {key!r} must be finite, got {value}")
+    try:
+        pre_ = Preprocess(**pre)
+    except ValueError as e:  # Preprocess's own range checks
+        raise CheckpointError(f"{p}: preprocess: {e}") from e
+    if not 8 <= pre_.size <= 4096:
+        raise CheckpointError(f"{p}: preprocess: size must be between 8 and 4096 pixels, got {pre_.size}")
+    if not pre_.std > 0:
+        raise CheckpointError(f"{p}: preprocess: std must be positive, got {pre_.std}")
+
+
+def update_model_meta(path: str | os.PathLike, changes: dict[str, Any]) -> dict[str, Any]:
+    """Change fields of ``model.json`` (threshold, temperature, ...) in one atomic rewrite; weights stay as they are.
+
+    The weights file must still match the JSON's ``weights_sha256`` (a mismatched pair is never
+    re-stamped as valid), the fields that tie the JSON to the weights cannot be changed, and the
+    result is validated like any loaded checkpoint before it replaces the old file.
+
+    Args:
+        path: run folder, ``model.json`` or ``model.safetensors``.
+        changes: fields to set.
+
+    Returns:
+        The new metadata, as written.
+
+    Raises:
+        CheckpointError: the weights do not match, a protected field is in ``changes``, or the
+            result would not be a valid checkpoint.
+    """
+    meta, p = read_model_meta(path)
+    protected = sorted({"format", "weights_file", "weights_sha256", "arch", "num_classes"} & set(changes))
+    if protected:
+        raise CheckpointError(f"{p}: {', '.join(protected)} describe the weights and cannot be changed in place")
+    wpath = p.parent / meta.get("weights_file", "model.safetensors")
+    try:
+        digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    except OSError as e:
+        raise CheckpointError(f"{wpath}: cannot read weights ({e.strerror})") from e
+    if digest != meta["weights_sha256"]:
+        raise CheckpointError(f"{wpath}: weights do not match {p.name} (SHA-256 differs); refusing to update it")
+    new = {**meta, **changes}
+    _validate(new, p)
+    try:
+        text = json.dumps(new, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: the new fields are not valid JSON ({e})") from e
+    atomic_write_text(p, text)
+    return new
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -139,29 +217,51 @@ def save_state(
     atomic_write_bytes(path, st_save(_tensors(tensors), metadata={"header": json.dumps(header, allow_nan=False)}))
 
 
-def load_state(path: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore ``modules`` and the optimizer from `save_state`'s file in place; returns the JSON header."""
+def read_state_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of `save_state`'s file (epoch, config, history, ...), without reading any tensor."""
     from safetensors import safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})["header"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a covidxray training state ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a covidxray training state (its header is not a JSON object)")
+    return header
+
+
+def load_state(path: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore ``modules`` and the optimizer from `save_state`'s file in place; returns the JSON header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    header = read_state_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path}: not a covidxray training state ({e})") from e
     for name, m in modules.items():
         prefix = f"{name}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not sd:
             raise CheckpointError(f"{path}: holds no state for {name!r}")
-        m.load_state_dict(sd, strict=True)
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, st in header.pop("optim_plain").items():
-        state.setdefault(int(idx), {}).update(st)
-    optimizer.load_state_dict({"state": state, "param_groups": header.pop("optim_param_groups")})
+        try:
+            m.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = " ".join(str(e).strip().splitlines()[:3])
+            raise CheckpointError(f"{path}: the saved {name!r} does not fit the model: {first}") from e
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        for idx, st in header.pop("optim_plain").items():
+            state.setdefault(int(idx), {}).update(st)
+        optimizer.load_state_dict({"state": state, "param_groups": header.pop("optim_param_groups")})
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # hand-edited or from another version
+        raise CheckpointError(f"{path}: the saved optimizer state does not fit ({type(e).__name__}: {e})") from e
     return header

@@ -14,6 +14,8 @@ Why these choices (see the dataset README's caveats):
   its publisher, so keeping other sources' aspect ratios would hand the network a label cue.
 * Histogram equalisation puts every image on the same intensity distribution, removing much of
   the exposure, processing and scanner look that differs between hospitals.
+* Optionally (``mask_border``) an outer frame is blanked before equalisation: burned-in text,
+  markers and film edges sit there, the lungs do not.
 
 `TrainAugment` adds the random part for training, batched in torch so it costs little on CPU:
 affine jitter, resolution jitter (down- then up-sampling, so sharpness cannot identify a
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["Preprocess", "TrainAugment", "equalize"]
+__all__ = ["Preprocess", "TrainAugment", "equalize", "mask_border"]
 
 
 def equalize(img: np.ndarray) -> np.ndarray:
@@ -46,6 +48,15 @@ def equalize(img: np.ndarray) -> np.ndarray:
     return lut[img]
 
 
+def mask_border(img: np.ndarray, fraction: float) -> np.ndarray:
+    """A copy of a square-ish image with an outer frame of ``fraction`` of each side set to 0."""
+    h, w = img.shape[-2:]
+    dy, dx = round(h * fraction), round(w * fraction)
+    out = np.zeros_like(img)
+    out[..., dy:h - dy, dx:w - dx] = img[..., dy:h - dy, dx:w - dx]
+    return out
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Deterministic preprocessing shared by training and serving (stored in every checkpoint)."""
@@ -54,13 +65,20 @@ class Preprocess:
     equalize: bool = True  # histogram equalisation (intensity standardisation across hospitals)
     mean: float = 0.5  # normalisation: (x - mean) / std with x in [0, 1]
     std: float = 0.5
+    mask_border: float = 0.0  # fraction of each side blanked (set to 0) before equalisation; 0 = off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mask_border < 0.5:
+            raise ValueError(f"mask_border must be in [0, 0.5), got {self.mask_border}")
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Float grayscale image in [0, 1] (H x W) -> uint8 ``size x size``, equalised if configured."""
+        """Float grayscale image in [0, 1] (H x W) -> uint8 ``size x size``, border-masked and equalised if configured."""
         pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
         # Pillow's resampling filters widen with the scale factor, i.e. they antialias when shrinking.
         small = np.asarray(pil.resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.float32)
         u8 = np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
+        if self.mask_border:
+            u8 = mask_border(u8, self.mask_border)
         return equalize(u8) if self.equalize else u8
 
     def to_tensor(self, prepared: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -77,7 +95,12 @@ class Preprocess:
         return self.to_tensor(self.prepare(image))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # Off by default and unknown to older readers: leaving it out keeps existing checkpoints,
+        # ONNX contracts and decoded-image cache keys byte-identical.
+        if not d["mask_border"]:
+            del d["mask_border"]
+        return d
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluation report: metrics with 95% CIs, per-source breakdown and plots, as JSON and Markdown.
+"""Evaluation report: metrics with 95% CIs, per-source breakdown, calibration and plots, as JSON and Markdown.
 
 Every file is written atomically, so an interrupted evaluation never leaves a half-written
 report. COVID-19 (``covid``, label 1) is the positive class in every number and plot.
@@ -18,13 +18,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
-from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.metrics import brier_score_loss, precision_recall_curve, roc_curve
 
 from . import POSITIVE_CLASS
+from .calibration import reliability
 from .metrics import COUNTS, METRICS, bootstrap_metrics, operating_points
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["write_report", "save_predictions_csv"]
+__all__ = ["write_report", "save_predictions_csv", "json_safe"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,12 @@ _NAMES = {
 }
 
 
-def _json_safe(obj: Any) -> Any:
-    """NumPy values to Python, NaN/inf to None (JSON has no NaN), paths to strings."""
+def json_safe(obj: Any) -> Any:
+    """NumPy values to Python, NaN/inf to None (JSON has no NaN), paths to strings, recursively."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, os.PathLike):
@@ -114,8 +115,46 @@ def _pr_png(y: np.ndarray, p: np.ndarray, report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _reliability_png(cal: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(4.8, 5.6))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    before = cal.get("uncalibrated")
+    if before:
+        ax.plot(before["bins"]["mean_probability"], before["bins"]["fraction_covid"], "s--", color="C7", alpha=0.8,
+                label=f"temperature 1 (ECE {before['ece']:.3f})")
+    ax.plot(cal["bins"]["mean_probability"], cal["bins"]["fraction_covid"], "o-", color="C0",
+            label=f"temperature {cal['temperature']:.3f} (ECE {cal['ece']:.3f})")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), ylabel="Observed share of COVID-19",
+           title=f"Reliability of P(COVID-19), {cal['bins']['n_bins']} equal-width bins")
+    ax.legend(loc="upper left", fontsize=8)
+    width = 1.0 / cal["bins"]["n_bins"]
+    hist.bar(cal["bins"]["mean_probability"], cal["bins"]["count"], width=0.9 * width, color="C0")
+    hist.set(yscale="log", xlabel="Predicted P(COVID-19)", ylabel="cases")
+    return _png(fig)
+
+
+def _calibration(y: np.ndarray, p: np.ndarray, temperature: float | None, raw: ArrayLike | None) -> dict[str, Any]:
+    """ECE, Brier score and reliability bins of P(COVID-19); with ``raw`` also those before temperature scaling."""
+    def one(q: np.ndarray) -> dict[str, Any]:
+        bins = reliability(y, q)
+        return {"ece": bins.pop("ece"), "brier": float(brier_score_loss(y, q, pos_label=1)), "bins": bins}
+
+    cal = {"temperature": 1.0 if temperature is None else float(temperature), **one(p)}
+    if raw is not None:
+        raw = np.asarray(raw, dtype=float).ravel()
+        if raw.shape != p.shape:
+            raise ValueError(f"prob_uncalibrated has {raw.size} entries for {p.size} cases")
+        cal["uncalibrated"] = one(raw)
+    return cal
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def _with_ci(m: dict[str, float | None]) -> str:
@@ -148,9 +187,31 @@ def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
             cells = " | ".join(_with_ci(s["metrics"][k]) for k in cols)
             lines.append(f"| {name} | {s['n']} | {s['n_covid']} | {s['n_normal']} | {cells} |")
         lines.append("")
-    lines += ["## Operating points", "", "| Threshold | Sensitivity | Specificity | PPV | NPV |", "|---:|---:|---:|---:|---:|",
-              *[f"| {o['threshold']:.2f} | {_fmt(o['sensitivity'])} | {_fmt(o['specificity'])} | {_fmt(o['ppv'])} "
-                f"| {_fmt(o['npv'])} |" for o in report["operating_points"]],
+    if report.get("internal"):
+        ref = report["internal"]
+        lines += ["## External vs internal", "",
+                  f"Internal: the run's own test split ({ref['n']} images, {ref['n_covid']} COVID-19; {ref['from']}). "
+                  "Gap = external - internal; a large drop means the model learned something about its training "
+                  "sources that other hospitals' films do not share.", "",
+                  "| Metric | Internal (test) | External | Gap |", "|---|---|---|---:|",
+                  *[f"| {_NAMES[k]} | {_with_ci(ref['metrics'][k])} | {_with_ci(m[k])} | {_signed(report['gap'][k])} |"
+                    for k in METRICS], ""]
+    cal = report["calibration"]
+    before = cal.get("uncalibrated")
+    lines += ["## Calibration", "",
+              f"Temperature {cal['temperature']:.3f} (logits are divided by it before the softmax; fitted on the "
+              f"validation split). Expected calibration error (ECE) of P(COVID-19), {cal['bins']['n_bins']} "
+              "equal-width bins, on these cases:", "",
+              "| | ECE | Brier score |", "|---|---:|---:|",
+              *([f"| before temperature scaling (T = 1) | {before['ece']:.4f} | {before['brier']:.4f} |"] if before else []),
+              f"| as used (T = {cal['temperature']:.3f}) | {cal['ece']:.4f} | {cal['brier']:.4f} |", "",
+              "![Reliability diagram](reliability.png)", ""]
+    lines += ["## Operating points", "",
+              "Named thresholds first: the stored operating threshold, 0.5, and the highest thresholds that reached "
+              "each sensitivity on the validation split; then a fixed grid.", "",
+              "| Threshold from | Threshold | Sensitivity | Specificity | PPV | NPV |", "|---|---:|---:|---:|---:|---:|",
+              *[f"| {o.get('name', 'grid')} | {o['threshold']:.3f} | {_fmt(o['sensitivity'])} | {_fmt(o['specificity'])} "
+                f"| {_fmt(o['ppv'])} | {_fmt(o['npv'])} |" for o in report["key_operating_points"] + report["operating_points"]],
               "", "## Curves", "", "![ROC curve](roc.png)", "", "![Precision-recall curve](pr.png)", ""]
     if has_predictions:
         lines += ["Per-case predictions: [predictions.csv](predictions.csv)", ""]
@@ -180,9 +241,11 @@ def save_predictions_csv(
 def write_report(
     out_dir: str | os.PathLike, y_true: ArrayLike, prob: ArrayLike, threshold: float, *,
     sources: Sequence[str] | None = None, paths: Sequence[Any] | None = None, meta: dict | None = None,
-    n_boot: int = 1000, title: str = "Evaluation",
+    n_boot: int = 1000, title: str = "Evaluation", temperature: float | None = None,
+    prob_uncalibrated: ArrayLike | None = None, named_thresholds: dict[str, float] | None = None,
+    internal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write report.json, report.md, confusion_matrix.png, roc.png, pr.png (and predictions.csv).
+    """Write report.json, report.md, confusion_matrix.png, roc.png, pr.png, reliability.png (and predictions.csv).
 
     Args:
         out_dir: folder to write into; created if missing.
@@ -195,6 +258,12 @@ def write_report(
             says in the Markdown where the threshold came from.
         n_boot: bootstrap resamples for the overall CIs.
         title: heading of report.md.
+        temperature: the temperature ``prob`` was computed with (reported; 1 when None).
+        prob_uncalibrated: P(COVID-19) at temperature 1, to report the calibration error before scaling.
+        named_thresholds: extra operating points, name -> threshold (e.g. chosen on validation
+            for a target sensitivity); the stored threshold and 0.5 are always included.
+        internal: for external data, the internal test metrics (``{"from", "n", "n_covid", "metrics"}``)
+            to compare with; adds ``internal`` and ``gap`` (external - internal) to the report.
 
     Returns:
         The dict written to report.json (undefined metrics are ``None``).
@@ -214,13 +283,23 @@ def write_report(
         for name in sorted(set(src)):
             boot = bootstrap_metrics(y[src == name], p[src == name], threshold, n_boot=report["per_source_n_boot"])
             report["per_source"][name] = _summary(boot)
+    named = {"stored operating threshold": float(threshold), "0.5": 0.5, **(named_thresholds or {})}
+    report["key_operating_points"] = [
+        {"name": name, **point} for name, point in zip(named, operating_points(y, p, tuple(named.values())))
+    ]
     report["operating_points"] = operating_points(y, p)
+    report["calibration"] = _calibration(y, p, temperature, prob_uncalibrated)
+    if internal is not None:
+        report["internal"] = internal
+        ext, ref = _values(report), {k: v["value"] for k, v in internal["metrics"].items()}
+        report["gap"] = {k: None if ref[k] is None or not math.isfinite(ext[k]) else ext[k] - ref[k] for k in METRICS}
     report["meta"] = meta
-    report = _json_safe(report)
+    report = json_safe(report)
 
     atomic_write_bytes(out / "confusion_matrix.png", _confusion_png(report["confusion"], threshold))
     atomic_write_bytes(out / "roc.png", _roc_png(y, p, report))
     atomic_write_bytes(out / "pr.png", _pr_png(y, p, report))
+    atomic_write_bytes(out / "reliability.png", _reliability_png(report["calibration"]))
     if paths is not None:
         save_predictions_csv(out / "predictions.csv", paths, y, p, threshold, sources)
     atomic_write_text(out / "report.md", _markdown(report, title, paths is not None))

@@ -1,0 +1,238 @@
+"""Calibration: temperature scaling fitted on the validation split, then the operating threshold.
+
+Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017) divides
+the logits by one scalar ``T > 0`` chosen to minimise the negative log-likelihood (NLL) of the
+validation labels. It never changes the ranking of cases (ROC-AUC is the same, and every threshold
+on the old probabilities has an equivalent on the new ones), but it makes P(COVID-19) mean what
+it says: of the cases given 0.8, about 80% should be COVID-19. Label smoothing, class-balanced
+sampling and the weight average used in training all distort raw softmax confidences, which is
+why the fit is worth doing after every run.
+
+The threshold is chosen after the temperature, on the calibrated validation probabilities, so
+that the stored threshold and the stored temperature belong together. COVID-19 is the positive
+class throughout.
+
+Example:
+    >>> cal = calibrate(y_val, logits_val)                 # fit T, Youden's J threshold
+    >>> cal.temperature, cal.ece_before, cal.ece_after
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import ArrayLike
+
+from .errors import DataError
+from .metrics import choose_threshold
+
+__all__ = [
+    "ECE_BINS", "SENSITIVITY_TARGETS", "Calibration", "reliability", "expected_calibration_error", "covid_probability",
+    "nll", "fit_temperature", "calibrate", "calibrate_run",
+]
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15  # equal-width bins of P(COVID-19) for the calibration error, as in Guo et al. 2017
+SENSITIVITY_TARGETS = (0.90, 0.95, 0.98)  # screening-style operating points recorded for every run
+T_BOUNDS = (0.05, 20.0)  # the search range; a fit at a bound means the validation set is separable or useless
+
+
+def reliability(y_true: ArrayLike, prob: ArrayLike, n_bins: int = ECE_BINS) -> dict[str, Any]:
+    """Reliability-diagram data and expected calibration error (ECE) of P(COVID-19), equal-width bins.
+
+    Calibration is judged on P(COVID-19) itself (not on the confidence of the predicted class):
+    among cases given P(COVID-19) near 0.8, about 80% should be COVID-19.
+
+    Args:
+        y_true: labels, 1 = COVID-19, 0 = normal.
+        prob: predicted P(COVID-19) per case, in [0, 1].
+        n_bins: equal-width bins over [0, 1].
+
+    Returns:
+        ``{"n_bins", "mean_probability", "fraction_covid", "count", "ece"}``: per non-empty bin the
+        mean predicted P(COVID-19), the observed share of COVID-19 cases and the number of cases;
+        ``ece`` is the case-weighted mean of ``|fraction_covid - mean_probability|`` over bins.
+    """
+    from sklearn.calibration import calibration_curve
+
+    y, p = np.asarray(y_true).ravel().astype(int), np.asarray(prob, dtype=float).ravel()
+    if y.size == 0 or y.shape != p.shape:
+        raise ValueError(f"y_true and prob must be non-empty and equally long, got {y.size} and {p.size}")
+    fraction, mean_prob = calibration_curve(y, p, n_bins=n_bins, strategy="uniform", pos_label=1)
+    # Cases per bin, binned exactly as calibration_curve bins them (same edges, same searchsorted).
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    count = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    count = count[count > 0]
+    ece = float(np.sum(count / y.size * np.abs(fraction - mean_prob)))
+    return {"n_bins": n_bins, "mean_probability": mean_prob.tolist(), "fraction_covid": fraction.tolist(),
+            "count": count.tolist(), "ece": ece}
+
+
+def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of P(COVID-19) over ``n_bins`` equal-width bins (see `reliability`)."""
+    return reliability(y_true, prob, n_bins)["ece"]
+
+
+def _check(logits: ArrayLike, y: ArrayLike | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    if z.ndim != 2 or z.shape[1] != 2 or not torch.isfinite(z).all():
+        raise ValueError(f"logits must be finite with shape (N, 2) (normal, covid), got {tuple(z.shape)}")
+    if y is None:
+        return z, None
+    t = torch.as_tensor(np.asarray(y)).long().ravel()
+    if t.numel() != z.shape[0] or not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError("y must hold one 0 (normal) / 1 (COVID-19) label per row of logits")
+    return z, t
+
+
+def covid_probability(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
+    """P(COVID-19) = softmax(logits / temperature)[:, 1] for logits ``(N, 2)``, as float32.
+
+    The same float32 operations as `covidxray.engine.predict_probs` (what the Predictor serves):
+    thresholds are chosen among these values, so a validation case lying exactly on the threshold
+    must get bit-for-bit the same probability in serving.
+    """
+    z, _ = _check(logits)
+    return torch.softmax(z.float() / temperature, dim=1)[:, 1].numpy()
+
+
+def nll(logits: ArrayLike, y: ArrayLike, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the labels under ``softmax(logits / temperature)``."""
+    z, t = _check(logits, y)
+    return float(F.cross_entropy(z / temperature, t))
+
+
+def fit_temperature(logits: ArrayLike, y: ArrayLike) -> float:
+    """The temperature minimising validation NLL (1-D bounded search over log T).
+
+    Args:
+        logits: validation logits ``(N, 2)``, columns normal and COVID-19.
+        y: validation labels, 1 = COVID-19, 0 = normal.
+
+    Returns:
+        T in ``T_BOUNDS``; T < 1 sharpens over-cautious probabilities, T > 1 softens over-confident ones.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z, t = _check(logits, y)
+    # NLL is smooth and unimodal in log T for fixed logits, so a bounded scalar search is exact
+    # enough and, unlike an LBFGS step size, needs no tuning.
+    res = minimize_scalar(lambda u: float(F.cross_entropy(z * np.exp(-u), t)),
+                          bounds=tuple(np.log(T_BOUNDS)), method="bounded", options={"xatol": 1e-5})
+    temperature = float(np.exp(res.x))
+    if not T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01:
+        log.warning("temperature %.3g is at the edge of the search range: the validation set may be perfectly "
+                    "separated or too small to calibrate on", temperature)
+    return temperature
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature and threshold fitted on validation data, with the evidence for them."""
+
+    temperature: float
+    threshold: float
+    threshold_rule: str  # how the threshold was chosen, in words
+    n: int  # validation images used
+    ece_before: float  # ECE of P(COVID-19) at temperature 1
+    ece_after: float  # ECE at `temperature`
+    nll_before: float
+    nll_after: float
+    sensitivity_thresholds: dict[str, float] = field(default_factory=dict)  # "0.95" -> highest threshold reaching it
+
+    def to_meta(self) -> dict[str, Any]:
+        """The ``model.json`` fields this calibration sets."""
+        return {
+            "temperature": self.temperature, "threshold": self.threshold, "threshold_rule": self.threshold_rule,
+            "sensitivity_thresholds": self.sensitivity_thresholds,
+            "calibration": {
+                "method": "temperature scaling (validation NLL)", "split": "val", "n": self.n, "bins": ECE_BINS,
+                "ece_before": self.ece_before, "ece_after": self.ece_after,
+                "nll_before": self.nll_before, "nll_after": self.nll_after,
+            },
+        }
+
+
+def calibrate(
+    y: ArrayLike, logits: ArrayLike, target_sensitivity: float | None = None, threshold: float | None = None,
+    temperature: float | None = None,
+) -> Calibration:
+    """Fit the temperature (unless given) and then choose the threshold, both on validation data.
+
+    Args:
+        y: validation labels, 1 = COVID-19, 0 = normal (both classes needed).
+        logits: validation logits ``(N, 2)`` at temperature 1.
+        target_sensitivity: choose the highest threshold whose validation sensitivity reaches this;
+            None: maximise Youden's J.
+        threshold: use this threshold as it is (overrides ``target_sensitivity``).
+        temperature: keep this temperature instead of fitting one.
+
+    Returns:
+        The `Calibration`; ``to_meta()`` gives the checkpoint fields.
+    """
+    z, t = _check(logits, y)
+    labels = t.numpy()
+    if np.unique(labels).size < 2:
+        raise DataError("calibration needs COVID-19 and normal cases in the validation split; it has one class")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    fitted = temperature is None
+    temperature = fit_temperature(z, labels) if fitted else float(temperature)
+    raw, p = covid_probability(z, 1.0), covid_probability(z, temperature)
+    where = (f"on the validation split ({len(p)} images), temperature-scaled probabilities "
+             f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'})")
+    if threshold is not None:
+        rule = f"fixed at {threshold:g} by the user (T={temperature:.3f} {'fitted on' if fitted else 'kept for'} the validation split)"
+    else:
+        threshold = choose_threshold(labels, p, target_sensitivity)
+        name = f"sensitivity >= {target_sensitivity}" if target_sensitivity else "Youden's J"
+        rule = f"{name} {where}"
+    return Calibration(
+        temperature=temperature, threshold=float(threshold), threshold_rule=rule, n=len(p),
+        ece_before=expected_calibration_error(labels, raw), ece_after=expected_calibration_error(labels, p),
+        nll_before=nll(z, labels, 1.0), nll_after=nll(z, labels, temperature),
+        sensitivity_thresholds={f"{s:.2f}": choose_threshold(labels, p, s) for s in SENSITIVITY_TARGETS},
+    )
+
+
+def calibrate_run(
+    run: str | os.PathLike, data: str | None = None, splits: str | None = None, target_sensitivity: float | None = None,
+    threshold: float | None = None, keep_temperature: bool = False, cache_dir: str | None = None,
+) -> Calibration:
+    """Refit the temperature and threshold of a trained run on its validation split; rewrite ``model.json``.
+
+    The weights are not touched (their SHA-256 stays valid); ``model.json`` is replaced atomically.
+    Evaluation reports written before are stale afterwards: evaluate again.
+
+    Args:
+        run: run folder or ``model.json``.
+        data, splits: the data holding the validation split; default: what the run was trained on.
+        target_sensitivity, threshold: threshold rule (see `calibrate`); default Youden's J.
+        keep_temperature: keep the stored temperature and only choose the threshold.
+        cache_dir: decoded-image cache.
+
+    Returns:
+        The new `Calibration`.
+    """
+    from .checkpoint import update_model_meta
+    from .evaluate import predict_split, resolve_data
+    from .predictor import Predictor
+
+    predictor = Predictor(run)
+    data, splits = resolve_data(run, predictor.meta, data, splits)
+    samples, logits, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
+                    predictor.temperature if keep_temperature else None)
+    update_model_meta(run, cal.to_meta())
+    log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
+             cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
+    return cal

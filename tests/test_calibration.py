@@ -1,0 +1,171 @@
+"""Calibration: ECE, temperature scaling on real X-rays, and `covidxray calibrate` rewriting model.json safely."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidxray.calibration import (
+    SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, reliability,
+)
+from covidxray.checkpoint import load_model, update_model_meta
+from covidxray.cli import main
+from covidxray.data import load_samples
+from covidxray.engine import predict_logits, prepare_images
+from covidxray.errors import CheckpointError
+from covidxray.metrics import choose_threshold, point_metrics
+from covidxray.models import get_spec
+from covidxray.predictor import Predictor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _ece_by_hand(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
+    """ECE from the textbook definition: bin k holds k/bins < p <= (k+1)/bins (p = 0 in the first bin)."""
+    k = np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
+    return sum(np.mean(k == b) * abs(y[k == b].mean() - p[k == b].mean()) for b in range(bins) if (k == b).any())
+
+
+def test_ece_matches_the_definition():
+    rng = np.random.default_rng(0)
+    p = rng.random(500)
+    y = (rng.random(500) < p ** 2).astype(int)  # over-predicts COVID-19
+    assert expected_calibration_error(y, p) == pytest.approx(_ece_by_hand(y, p), abs=1e-12)
+    bins = reliability(y, p)
+    assert sum(bins["count"]) == 500 and bins["n_bins"] == 15
+    assert expected_calibration_error(np.array([0, 1, 1, 0]), np.array([0.0, 1.0, 1.0, 0.0])) == 0.0
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 2, 20_000)  # true log-odds of COVID-19
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = np.stack([np.zeros_like(z), 3.0 * z], 1)  # a model three times too confident
+    assert fit_temperature(logits, y) == pytest.approx(3.0, rel=0.05)
+    cal = calibrate(y, logits)
+    assert cal.ece_after < cal.ece_before / 3 and cal.nll_after < cal.nll_before
+    assert set(cal.sensitivity_thresholds) == {f"{s:.2f}" for s in SENSITIVITY_TARGETS}
+    # The threshold is chosen on the calibrated probabilities.
+    assert cal.threshold == choose_threshold(y, covid_probability(logits, cal.temperature))
+
+
+@pytest.fixture(scope="module")
+def val_images(trained_run: Path, manifest: Path, split_file: Path, cache_dir: Path):
+    """400 real validation X-rays (200 per class) prepared for the trained run."""
+    pre = Predictor(trained_run).preprocess
+    val = [s for s in load_samples(manifest, split_file) if s.split == "val"]
+    rng = np.random.default_rng(0)
+    pick = [s for label in (0, 1) for s in rng.permutation([s for s in val if s.label == label])[:200]]
+    images, failed = prepare_images(pick, pre, cache_dir)
+    assert failed == []
+    return images, np.array([s.label for s in pick])
+
+
+def test_temperature_scaling_fixes_an_over_confident_real_model(trained_run: Path, val_images):
+    """Scaling the trained head by 10 makes it over-confident; T fitted on half the images fixes the other half."""
+    model, meta = load_model(trained_run)
+    head = model.get_submodule(get_spec(meta["arch"]).head)
+    with torch.no_grad():
+        head.weight.mul_(10)
+        head.bias.mul_(10)
+    images, y = val_images
+    pre = Predictor(trained_run).preprocess
+    logits = predict_logits(model, images, pre)
+    fit, held = np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1
+    temperature = fit_temperature(logits[fit], y[fit])
+    before = expected_calibration_error(y[held], covid_probability(logits[held], 1.0))
+    after = expected_calibration_error(y[held], covid_probability(logits[held], temperature))
+    assert temperature > 3, f"an over-confident model needs T > 1, got {temperature:.2f}"
+    assert after < 0.6 * before, f"ECE on held-out images {before:.3f} -> {after:.3f}"
+
+
+def test_training_stores_temperature_and_calibrated_threshold(trained_run: Path):
+    meta = json.loads((trained_run / "model.json").read_text())
+    cal = meta["calibration"]
+    assert meta["temperature"] > 0 and cal["n"] == 400 and cal["bins"] == 15
+    assert 0 <= cal["ece_after"] <= 1 and cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert "temperature-scaled" in meta["threshold_rule"]
+    with open(trained_run / "val_predictions.csv") as f:
+        rows = [line.split(",") for line in f.read().splitlines()[1:]]
+    y, p = np.array([int(r[1]) for r in rows]), np.array([float(r[3]) for r in rows])
+    # val_predictions.csv holds the calibrated probabilities the threshold was chosen on (6 decimals).
+    assert meta["threshold"] == pytest.approx(choose_threshold(y, p), abs=1e-5)
+    assert expected_calibration_error(y, p) == pytest.approx(cal["ece_after"], abs=1e-3)
+
+
+@pytest.fixture()
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.json", "model.safetensors"):
+        shutil.copy(trained_run / name, run / name)
+    return run
+
+
+def _listing(run: Path) -> set[str]:
+    return {p.name for p in run.iterdir()}
+
+
+def test_calibrate_command_rewrites_threshold_and_keeps_weights(run_copy: Path, cache_dir: Path, manifest: Path,
+                                                                split_file: Path, capsys):
+    weights = hashlib.sha256((run_copy / "model.safetensors").read_bytes()).hexdigest()
+    before = json.loads((run_copy / "model.json").read_text())
+    assert main(["calibrate", str(run_copy), "--threshold", "0.4", "--cache-dir", str(cache_dir)]) == 0
+    assert "ECE" in capsys.readouterr().out
+    meta = json.loads((run_copy / "model.json").read_text())
+    assert meta["threshold"] == 0.4 and "fixed at 0.4" in meta["threshold_rule"]
+    assert meta["calibration"]["n"] == sum(s.split == "val" for s in load_samples(manifest, split_file))
+    assert meta["weights_sha256"] == weights == hashlib.sha256((run_copy / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["train_config"] == before["train_config"]
+    assert _listing(run_copy) == {"model.json", "model.safetensors"}  # no temporary file left behind
+    predictor = Predictor(run_copy)  # still loads: the JSON and the weights belong together
+    assert predictor.threshold == 0.4 and predictor.temperature == meta["temperature"]
+
+    assert main(["calibrate", str(run_copy), "--target-sensitivity", "0.95", "--keep-temperature",
+                 "--cache-dir", str(cache_dir)]) == 0
+    kept = json.loads((run_copy / "model.json").read_text())
+    assert kept["temperature"] == meta["temperature"]
+    assert kept["threshold"] == kept["sensitivity_thresholds"]["0.95"]
+    # The threshold reaches the target on the validation split it was chosen on.
+    val = [s for s in load_samples(manifest, split_file) if s.split == "val"]
+    probs = Predictor(run_copy).predict_prepared(prepare_images(val, predictor.preprocess, cache_dir)[0])
+    assert point_metrics([s.label for s in val], probs, kept["threshold"])["sensitivity"] >= 0.95
+
+
+def test_update_refuses_bad_values_and_mismatched_weights(run_copy: Path):
+    original = (run_copy / "model.json").read_bytes()
+    with pytest.raises(CheckpointError, match="threshold"):
+        update_model_meta(run_copy, {"threshold": 1.5})
+    with pytest.raises(CheckpointError, match="temperature"):
+        update_model_meta(run_copy, {"temperature": 0.0})
+    with pytest.raises(CheckpointError, match="cannot be changed"):
+        update_model_meta(run_copy, {"weights_sha256": "0" * 64})
+    assert (run_copy / "model.json").read_bytes() == original  # nothing was half-written
+    blob = bytearray((run_copy / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (run_copy / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="do not match"):
+        update_model_meta(run_copy, {"threshold": 0.3})
+    assert (run_copy / "model.json").read_bytes() == original
+
+
+def test_evaluate_report_shows_calibration_and_named_operating_points(run_copy: Path, cache_dir: Path, tmp_path: Path):
+    update_model_meta(run_copy, {"temperature": 2.5})  # deliberately off, so before/after differ
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run_copy), "--split", "val", "--out", str(out), "--bootstrap", "50",
+                 "--cache-dir", str(cache_dir)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    cal = report["calibration"]
+    assert cal["temperature"] == 2.5 and cal["uncalibrated"]["ece"] != pytest.approx(cal["ece"])
+    names = [o["name"] for o in report["key_operating_points"]]
+    assert names[:2] == ["stored operating threshold", "0.5"]
+    assert [n for n in names if "sensitivity" in n] == [f"sensitivity >= {s:.2f} on validation" for s in SENSITIVITY_TARGETS]
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "## Calibration" in md and "(reliability.png)" in md and "before temperature scaling" in md
