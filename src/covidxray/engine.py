@@ -4,8 +4,8 @@
 uint8 cache (also kept on disk, so the next run starts at once), builds the model from the
 registry and runs `train_one_epoch` / `predict_probs` per epoch. After each epoch it writes the
 resumable state (``last.safetensors``), the history (CSV + JSON + curve PNG) and, when validation
-ROC-AUC improved, the model checkpoint. At the end the best model's operating threshold is chosen
-on the validation set and stored in ``model.json``.
+ROC-AUC improved, the model checkpoint. At the end the best model's temperature (calibration) and
+then its operating threshold are fitted on the validation set and stored in ``model.json``.
 
 Each epoch's randomness (sampling order, augmentation, dropout) is seeded from ``(seed, epoch)``,
 so a run resumed after a crash replays exactly what the uninterrupted run would have done.
@@ -34,16 +34,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from . import CLASS_NAMES, __version__
+from . import CLASS_NAMES, __version__, distributed
 from .checkpoint import load_state, save_model, save_state
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
-from .errors import DataError, ImageError
+from .errors import CheckpointError, DataError, ImageError
 from .imaging import load_image
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, seed_everything
 
-__all__ = ["TrainConfig", "RECIPES", "train", "train_one_epoch", "predict_probs", "prepare_images", "default_device"]
+__all__ = [
+    "TrainConfig", "RECIPES", "train", "train_one_epoch", "predict_logits", "predict_probs", "prepare_images",
+    "default_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class TrainConfig:
     weights: str | None = "imagenet"  # None/"none", "imagenet" (offline only) or a local file
     size: int = 192  # input side in pixels
     equalize: bool = True  # histogram equalisation in preprocessing
+    mask_border: float = 0.0  # fraction of each side blanked before equalisation (0: off); see Preprocess
     epochs: int = 5
     batch_size: int = 32
     optimizer: str = "adamw"  # adamw | adam | sgd
@@ -80,6 +84,7 @@ class TrainConfig:
     deterministic: bool = False
     limit: int | None = None  # use at most this many images per split (quick experiments, tests)
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the training model (pays off on GPU for long runs)
     cache_dir: str | None = None  # decoded-image cache; None: $COVIDXRAY_CACHE or ~/.cache/covidxray
     eval_batch_size: int = 128
 
@@ -146,7 +151,8 @@ def prepare_images(
 
     # Pillow releases the GIL while decoding, so two threads keep both cores busy.
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        list(tqdm(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img", leave=False))
+        list(tqdm(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img", leave=False,
+                  disable=not distributed.get_env().is_main))
     if cache:
         buf = io.BytesIO()
         np.savez(buf, images=out, failed=np.array(json.dumps(sorted(failed))))
@@ -155,24 +161,31 @@ def prepare_images(
 
 
 @torch.no_grad()
-def predict_probs(
-    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, temperature: float = 1.0,
-    device: torch.device | None = None,
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, device: torch.device | None = None,
 ) -> np.ndarray:
-    """P(covid) for prepared uint8 images ``(N, S, S)``, in eval mode (the model's mode is restored)."""
+    """float32 logits ``(N, 2)`` for prepared uint8 images ``(N, S, S)``, in eval mode (the model's mode is restored)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    probs = []
+    out = []
     try:
         for start in range(0, len(images), batch_size):
             x = pre.to_tensor(images[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
             with _autocast(device):
-                logits = model(x).float()
-            probs.append(torch.softmax(logits / temperature, dim=1)[:, 1].cpu())
+                out.append(model(x).float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
+
+
+def predict_probs(
+    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, temperature: float = 1.0,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """P(covid) for prepared uint8 images ``(N, S, S)`` after temperature scaling (see `predict_logits`)."""
+    logits = torch.from_numpy(predict_logits(model, images, pre, batch_size, device))
+    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
 
 
 def _autocast(device: torch.device):
@@ -198,14 +211,21 @@ def _ema_update(decay: float):
 def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
     model.train()
     for name in frozen:  # frozen layers keep their pretrained BatchNorm statistics
-        model.get_submodule(name).eval()
+        distributed.unwrap(model).get_submodule(name).eval()
 
 
 def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
     cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device, ema: nn.Module | None = None,
+    dist: distributed.DistEnv = distributed.DistEnv(),
 ) -> dict[str, float]:
-    """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds."""
+    """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds.
+
+    Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on its slice
+    ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the
+    class balance and the learning-rate schedule are those of a single process; the returned
+    numbers are summed over all ranks.
+    """
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
     n = len(labels)
@@ -214,13 +234,19 @@ def train_one_epoch(
         order = torch.multinomial((1.0 / counts)[labels], n, replacement=True, generator=g)
     else:
         order = torch.randperm(n, generator=g)
+    if dist.enabled:
+        order = distributed.pad_order(order, dist.world_size)
+        # Same order on every rank, but each rank's augmentation and dropout noise is its own.
+        rank_seed = distributed.rank_seed(cfg.seed * 100_003 + epoch, dist.rank)
+        g = torch.Generator().manual_seed(rank_seed)
+        torch.manual_seed(rank_seed)
     augment = AUGMENTS.get(cfg.augment)
     _set_train_mode(model, frozen)
-    steps = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(len(order) / cfg.batch_size)
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not dist.is_main)
     for step in bar:
-        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][dist.rank::dist.world_size]
         x = images[idx].unsqueeze(1).float() / 255.0
         if augment is not None:
             x = augment(x, g)
@@ -233,7 +259,7 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(distributed.unwrap(model))
         if cfg.scheduler == "cosine":
             scheduler.step()
         loss_sum += loss.item() * len(idx)
@@ -243,6 +269,8 @@ def train_one_epoch(
     if cfg.scheduler == "step":
         scheduler.step()
     secs = time.perf_counter() - t0
+    if dist.enabled:
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs}
 
 
@@ -329,22 +357,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """
     from sklearn.metrics import roc_auc_score
 
-    from .metrics import choose_threshold
-
     run = Path(cfg.out)
     state_path = run / "last.safetensors"
     header: dict[str, Any] | None = None
     if resume:
         if not state_path.is_file():
             raise DataError(f"{run}: nothing to resume (no last.safetensors); start the run without --resume")
-        from safetensors import safe_open
+        from .checkpoint import read_state_header
 
-        with safe_open(str(state_path), framework="pt") as f:
-            saved = json.loads(f.metadata()["header"])["config"]
-        cfg = replace(TrainConfig(**saved), out=str(run), epochs=max(cfg.epochs, saved["epochs"]) if cfg.epochs else saved["epochs"])
+        try:
+            saved = TrainConfig(**read_state_header(state_path)["config"])
+        except (KeyError, TypeError) as e:  # no config, or one from another covidxray version
+            raise CheckpointError(f"{state_path}: its training config does not fit this covidxray ({e})") from e
+        cfg = replace(saved, out=str(run), epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs)
     run.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
-    device = default_device(cfg.device)
+    dist, device = distributed.setup(cfg.device)  # rank 0 of 1 on default_device(cfg.device) unless started by torchrun
+    if cfg.batch_size % dist.world_size:
+        raise DataError(f"the batch size ({cfg.batch_size}) is the global batch and must split evenly over "
+                        f"{dist.world_size} processes; use a multiple of {dist.world_size} or another process count")
 
     samples = load_samples(cfg.data, cfg.splits)
     if not any(s.split for s in samples):
@@ -352,13 +383,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         write_splits(run / "splits.csv", samples)
         log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
     spec = get_spec(cfg.arch)
-    pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std)
+    pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std, mask_border=cfg.mask_border)
     parts = {}
     for name in ("train", "val"):
         part = _split(samples, name, cfg.limit, cfg.seed)
         if not part or len({s.label for s in part}) < 2:
             raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
-        images, failed = prepare_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
+        with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
+            images, failed = prepare_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
         for path, reason in failed:
             log.warning("skipping unreadable image %s: %s", path, reason)
         bad = {p for p, _ in failed}
@@ -367,6 +399,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (xtr, ytr, _), (xva, yva, val_samples) = parts["train"], parts["val"]
     log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
              cfg.arch, len(ytr), int(ytr.sum()), len(yva), int(yva.sum()))
+    if dist.enabled:
+        log.info("DDP on %d processes (%s): %d images per process per step; rank 0 validates and writes",
+                 dist.world_size, device.type, cfg.batch_size // dist.world_size)
 
     model = build_model(cfg.arch, in_chans=1, num_classes=2, weights=None if resume else cfg.weights)
     frozen = spec.freezable if cfg.freeze else ()
@@ -388,41 +423,54 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         scheduler.load_state_dict(header["scheduler"])
         history, best_auc, best_epoch, start = header["history"], header["best_auc"], header["best_epoch"], header["epoch"] + 1
         log.info("resuming %s after epoch %d (best validation AUC %.4f at epoch %d)", run, start, best_auc, best_epoch + 1)
+    # Only the module that trains is wrapped (DDP, torch.compile): `model` is what gets saved, so
+    # state dicts carry no `module.` prefix and a run resumes under any number of processes.
+    trained = distributed.wrap(model, dist, device, cfg.compile)
 
     t_start = time.perf_counter() - sum(h["train_seconds"] + h["val_seconds"] for h in history)
     for epoch in range(start, cfg.epochs):
         if cfg.patience and best_epoch >= 0 and epoch - best_epoch > cfg.patience:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
-        stats = train_one_epoch(model, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema)
-        t0 = time.perf_counter()
-        p = predict_probs(scored, xva, pre, cfg.eval_batch_size, device=device)
-        y = yva.numpy()
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), yva))
-        auc = float(roc_auc_score(y, p))
-        row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_auc": auc, "val_acc": float(((p >= 0.5) == y).mean()),
-               "val_seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
+        stats = train_one_epoch(trained, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema, dist=dist)
+        row = None
+        if dist.is_main:  # rank 0 validates; its numbers decide best epoch and early stop on every rank
+            t0 = time.perf_counter()
+            p = predict_probs(scored, xva, pre, cfg.eval_batch_size, device=device)
+            y = yva.numpy()
+            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), yva))
+            auc = float(roc_auc_score(y, p))
+            row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_auc": auc, "val_acc": float(((p >= 0.5) == y).mean()),
+                   "val_seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
+        row = distributed.broadcast_object(row)
+        val_loss, auc = row["val_loss"], row["val_auc"]
         history.append(row)
         log.info("epoch %d/%d  loss %.4f  val loss %.4f  val AUC %.4f  %.1f img/s", epoch + 1, cfg.epochs,
                  stats["train_loss"], val_loss, auc, stats["img_per_s"])
         if auc > best_auc:
             best_auc, best_epoch = auc, epoch
-            save_model(run, scored, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
+            if dist.is_main:
+                save_model(run, scored, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
+        if not dist.is_main:
+            continue  # one writer: the other ranks keep the same history and best epoch in memory only
         save_state(state_path, modules, optimizer, {
             "config": asdict(cfg), "epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
             "best_auc": best_auc, "best_epoch": best_epoch,
         })
         _write_history(run, history)
 
-    # Operating threshold: chosen on validation predictions of the best model, never on test data.
+    if not dist.is_main:
+        return run  # what follows is rank 0's alone; distributed.teardown() makes the others wait for it
+    # Temperature, then operating threshold on the calibrated probabilities: both fitted on validation
+    # predictions of the best model, never on test data.
+    from .calibration import calibrate, covid_probability
     from .checkpoint import load_model
 
     best, meta = load_model(run)
-    p = predict_probs(best.to(device), xva, pre, cfg.eval_batch_size, device=device)
-    rule = f"sensitivity >= {cfg.target_sensitivity}" if cfg.target_sensitivity else "Youden's J"
-    meta.update(threshold=float(choose_threshold(yva.numpy(), p, cfg.target_sensitivity)),
-                threshold_rule=f"{rule} on the validation split ({len(p)} images)",
-                train_seconds=time.perf_counter() - t_start)
+    logits = predict_logits(best.to(device), xva, pre, cfg.eval_batch_size, device=device)
+    cal = calibrate(yva.numpy(), logits, cfg.target_sensitivity)
+    p = covid_probability(logits, cal.temperature)
+    meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start)
     for k in ("format", "weights_file", "weights_sha256"):
         meta.pop(k)
     save_model(run, best, meta)
@@ -430,6 +478,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     save_predictions_csv(run / "val_predictions.csv", [s.key for s in val_samples], yva.numpy(), p, meta["threshold"],
                          sources=[s.source for s in val_samples])
-    log.info("best validation AUC %.4f at epoch %d; threshold %.4f (%s); run in %s",
-             best_auc, best_epoch + 1, meta["threshold"], rule, run)
+    log.info("best validation AUC %.4f at epoch %d; temperature %.3f (validation ECE %.4f -> %.4f); threshold %.4f (%s); "
+             "run in %s", best_auc, best_epoch + 1, cal.temperature, cal.ece_before, cal.ece_after, meta["threshold"],
+             cal.threshold_rule, run)
     return run

@@ -22,7 +22,10 @@ from .errors import CheckpointError, ImageError
 from .imaging import load_image
 from .presets import Preprocess
 
-__all__ = ["Prediction", "Predictor", "default_model_path"]
+__all__ = [
+    "Prediction", "Predictor", "default_model_path", "read_path_manifest", "part_file", "read_predictions", "PartWriter",
+    "merge_predictions", "remove_parts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +143,20 @@ class Predictor:
         """Classify one image file. Raises `ImageError` naming the file when it cannot be read."""
         return self.predict_array(load_image(path), str(path))
 
-    def predict_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 32) -> Iterator[Prediction | ImageError]:
+    def predict_paths(
+        self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 0,
+    ) -> Iterator[Prediction | ImageError]:
         """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
-        Two threads decode and preprocess ahead (Pillow releases the GIL) while the model runs.
+        With ``workers=0`` two threads decode and preprocess ahead (Pillow releases the GIL) while
+        the model runs; with ``workers > 0`` a DataLoader with that many processes does, for large
+        runs on machines with cores to spare.
         """
         from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
         from itertools import islice
 
-        def prepare(path: str | os.PathLike) -> tuple[str, np.ndarray | ImageError]:
-            try:
-                return str(path), self.preprocess.prepare(load_image(path))
-            except ImageError as e:
-                return str(path), e
+        prepare = partial(_prepare, self.preprocess)
 
         def classify(batch: list[tuple[str, np.ndarray | ImageError]]) -> Iterator[Prediction | ImageError]:
             good = [(i, img) for i, (_, img) in enumerate(batch) if not isinstance(img, ImageError)]
@@ -161,6 +165,14 @@ class Predictor:
             for i, (name, img) in enumerate(batch):
                 yield img if isinstance(img, ImageError) else self._answer(name, by_index[i])
 
+        if workers > 0:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(_PreparedFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
+                                collate_fn=list)
+            for batch in loader:
+                yield from classify(batch)
+            return
         todo = iter(paths)
         with ThreadPoolExecutor(max_workers=2) as pool:
             pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
@@ -172,6 +184,27 @@ class Predictor:
 
     def _answer(self, name: str, prob: float) -> Prediction:
         return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
+
+
+def _prepare(preprocess: Preprocess, path: str | os.PathLike) -> tuple[str, np.ndarray | ImageError]:
+    """``(name, prepared uint8 image)``, or ``(name, ImageError)`` when the file cannot be read."""
+    try:
+        return str(path), preprocess.prepare(load_image(path))
+    except ImageError as e:
+        return str(path), e
+
+
+class _PreparedFiles(torch.utils.data.Dataset):
+    """Image files as `_prepare` results, for DataLoader worker processes."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray | ImageError]:
+        return _prepare(self.preprocess, self.paths[i])
 
 
 def _onnx_file(path: Path) -> Path | None:
@@ -205,10 +238,150 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
     out: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        try:
+            is_dir, exists = p.is_dir(), p.exists()
+        except OSError:  # e.g. a name too long for the file system: the loader reports it by name
+            is_dir, exists = False, False
+        if is_dir:
             out += sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif any(c in item for c in "*?[") and not p.exists():
+        elif any(c in item for c in "*?[") and not exists:
             out += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
         else:
             out.append(p)  # missing files are reported by the loader, by name
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions to CSV at scale: one append-only part file per process, resumable, merged in input order
+
+CSV_FIELDS = ("path", "label", "probability", "threshold")
+
+
+def read_path_manifest(csv_path: str | os.PathLike) -> list[Path]:
+    """Image paths from a CSV with a ``path`` column (labels and other columns are ignored).
+
+    Relative paths are resolved against the CSV's folder, as in a training manifest.
+
+    Raises:
+        DataError: the file cannot be read or has no ``path`` column.
+    """
+    import csv
+
+    from .errors import DataError
+
+    csv_path = Path(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise DataError(f"{csv_path}: a manifest for predict needs a header with a 'path' column")
+            base = csv_path.resolve().parent
+            return [p if p.is_absolute() else base / p for p in (Path(row["path"]) for row in reader if row["path"])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: cannot read manifest: {e}") from e
+
+
+def part_file(out: str | os.PathLike, rank: int) -> Path:
+    """``OUT.partN``: where process ``rank`` collects its rows before they are merged into ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.part{rank}")
+
+
+def _part_files(out: Path) -> dict[int, Path]:
+    """Existing ``OUT.partN`` files by ``N``."""
+    prefix = f"{out.name}.part"
+    if not out.parent.is_dir():
+        return {}
+    return {int(p.name[len(prefix):]): p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()}
+
+
+def _complete_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a prediction CSV; a torn last row (a crash mid-write leaves no final newline) is dropped."""
+    import csv
+    import io
+
+    text = path.read_text(encoding="utf-8")
+    rows = [r for r in csv.DictReader(io.StringIO(text)) if r.get("path")]
+    return rows[:-1] if rows and not text.endswith("\n") else rows
+
+
+def read_predictions(out: str | os.PathLike, include_out: bool = True) -> dict[str, dict[str, str]]:
+    """Rows already written for ``out`` (``out`` itself and every ``OUT.partN``), by path."""
+    out = Path(out)
+    done: dict[str, dict[str, str]] = {}
+    for f in ([out] if include_out and out.is_file() else []) + [f for _, f in sorted(_part_files(out).items())]:
+        done.update((r["path"], r) for r in _complete_rows(f))
+    return done
+
+
+class PartWriter:
+    """Append predictions to ``OUT.partN`` as CSV rows, flushed every ``flush_every`` rows.
+
+    A crash loses at most the unflushed rows, and a torn last row is ignored on reading. With
+    ``resume`` the complete rows of an existing part file are kept (rewritten atomically without
+    the torn row) and new rows are appended; otherwise the file starts empty.
+    """
+
+    def __init__(self, out: str | os.PathLike, rank: int, resume: bool = False, flush_every: int = 32):
+        import csv
+        import io
+
+        from .utils import atomic_write_text
+
+        self.path = part_file(out, rank)
+        keep = _complete_rows(self.path) if resume and self.path.is_file() else []
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(keep)
+        atomic_write_text(self.path, buf.getvalue())
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+        self._flush_every, self._pending = flush_every, 0
+
+    def write(self, prediction: Prediction) -> None:
+        self._writer.writerow(prediction.to_dict())
+        self._pending += 1
+        if self._pending >= self._flush_every:
+            self._file.flush()
+            self._pending = 0
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def merge_predictions(out: str | os.PathLike, paths: Sequence[str | os.PathLike], resume: bool = False) -> int:
+    """Write ``out`` atomically from the part files, one row per input path in input order, then delete the parts.
+
+    Args:
+        out: the CSV to write.
+        paths: all inputs of the run, in order; paths without a prediction (unreadable files) are left out.
+        resume: also keep the rows of an existing ``out``.
+
+    Returns:
+        The number of rows written.
+    """
+    import csv
+    import io
+
+    from .utils import atomic_write_text
+
+    out = Path(out)
+    done = read_predictions(out, include_out=resume)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    rows = [done[str(p)] for p in paths if str(p) in done]
+    w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    atomic_write_text(out, buf.getvalue())
+    remove_parts(out)
+    return len(rows)
+
+
+def remove_parts(out: str | os.PathLike, first: int = 0) -> None:
+    """Delete ``OUT.partN`` for every ``N >= first`` (left by an earlier, larger or crashed run)."""
+    for n, f in _part_files(Path(out)).items():
+        if n >= first:
+            f.unlink(missing_ok=True)
