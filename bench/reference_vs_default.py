@@ -12,6 +12,7 @@ Evaluation uses the test split of splits/covid-cxr.csv; COVID-19 is the positive
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,14 @@ def run_recipe(recipe: str, out: Path, args: argparse.Namespace, **overrides) ->
     return train(cfg)
 
 
+def _history(run: Path) -> list[dict]:
+    """Per-epoch history; models/default ships only history.csv."""
+    if (run / "history.json").is_file():
+        return json.loads((run / "history.json").read_text())
+    with open(run / "history.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "side-by-side")
@@ -50,7 +59,7 @@ def main() -> None:
     for name, run in runs.items():
         report = evaluate_run(run, split="test", out=run / "eval-test")
         meta = json.loads((run / "model.json").read_text())
-        history = json.loads((run / "history.json").read_text())
+        history = _history(run)
         results[name] = {
             "metrics": report["metrics"], "n": report["n"], "train_minutes": meta.get("train_seconds", 0) / 60,
             "img_per_s": sum(h["img_per_s"] for h in history) / len(history), "epochs": len(history),
