@@ -80,7 +80,7 @@ def free_port() -> int:
 def start_server(model: Path, backend: str, threads: int | None, log_file: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
-    command = [sys.executable, "-m", "covidxray.cli", "serve", "--port", str(port), "--model", str(model), "--backend", backend]
+    command = [sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--model", str(model), "--backend", backend]
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(command + (["--threads", str(threads)] if threads else []), stdout=log,
                                 stderr=subprocess.STDOUT, env=env)

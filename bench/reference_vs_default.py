@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 from common import ROOT, save
-from covidxray.engine import config_for, train
+from covidxray.config import config_for
+from covidxray.engine import train
 from covidxray.evaluate import evaluate_run
 
 ROWS = ("accuracy", "sensitivity", "specificity", "ppv", "f1", "roc_auc")

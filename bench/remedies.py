@@ -33,7 +33,8 @@ from pathlib import Path
 from common import RESULTS, ROOT, machine, render_docs
 from covidxray.audit import audit_run
 from covidxray.data import load_samples
-from covidxray.engine import config_for, train
+from covidxray.config import config_for
+from covidxray.engine import train
 from covidxray.utils import atomic_write_json, atomic_write_text
 
 MIN_MINORITY = 0.10  # a source whose rarer class is below this share counts as single-class

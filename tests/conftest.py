@@ -36,7 +36,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path) -> Path:
     """A real (small) training run on shared X-rays: 400 train / 400 val images at 96 px, 3 epochs."""
-    from covidxray.engine import config_for, train
+    from covidxray.config import config_for
+    from covidxray.engine import train
 
     out = tmp_path_factory.mktemp("run") / "small"
     cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(out), size=96, epochs=3,

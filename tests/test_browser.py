@@ -46,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_file = tmp_path_factory.mktemp("server") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "covidxray.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -17,7 +17,7 @@ from covidxray.calibration import (
 from covidxray.checkpoint import load_model, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.engine import predict_logits, prepare_images
+from covidxray.inference import predict_logits, prepare_images
 from covidxray.errors import CheckpointError
 from covidxray.metrics import choose_threshold, point_metrics
 from covidxray.models import get_spec

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray.card import DISCLAIMER
+from covidxray import DISCLAIMER
 from covidxray.cli import main
 from covidxray.data import load_samples
 

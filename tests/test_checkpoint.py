@@ -15,7 +15,8 @@ import torch
 
 from covidxray import checkpoint
 from covidxray.checkpoint import FORMAT, load_model, load_state, read_model_meta, resolve_model_path, save_model, save_state
-from covidxray.engine import _model_meta, config_for
+from covidxray.config import config_for
+from covidxray.engine import _model_meta
 from covidxray.errors import CheckpointError
 from covidxray.imaging import load_image
 from covidxray.models import build_model

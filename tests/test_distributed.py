@@ -27,8 +27,10 @@ from covidxray import distributed
 from covidxray.checkpoint import load_model
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.engine import config_for, train
-from covidxray.predictor import default_model_path, part_file
+from covidxray.config import config_for
+from covidxray.engine import train
+from covidxray.batch import part_file
+from covidxray.predictor import default_model_path
 
 TRAIN = dict(size=64, epochs=1, limit=64, seed=5)  # the `fast` recipe (CXRNet from scratch) on 64 + 64 images
 
@@ -120,7 +122,7 @@ def ddp_job(single_run: Path, tmp_path_factory: pytest.TempPathFactory, manifest
     importing torch) costs more than what it runs: first the exactness check's epoch (`_tiny_epoch`
     on ``data.npz``, written to ``rank{N}.safetensors``), then the same ``covidxray train`` as
     `single_run` into ``run/`` (reusing its decoded-image cache)."""
-    from covidxray.engine import prepare_images
+    from covidxray.inference import prepare_images
     from covidxray.presets import Preprocess
 
     tmp = tmp_path_factory.mktemp("ddp")
@@ -173,7 +175,7 @@ def test_resume_with_fewer_processes(ddp_run: Path, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(ddp_run, run)
     first = json.loads((run / "history.json").read_text())
-    from covidxray.engine import TrainConfig
+    from covidxray.config import TrainConfig
 
     train(TrainConfig(out=str(run), epochs=2), resume=True)
     history = json.loads((run / "history.json").read_text())
@@ -264,7 +266,7 @@ def unsharded(predict_manifest: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_sharded_prediction_equals_unsharded(predict_manifest: Path, unsharded: list[dict[str, str]]):
     out = predict_manifest.with_name("sharded.csv")
-    _check(_torchrun("-m", "covidxray.cli", "predict", "--manifest", str(predict_manifest), "--out", str(out),
+    _check(_torchrun("-m", "covidxray", "predict", "--manifest", str(predict_manifest), "--out", str(out),
                      "--workers", "1", "--model", str(default_model_path())))
     with open(out, newline="") as f:
         sharded = list(csv.DictReader(f))

@@ -12,7 +12,9 @@ from sklearn.metrics import roc_auc_score
 
 from covidxray import engine
 from covidxray.data import load_samples
-from covidxray.engine import config_for, prepare_images, train
+from covidxray.config import config_for
+from covidxray.engine import train
+from covidxray.inference import prepare_images
 from covidxray.predictor import Predictor
 
 pytestmark = pytest.mark.slow

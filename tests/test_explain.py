@@ -285,14 +285,15 @@ def test_explain_files_writes_maps_and_reports_bad_files(predictor: Predictor, x
     )  # nothing else, no temporary files left behind
 
 
-def test_predictor_predict_with_explain_and_cli(tmp_path, manifest):
+def test_explain_a_predictor_and_cli(tmp_path, manifest):
     from covidxray.cli import main
     from covidxray.predictor import Predictor
 
     root = manifest.parent
     covid = next(root.glob("images/radiography-db/covid/*.jpg"))
     pred = Predictor()
-    answer, cam = pred.predict(covid, explain=True)
+    prob, cam = explain(pred, load_image(covid))
+    answer = pred.decide(str(covid), prob)
     assert answer == pred.predict(covid) and cam.shape == load_image(covid).shape
     assert 0.0 <= cam.min() and cam.max() <= 1.0
     bad = tmp_path / "notes.png"

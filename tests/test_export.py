@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.engine import prepare_images
+from covidxray.inference import prepare_images
 from covidxray.errors import CheckpointError
 from covidxray.export import export_onnx
 from covidxray.predictor import Predictor, default_model_path

@@ -14,7 +14,7 @@ import torch
 
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.engine import prepare_images
+from covidxray.inference import prepare_images
 from covidxray.imaging import load_image
 from covidxray.predictor import Predictor
 

@@ -33,10 +33,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from numpy.typing import ArrayLike
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from .calibration import covid_probability
+from .checkpoint import run_dir
 from .data import Sample, check_samples, load_samples
 from .errors import DataError
+from .evaluate import resolve_data
+from .explain import grad_cam, overlay_png
+from .inference import readable_images
+from .metrics import bootstrap_metrics, format_ci
+from .models import features, get_spec
+from .predictor import Predictor
+from .report import json_safe
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["BORDER", "border_mass", "source_probe", "leakage", "audit_run"]
@@ -98,12 +115,6 @@ def source_probe(
         ``chance_balanced_accuracy`` (1 / number of sources), ``accuracy`` and ``majority_accuracy``
         (always answering the largest source), ``excluded`` — or ``skipped`` with the reason.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     x = np.asarray(feats, dtype=np.float64)
     src = np.asarray([str(s) for s in sources])
     if x.ndim != 2 or len(x) != len(src):
@@ -159,8 +170,6 @@ def leakage(train: Sequence[Sample], evaluated: Sequence[Sample], max_distance: 
 
 
 def _per_source(y: np.ndarray, p: np.ndarray, src: np.ndarray, threshold: float) -> dict[str, Any]:
-    from .metrics import bootstrap_metrics
-
     rows = {}
     for name in ["(all)", *sorted(set(src))]:
         m = np.ones(len(src), dtype=bool) if name == "(all)" else src == name
@@ -188,12 +197,6 @@ def _stratified(indices: np.ndarray, labels: np.ndarray, n: int, rng: np.random.
 def _gradcam_pngs(images: torch.Tensor, cams: np.ndarray, y: np.ndarray, p: np.ndarray, mass: np.ndarray,
                   frame: float, per_row: int = 4) -> tuple[bytes, bytes]:
     """Example overlays (per class: highest frame mass, then random) and the mean map per class."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-    from PIL import Image
-
-    from .explain import overlay_png
-
     def png(fig: Figure) -> bytes:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -252,20 +255,11 @@ def audit_run(
     Returns:
         The dict written to audit.json.
     """
-    from .calibration import covid_probability
-    from .engine import prepare_images
-    from .evaluate import resolve_data
-    from .explain import grad_cam
-    from .models import features, get_spec
-    from .predictor import Predictor
-    from .report import json_safe
-
     predictor = Predictor(run)
     if predictor.model is None:
         raise DataError("the audit needs the PyTorch model; load the run with backend='torch'")
     model, pre, arch = predictor.model, predictor.preprocess, predictor.meta["arch"]
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
-    out = Path(out) if out else run_dir / "audit"
+    out = Path(out) if out else run_dir(run) / "audit"
     own_data = data is None
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples = load_samples(data, splits)
@@ -276,9 +270,7 @@ def audit_run(
     labels = np.array([s.label for s in evaluated])
     chosen = _stratified(np.arange(len(evaluated)), labels, probe_limit, rng)
     part = [evaluated[i] for i in chosen]
-    images, failed = prepare_images(part, pre, cache_dir, desc=f"decoding {split}")
-    ok = np.array([str(s.path) not in {f for f, _ in failed} for s in part])
-    part, images = [s for s, k in zip(part, ok) if k], images[torch.from_numpy(ok)]
+    part, images, failed = readable_images(part, pre, cache_dir, desc=f"decoding {split}")
     y = np.array([s.label for s in part])
     src = np.array([s.source or "(unknown)" for s in part])
     log.info("audit of %s on %s/%s: %d images (%d COVID-19)", run, data, split, len(part), int(y.sum()))
@@ -356,8 +348,10 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _ci(m: dict[str, Any]) -> str:
-    return "n/a" if m["value"] is None else f"{m['value']:.3f} ({_f(m['ci_low'])}–{_f(m['ci_high'])})"
+def _leakage_sentence(leak: dict[str, Any]) -> str:
+    return (f"{leak['train_images']} training vs {leak['evaluated_images']} evaluated images: "
+            f"{len(leak['patients'])} shared patients, {len(leak['near_duplicates'])} near-duplicate pairs "
+            f"(pHash distance <= {leak['max_distance']}).")
 
 
 def summary(report: dict[str, Any]) -> list[str]:
@@ -365,7 +359,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     lines = []
     for name, r in report["per_source"].items():
         if name != "(all)" and r["both_classes"]:
-            lines.append(f"Within {name} (both classes, {r['n']} images) ROC-AUC is {_ci(r['roc_auc'])}.")
+            lines.append(f"Within {name} (both classes, {r['n']} images) ROC-AUC is {format_ci(r['roc_auc'])}.")
     for scope in ("covid", "normal", "all"):
         r = report["source_probe"].get(scope, {})
         if "balanced_accuracy" in r:
@@ -376,9 +370,7 @@ def summary(report: dict[str, Any]) -> list[str]:
     if "skipped" in leak:
         lines.append(f"Leakage check skipped: {leak['skipped']}.")
     else:
-        lines.append(f"Leakage between {leak['train_images']} training and {leak['evaluated_images']} evaluated images: "
-                     f"{len(leak['patients'])} shared patients, {len(leak['near_duplicates'])} near-duplicate pairs "
-                     f"(pHash distance <= {leak['max_distance']}).")
+        lines.append(f"Leakage: {_leakage_sentence(leak)}")
     g = report["gradcam"]
     for c, r in g["by_class"].items():
         if r["border_mass"] is not None:
@@ -398,8 +390,8 @@ def _markdown(r: dict[str, Any]) -> str:
         "Within a source that holds both classes the source cannot give the answer away: that AUC is the fairest "
         "internal number. 95% CIs: 200 bootstrap resamples.", "",
         "| Source | Images | COVID-19 | normal | Sensitivity | Specificity | ROC-AUC |", "|---|---:|---:|---:|---|---|---|",
-        *[f"| {n} | {s['n']} | {s['n_covid']} | {s['n_normal']} | {_ci(s['sensitivity'])} | {_ci(s['specificity'])} | "
-          f"{_ci(s['roc_auc'])} |" for n, s in r["per_source"].items()], "",
+        *[f"| {n} | {s['n']} | {s['n_covid']} | {s['n_normal']} | {format_ci(s['sensitivity'])} | {format_ci(s['specificity'])} | "
+          f"{format_ci(s['roc_auc'])} |" for n, s in r["per_source"].items()], "",
         "## Source probe", "",
         "Cross-validated (5 stratified folds) logistic regression on the pre-logit features, predicting the source. "
         "Within one class (source given label) a score near chance means the features do not encode the hospital; "
@@ -419,9 +411,7 @@ def _markdown(r: dict[str, Any]) -> str:
     if "skipped" in leak:
         lines.append(f"Skipped: {leak['skipped']}.")
     else:
-        lines.append(f"{leak['train_images']} training vs {leak['evaluated_images']} evaluated images: "
-                     f"{len(leak['patients'])} shared patients, {len(leak['near_duplicates'])} near-duplicate pairs "
-                     f"(pHash distance <= {leak['max_distance']}).")
+        lines.append(_leakage_sentence(leak))
         lines += [f"- `{d['train']}` ~ `{d['evaluated']}` (distance {d['distance']})" for d in leak["near_duplicates"][:20]]
         lines += [f"- patient {p}" for p in leak["patients"][:20]]
     g = r["gradcam"]

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike
+from scipy.optimize import minimize_scalar
+from sklearn.calibration import calibration_curve
 
 from .errors import DataError
 from .metrics import choose_threshold
 
 __all__ = [
     "ECE_BINS", "SENSITIVITY_TARGETS", "Calibration", "reliability", "expected_calibration_error", "covid_probability",
-    "nll", "fit_temperature", "calibrate", "calibrate_run",
+    "nll", "fit_temperature", "calibrate",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ def reliability(y_true: ArrayLike, prob: ArrayLike, n_bins: int = ECE_BINS) -> d
         mean predicted P(COVID-19), the observed share of COVID-19 cases and the number of cases;
         ``ece`` is the case-weighted mean of ``|fraction_covid - mean_probability|`` over bins.
     """
-    from sklearn.calibration import calibration_curve
-
     y, p = np.asarray(y_true).ravel().astype(int), np.asarray(prob, dtype=float).ravel()
     if y.size == 0 or y.shape != p.shape:
         raise ValueError(f"y_true and prob must be non-empty and equally long, got {y.size} and {p.size}")
@@ -95,7 +94,7 @@ def _check(logits: ArrayLike, y: ArrayLike | None = None) -> tuple[torch.Tensor,
 def covid_probability(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """P(COVID-19) = softmax(logits / temperature)[:, 1] for logits ``(N, 2)``, as float32.
 
-    The same float32 operations as `covidxray.engine.predict_probs` (what the Predictor serves):
+    The same float32 operations as `covidxray.inference.predict_probs` (what the Predictor serves):
     thresholds are chosen among these values, so a validation case lying exactly on the threshold
     must get bit-for-bit the same probability in serving.
     """
@@ -119,8 +118,6 @@ def fit_temperature(logits: ArrayLike, y: ArrayLike) -> float:
     Returns:
         T in ``T_BOUNDS``; T < 1 sharpens over-cautious probabilities, T > 1 softens over-confident ones.
     """
-    from scipy.optimize import minimize_scalar
-
     z, t = _check(logits, y)
     # NLL is smooth and unimodal in log T for fixed logits, so a bounded scalar search is exact
     # enough and, unlike an LBFGS step size, needs no tuning.
@@ -202,37 +199,3 @@ def calibrate(
         nll_before=nll(z, labels, 1.0), nll_after=nll(z, labels, temperature),
         sensitivity_thresholds={f"{s:.2f}": choose_threshold(labels, p, s) for s in SENSITIVITY_TARGETS},
     )
-
-
-def calibrate_run(
-    run: str | os.PathLike, data: str | None = None, splits: str | None = None, target_sensitivity: float | None = None,
-    threshold: float | None = None, keep_temperature: bool = False, cache_dir: str | None = None,
-) -> Calibration:
-    """Refit the temperature and threshold of a trained run on its validation split; rewrite ``model.json``.
-
-    The weights are not touched (their SHA-256 stays valid); ``model.json`` is replaced atomically.
-    Evaluation reports written before are stale afterwards: evaluate again.
-
-    Args:
-        run: run folder or ``model.json``.
-        data, splits: the data holding the validation split; default: what the run was trained on.
-        target_sensitivity, threshold: threshold rule (see `calibrate`); default Youden's J.
-        keep_temperature: keep the stored temperature and only choose the threshold.
-        cache_dir: decoded-image cache.
-
-    Returns:
-        The new `Calibration`.
-    """
-    from .checkpoint import update_model_meta
-    from .evaluate import predict_split, resolve_data
-    from .predictor import Predictor
-
-    predictor = Predictor(run)
-    data, splits = resolve_data(run, predictor.meta, data, splits)
-    samples, logits, _ = predict_split(predictor, data, splits, "val", cache_dir)
-    cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
-                    predictor.temperature if keep_temperature else None)
-    update_model_meta(run, cal.to_meta())
-    log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
-             cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
-    return cal

@@ -20,15 +20,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from . import DISCLAIMER
+from .audit import summary
 from .checkpoint import read_model_meta
+from .data import load_samples
+from .errors import DataError
+from .metrics import format_ci
 from .utils import atomic_write_text, sha256_file
 
-__all__ = ["write_card", "DISCLAIMER"]
+__all__ = ["write_card", "build_card"]
 
 log = logging.getLogger(__name__)
 
-DISCLAIMER = ("Research software. Not a medical device. Not for diagnosis, triage, screening or any other "
-              "clinical decision.")
 _METRIC_NAMES = {
     "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall, COVID-19)", "specificity": "Specificity",
     "ppv": "PPV (precision, COVID-19)", "npv": "NPV", "f1": "F1 (COVID-19)", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC",
@@ -40,11 +43,7 @@ Block = tuple[str, Any]
 
 
 def _fmt(m: dict[str, Any] | None) -> str:
-    if not m or m.get("value") is None:
-        return "n/a"
-    if m.get("ci_low") is None:
-        return f"{m['value']:.4f}"
-    return f"{m['value']:.4f} ({m['ci_low']:.4f}–{m['ci_high']:.4f})"
+    return format_ci(m, digits=4)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -53,9 +52,6 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def _data_blocks(meta: dict[str, Any]) -> list[Block]:
     """Provenance: sources and counts per split and label, manifest hash, split method."""
-    from .data import load_samples
-    from .errors import DataError
-
     cfg = meta.get("train_config", {})
     data, splits = cfg.get("data"), cfg.get("splits")
     blocks: list[Block] = [("ul", [
@@ -145,8 +141,6 @@ def _operating_blocks(test: dict[str, Any] | None) -> list[Block]:
 
 
 def _audit_blocks(audit: dict[str, Any] | None, audit_dir: Path) -> list[Block]:
-    from .audit import summary
-
     if audit is None:
         return [("p", "No shortcut audit yet: run `covidxray audit RUN`.")]
     probe_rows = []

@@ -17,20 +17,22 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from .errors import CheckpointError
+from .models import build_model
+from .presets import Preprocess
 from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
-    "read_state_header", "resolve_model_path",
+    "read_state_header", "resolve_model_path", "run_dir",
 ]
 
 FORMAT = "covidxray-model/1"
@@ -44,6 +46,12 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses views that share storage; a contiguous copy is a few MB at most.
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def run_dir(path: str | os.PathLike) -> Path:
+    """The run folder of a run folder, ``model.json``, ``model.safetensors`` or ``model.onnx`` path."""
+    path = Path(path)
+    return path if path.is_dir() else path.parent
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -106,10 +114,6 @@ def _validate(meta: Any, p: Path) -> None:
 
 def _validate_preprocess(pre: dict[str, Any], p: Path) -> None:
     """Check the preprocessing contract field by field against `Preprocess`, so it fails on load, not mid-prediction."""
-    from typing import get_type_hints
-
-    from .presets import Preprocess
-
     hints = get_type_hints(Preprocess)
     for key, value in pre.items():
         if key not in hints:
@@ -170,8 +174,6 @@ def update_model_meta(path: str | os.PathLike, changes: dict[str, Any]) -> dict[
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network described by ``model.json`` and load its safetensors weights (eval mode)."""
-    from .models import build_model
-
     meta, p = read_model_meta(path)
     wpath = p.parent / meta.get("weights_file", "model.safetensors")
     try:
@@ -219,8 +221,6 @@ def save_state(
 
 def read_state_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of `save_state`'s file (epoch, config, history, ...), without reading any tensor."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -234,8 +234,6 @@ def read_state_header(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_state(path: str | os.PathLike, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore ``modules`` and the optimizer from `save_state`'s file in place; returns the JSON header."""
-    from safetensors import safe_open
-
     path = Path(path)
     header = read_state_header(path)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import random
@@ -26,10 +27,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import imagehash
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from tqdm import tqdm
 
 from . import CLASS_NAMES
 from .errors import DataError, ImageError
+from .imaging import load_image
+from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "Sample", "parse_label", "read_folder", "read_manifest", "load_samples", "data_fingerprint",
@@ -205,11 +212,6 @@ def _phash_ints(samples: Sequence[Sample], compute: bool = True) -> tuple[np.nda
     Images are decoded by `load_image`, so DICOM files get a hash too and a pipe, a bomb or a
     broken file is refused with the same limits as everywhere else.
     """
-    import imagehash
-    from PIL import Image
-
-    from .imaging import load_image
-
     out = np.zeros(len(samples), dtype=np.uint64)
     known = np.zeros(len(samples), dtype=bool)
     for i, s in enumerate(samples):
@@ -304,8 +306,6 @@ def make_splits(
 
 def write_splits(path: str | os.PathLike, samples: Iterable[Sample]) -> None:
     """Write ``path,split`` rows atomically."""
-    from .utils import atomic_write_text
-
     lines = ["path,split"] + [f"{s.key},{s.split}" for s in samples]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -330,10 +330,6 @@ class CheckResult:
 
 def check_samples(samples: Sequence[Sample], max_distance: int = 4, read_images: bool = True) -> CheckResult:
     """Count images per split x label x source, try to read each one, and look for leakage across splits."""
-    from tqdm import tqdm
-
-    from .imaging import load_image
-
     res = CheckResult(counts=Counter((s.split or "-", s.label_name, s.source or "-") for s in samples))
     if read_images:
         for s in tqdm(samples, desc="reading images", unit="img", leave=False):
@@ -357,11 +353,6 @@ def check_samples(samples: Sequence[Sample], max_distance: int = 4, read_images:
 
 def show_grid(samples: Sequence[Sample], out: str | os.PathLike, per_class: int = 8, seed: int = 0) -> Path:
     """Draw a labelled grid of random X-rays of each class (the reference's sample picture) to a PNG."""
-    from matplotlib.figure import Figure
-
-    from .imaging import load_image
-    from .utils import atomic_write_bytes
-
     rng = random.Random(seed)
     rows = []
     for label in (1, 0):
@@ -382,8 +373,6 @@ def show_grid(samples: Sequence[Sample], out: str | os.PathLike, per_class: int 
             ax.axis("off")
     fig.suptitle("covidxray sample grid (top: COVID-19, the positive class; bottom: normal)", fontsize=10)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     out = Path(out)

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
-    "DistEnv", "get_env", "setup", "teardown", "barrier", "main_first", "all_reduce_sum", "broadcast_object",
+    "DistEnv", "default_device", "seed_everything", "get_env", "setup", "teardown", "barrier", "main_first", "all_reduce_sum", "broadcast_object",
     "wrap", "unwrap", "pad_order", "rank_seed",
 ]
 
@@ -47,6 +50,17 @@ class DistEnv:
         return self.rank == 0
 
 
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
 def get_env() -> DistEnv:
     """Read ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` as set by ``torchrun``; rank 0 of 1 when unset."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,8 +69,8 @@ def get_env() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _device(name: str) -> torch.device:
-    # engine.default_device's rule, repeated here because the engine builds on this module.
+def default_device(name: str = "auto") -> torch.device:
+    """``name`` as a torch device; ``"auto"`` is CUDA when available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
@@ -74,11 +88,9 @@ def setup(device: str = "auto") -> tuple[DistEnv, torch.device]:
         ``(env, device)``.
     """
     env = get_env()
-    dev = _device(device)
+    dev = default_device(device)
     if not env.enabled:
         return env, dev
-    import torch.distributed as dist
-
     if dev.type == "cuda":
         dev = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(dev)
@@ -91,15 +103,11 @@ def setup(device: str = "auto") -> tuple[DistEnv, torch.device]:
 
 
 def _active() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
 def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
-    import torch.distributed as dist
-
     if not _active():
         return
     if dist.get_backend() == "nccl":  # tell NCCL which GPU, else it guesses (and warns)
@@ -114,8 +122,6 @@ def teardown() -> None:
     Call it only on success: a rank that failed must not wait here, or the others would block in
     a collective it never joins; ``torchrun`` stops the job when a rank exits with an error.
     """
-    import torch.distributed as dist
-
     if _active():
         barrier()  # rank 0 may still be writing the final files; nobody exits before it is done
         dist.destroy_process_group()
@@ -133,15 +139,11 @@ def main_first() -> Iterator[None]:
 
 
 def _collective_device() -> torch.device:
-    import torch.distributed as dist
-
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Sum numbers over all ranks (float64); the values themselves when not distributed."""
-    import torch.distributed as dist
-
     if not _active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
@@ -151,8 +153,6 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed)."""
-    import torch.distributed as dist
-
     if not _active():
         return obj
     box = [obj]
@@ -167,8 +167,6 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device, compiled: bool = 
     rank 0's parameters and buffers to the other ranks here.
     """
     if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiled:
         model = torch.compile(model)
@@ -177,8 +175,6 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device, compiled: bool = 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP / `torch.compile` wrappers: its ``state_dict`` has no ``module.`` prefix."""
-    from torch.nn.parallel import DistributedDataParallel
-
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module

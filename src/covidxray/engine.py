@@ -14,183 +14,45 @@ so a run resumed after a crash replays exactly what the uninterrupted run would 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import math
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
-from .checkpoint import load_state, save_model, save_state
+from .calibration import calibrate, covid_probability
+from .checkpoint import load_model, load_state, read_state_header, save_model, save_state
+from .config import TrainConfig
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
-from .errors import CheckpointError, DataError, ImageError
-from .imaging import load_image
+from .errors import CheckpointError, DataError
+from .inference import autocast, predict_logits, predict_probs, readable_images
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
-from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, seed_everything
+from .report import save_predictions_csv
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = [
-    "TrainConfig", "RECIPES", "train", "train_one_epoch", "predict_logits", "predict_probs", "prepare_images",
-    "default_device",
-]
+__all__ = ["AUGMENTS", "train", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; stored in the checkpoint and the resume state."""
-
-    data: str = ""  # folder tree or CSV manifest
-    out: str = "runs/default"  # run directory
-    splits: str | None = None  # CSV path,split; None: use the data's splits or make them
-    recipe: str = "default"  # name of the preset this config started from
-    arch: str = "tf_efficientnet_lite0"  # registry name
-    weights: str | None = "imagenet"  # None/"none", "imagenet" (offline only) or a local file
-    size: int = 192  # input side in pixels
-    equalize: bool = True  # histogram equalisation in preprocessing
-    mask_border: float = 0.0  # fraction of each side blanked before equalisation (0: off); see Preprocess
-    epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.02
-    scheduler: str = "cosine"  # cosine (linear warm-up, cosine decay per step) | step (StepLR per epoch)
-    warmup_epochs: float = 0.3  # cosine only
-    step_size: int = 3  # step only
-    gamma: float = 0.1  # step only
-    label_smoothing: float = 0.1
-    balanced: bool = True  # sample both classes equally often
-    augment: str = "cxr"  # cxr (geometric + resolution + intensity + erasing) | reference | none
-    freeze: bool = True  # freeze the architecture's declared early layers (fast on CPU)
-    ema: float = 0.997  # per-step decay of the weight average that is validated and saved (0: off)
-    patience: int = 3  # stop after this many epochs without a better validation AUC (0: never)
-    target_sensitivity: float | None = None  # threshold rule: None = Youden's J, else min sensitivity
-    seed: int = 0
-    deterministic: bool = False
-    limit: int | None = None  # use at most this many images per split (quick experiments, tests)
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the training model (pays off on GPU for long runs)
-    cache_dir: str | None = None  # decoded-image cache; None: $COVIDXRAY_CACHE or ~/.cache/covidxray
-    eval_batch_size: int = 128
-
-
-RECIPES: dict[str, dict[str, Any]] = {
-    # Fast and accurate on two CPU cores: ImageNet EfficientNet-Lite0 (offline), 192 px, frozen stem, 5 epochs.
-    "default": {},
-    # The project this grew from: ResNet18, 224 px, Adam 1e-3, StepLR(3, 0.1), 15 epochs, flips/rotation.
-    "reference": dict(
-        arch="resnet18", weights="imagenet", size=224, equalize=False, epochs=15, optimizer="adam", lr=1e-3,
-        weight_decay=0.0, scheduler="step", step_size=3, gamma=0.1, label_smoothing=0.0, balanced=False,
-        augment="reference", freeze=False, ema=0.0, patience=0,
-    ),
-    # A from-scratch compact CNN: no pretrained weights needed, trains in minutes.
-    "fast": dict(arch="cxrnet", weights=None, size=128, epochs=12, lr=3e-3, freeze=False, patience=4),
-}
 
 AUGMENTS = {
     "cxr": TrainAugment(),
     "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
                               gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
 }
-
-
-def default_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _cache_root(cfg_dir: str | None) -> Path:
-    return Path(cfg_dir or os.environ.get("COVIDXRAY_CACHE") or Path.home() / ".cache" / "covidxray")
-
-
-def prepare_images(
-    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding"
-) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """Decode and prepare every image once: ``(N, size, size)`` uint8 plus ``(path, reason)`` failures.
-
-    Unreadable images are returned as failures (and their rows are zero); callers drop or report
-    them. Results are cached on disk under a key made of the files (path, size, mtime) and the
-    preprocessing, so changing either decodes again.
-    """
-    def stamp(p: Path) -> list:
-        st = p.stat() if p.is_file() else None
-        return [str(p), st.st_size, st.st_mtime_ns] if st else [str(p)]
-
-    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__, *map(stamp, (s.path for s in samples))]).encode()).hexdigest()[:24]
-    cache = _cache_root(cache_dir) / f"{key}.npz" if cache_dir != "" else None
-    if cache and cache.is_file():
-        try:
-            with np.load(cache) as z:
-                return torch.from_numpy(z["images"]), [tuple(f) for f in json.loads(str(z["failed"]))]
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s", cache)
-    out = np.zeros((len(samples), pre.size, pre.size), dtype=np.uint8)
-    failed: list[tuple[str, str]] = []
-
-    def work(i: int) -> None:
-        try:
-            out[i] = pre.prepare(load_image(samples[i].path))
-        except ImageError as e:
-            failed.append((str(samples[i].path), e.reason))
-
-    # Pillow releases the GIL while decoding, so two threads keep both cores busy.
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        list(tqdm(pool.map(work, range(len(samples))), total=len(samples), desc=desc, unit="img", leave=False,
-                  disable=not distributed.get_env().is_main))
-    if cache:
-        buf = io.BytesIO()
-        np.savez(buf, images=out, failed=np.array(json.dumps(sorted(failed))))
-        atomic_write_bytes(cache, buf.getvalue())
-    return torch.from_numpy(out), sorted(failed)
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, device: torch.device | None = None,
-) -> np.ndarray:
-    """float32 logits ``(N, 2)`` for prepared uint8 images ``(N, S, S)``, in eval mode (the model's mode is restored)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = pre.to_tensor(images[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                out.append(model(x).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, 2), dtype=np.float32)
-
-
-def predict_probs(
-    model: nn.Module, images: torch.Tensor, pre: Preprocess, batch_size: int = 128, temperature: float = 1.0,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """P(covid) for prepared uint8 images ``(N, S, S)`` after temperature scaling (see `predict_logits`)."""
-    logits = torch.from_numpy(predict_logits(model, images, pre, batch_size, device))
-    return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast on GPU; a no-op on CPU, where bf16 convolutions are slower than fp32 here.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _ema_update(decay: float):
@@ -252,7 +114,7 @@ def train_one_epoch(
             x = augment(x, g)
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -308,8 +170,6 @@ def _split(samples: list[Sample], name: str, limit: int | None, seed: int) -> li
 
 
 def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
-    from matplotlib.figure import Figure
-
     atomic_write_json(run / "history.json", history)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -340,38 +200,25 @@ def _model_meta(cfg: TrainConfig, pre: Preprocess, fingerprint: str, epoch: int,
     }
 
 
-def config_for(recipe: str, **overrides: Any) -> TrainConfig:
-    """A `TrainConfig` from a named recipe with ``overrides`` (None values are ignored)."""
-    if recipe not in RECIPES:
-        raise DataError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-    names = {f.name for f in fields(TrainConfig)}
-    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None and k in names}}
-    return TrainConfig(recipe=recipe, **values)
-
-
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the run directory.
 
     Raises:
         DataError: when the data has no training or validation images.
     """
-    from sklearn.metrics import roc_auc_score
-
     run = Path(cfg.out)
     state_path = run / "last.safetensors"
     header: dict[str, Any] | None = None
     if resume:
         if not state_path.is_file():
             raise DataError(f"{run}: nothing to resume (no last.safetensors); start the run without --resume")
-        from .checkpoint import read_state_header
-
         try:
             saved = TrainConfig(**read_state_header(state_path)["config"])
         except (KeyError, TypeError) as e:  # no config, or one from another covidxray version
             raise CheckpointError(f"{state_path}: its training config does not fit this covidxray ({e})") from e
         cfg = replace(saved, out=str(run), epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs)
     run.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed, cfg.deterministic)
+    distributed.seed_everything(cfg.seed, cfg.deterministic)
     dist, device = distributed.setup(cfg.device)  # rank 0 of 1 on default_device(cfg.device) unless started by torchrun
     if cfg.batch_size % dist.world_size:
         raise DataError(f"the batch size ({cfg.batch_size}) is the global batch and must split evenly over "
@@ -390,12 +237,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if not part or len({s.label for s in part}) < 2:
             raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
         with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
-            images, failed = prepare_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
-        for path, reason in failed:
-            log.warning("skipping unreadable image %s: %s", path, reason)
-        bad = {p for p, _ in failed}
-        keep = torch.tensor([str(s.path) not in bad for s in part])
-        parts[name] = (images[keep], torch.tensor([s.label for s in part])[keep], [s for s in part if str(s.path) not in bad])
+            kept, images, _ = readable_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
+        parts[name] = (images, torch.tensor([s.label for s in kept]), kept)
     (xtr, ytr, _), (xva, yva, val_samples) = parts["train"], parts["val"]
     log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
              cfg.arch, len(ytr), int(ytr.sum()), len(yva), int(yva.sum()))
@@ -463,9 +306,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         return run  # what follows is rank 0's alone; distributed.teardown() makes the others wait for it
     # Temperature, then operating threshold on the calibrated probabilities: both fitted on validation
     # predictions of the best model, never on test data.
-    from .calibration import calibrate, covid_probability
-    from .checkpoint import load_model
-
     best, meta = load_model(run)
     logits = predict_logits(best.to(device), xva, pre, cfg.eval_batch_size, device=device)
     cal = calibrate(yva.numpy(), logits, cfg.target_sensitivity)
@@ -474,8 +314,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     for k in ("format", "weights_file", "weights_sha256"):
         meta.pop(k)
     save_model(run, best, meta)
-    from .report import save_predictions_csv
-
     save_predictions_csv(run / "val_predictions.csv", [s.key for s in val_samples], yva.numpy(), p, meta["threshold"],
                          sources=[s.source for s in val_samples])
     log.info("best validation AUC %.4f at epoch %d; temperature %.3f (validation ECE %.4f -> %.4f); threshold %.4f (%s); "

@@ -15,19 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from .calibration import Calibration, calibrate, covid_probability
+from .checkpoint import run_dir, update_model_meta
 from .data import Sample, load_samples
 from .errors import DataError
+from .inference import predict_logits, readable_images
+from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
+from .report import write_report
 
-__all__ = ["evaluate_run", "predict_split", "resolve_data"]
+__all__ = ["evaluate_run", "calibrate_run", "predict_split", "resolve_data"]
 
 log = logging.getLogger(__name__)
-
-
-def _run_dir(run: str | os.PathLike) -> Path:
-    return Path(run) if Path(run).is_dir() else Path(run).parent
 
 
 def resolve_data(
@@ -40,8 +40,8 @@ def resolve_data(
         if not data:
             raise DataError(f"{run}: the checkpoint does not say which data it was trained on; pass --data")
         if splits is None:
-            run_dir = _run_dir(run)
-            splits = cfg.get("splits") or (str(run_dir / "splits.csv") if (run_dir / "splits.csv").is_file() else None)
+            folder = run_dir(run)
+            splits = cfg.get("splits") or (str(folder / "splits.csv") if (folder / "splits.csv").is_file() else None)
     return str(data), splits
 
 
@@ -57,8 +57,6 @@ def predict_split(
     Raises:
         DataError: the split holds no image.
     """
-    from .engine import predict_logits, prepare_images
-
     if predictor.model is None:
         raise DataError("evaluation needs the PyTorch model (logits for calibration); load the run with backend='torch'")
     samples = load_samples(data, splits)
@@ -66,24 +64,16 @@ def predict_split(
         samples = [s for s in samples if s.split == split]
     if not samples:
         raise DataError(f"{data}: no images in split {split!r}")
-    images, failed = prepare_images(samples, predictor.preprocess, cache_dir, desc=f"decoding {split}")
-    for path, reason in failed:
-        log.warning("skipping unreadable image %s: %s", path, reason)
-    bad = {p for p, _ in failed}
-    keep = [i for i, s in enumerate(samples) if str(s.path) not in bad]
-    logits = predict_logits(predictor.model, images[torch.tensor(keep, dtype=torch.long)], predictor.preprocess,
-                            batch_size=64, device=predictor.device)
-    return [samples[i] for i in keep], logits, failed
+    samples, images, failed = readable_images(samples, predictor.preprocess, cache_dir, desc=f"decoding {split}")
+    logits = predict_logits(predictor.model, images, predictor.preprocess, batch_size=64, device=predictor.device)
+    return samples, logits, failed
 
 
 def _internal_reference(
     run: str | os.PathLike, predictor: Predictor, n_boot: int, cache_dir: str | None,
 ) -> dict[str, Any]:
     """The run's internal test metrics for comparison: its stored report if current, else computed now."""
-    from .calibration import covid_probability
-    from .metrics import METRICS, bootstrap_metrics
-
-    stored = _run_dir(run) / "eval-test" / "report.json"
+    stored = run_dir(run) / "eval-test" / "report.json"
     if stored.is_file():
         r = json.loads(stored.read_text())
         # A report written before the last `covidxray calibrate` used another threshold or temperature.
@@ -118,11 +108,8 @@ def evaluate_run(
     Returns:
         The report dict (also written as report.json).
     """
-    from .calibration import covid_probability
-    from .report import write_report
-
     predictor = Predictor(run)
-    run_dir = _run_dir(run)
+    folder = run_dir(run)
     title = f"covidxray evaluation — {predictor.name} on {split} split"
     if external is not None:
         if data is not None or splits is not None:
@@ -130,14 +117,14 @@ def evaluate_run(
         ext = Path(external)
         name = ext.parent.name if ext.is_file() else ext.name  # a manifest is named by its folder
         data, splits, split = str(external), None, "all"
-        out = Path(out) if out else run_dir / f"eval-external-{name}"
+        out = Path(out) if out else folder / f"eval-external-{name}"
         title = f"covidxray external evaluation — {predictor.name} on {name}"
     else:
         data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, failed = predict_split(predictor, data, splits, split, cache_dir)
     internal = _internal_reference(run, predictor, n_boot, cache_dir) if external is not None else None
     probs = covid_probability(logits, predictor.temperature)
-    out = Path(out) if out else run_dir / f"eval-{split}"
+    out = Path(out) if out else folder / f"eval-{split}"
     has_sources = any(s.source for s in samples)
     meta = {
         "model": predictor.name, "checkpoint": str(run), "data": str(data), "splits": splits,
@@ -152,3 +139,33 @@ def evaluate_run(
         temperature=predictor.temperature, prob_uncalibrated=covid_probability(logits, 1.0),
         named_thresholds=val_points, internal=internal,
     )
+
+
+def calibrate_run(
+    run: str | os.PathLike, data: str | None = None, splits: str | None = None, target_sensitivity: float | None = None,
+    threshold: float | None = None, keep_temperature: bool = False, cache_dir: str | None = None,
+) -> Calibration:
+    """Refit the temperature and threshold of a trained run on its validation split; rewrite ``model.json``.
+
+    The weights are not touched (their SHA-256 stays valid); ``model.json`` is replaced atomically.
+    Evaluation reports written before are stale afterwards: evaluate again.
+
+    Args:
+        run: run folder or ``model.json``.
+        data, splits: the data holding the validation split; default: what the run was trained on.
+        target_sensitivity, threshold: threshold rule (see `calibrate`); default Youden's J.
+        keep_temperature: keep the stored temperature and only choose the threshold.
+        cache_dir: decoded-image cache.
+
+    Returns:
+        The new `Calibration`.
+    """
+    predictor = Predictor(run)
+    data, splits = resolve_data(run, predictor.meta, data, splits)
+    samples, logits, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
+                    predictor.temperature if keep_temperature else None)
+    update_model_meta(run, cal.to_meta())
+    log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
+             cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
+    return cal

@@ -24,8 +24,9 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
+import matplotlib  # only the colormap registry: no pyplot, no figure state
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,11 +35,10 @@ from torch import nn
 
 from .errors import CheckpointError, ImageError
 from .imaging import load_image
+from .inference import autocast
 from .models import get_spec
+from .predictor import Predictor
 from .utils import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from .predictor import Predictor
 
 __all__ = ["grad_cam", "explain", "overlay_png", "explain_files"]
 
@@ -99,13 +99,11 @@ def explain(predictor: Predictor, image: np.ndarray) -> tuple[float, np.ndarray]
     """
     if predictor.model is None:
         raise CheckpointError("Grad-CAM needs the PyTorch model; load the predictor with backend='torch'")
-    from .engine import _autocast  # the same precision as `predict_probs`, so the probabilities agree
-
     pre = predictor.preprocess
     x = pre.to_tensor(torch.from_numpy(pre.prepare(image))[None]).to(predictor.device)
     x = x.contiguous(memory_format=torch.channels_last)  # as `predict_probs` feeds the model
     layer = get_spec(predictor.meta["arch"]).cam_layer
-    with _autocast(predictor.device):
+    with autocast(predictor.device):  # the same precision as `predict_probs`, so the probabilities agree
         cams, logits = _cam_and_logits(predictor.model, x, layer, COVID)
     prob = float(torch.softmax(logits.float() / predictor.temperature, dim=1)[0, COVID])
     # Straight from the coarse grid to H x W: one interpolation, not two.
@@ -128,8 +126,6 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str | None = None, al
     Raises:
         ValueError: ``cam`` and ``image`` differ in shape.
     """
-    import matplotlib  # only the colormap registry: no pyplot, no figure state
-
     if image.shape != cam.shape or image.ndim != 2:
         raise ValueError(f"overlay needs a 2-D image and a map of the same shape, got {image.shape} and {cam.shape}")
     to_u8 = lambda a: (np.clip(np.nan_to_num(a), 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
@@ -170,7 +166,7 @@ def explain_files(predictor: Predictor, paths: Iterable[str | os.PathLike], out_
             results.append({"path": str(path), "error": str(e)})
             continue
         prob, cam = explain(predictor, image)
-        answer = predictor._answer(str(path), prob)  # the one rule for label vs threshold
+        answer = predictor.decide(str(path), prob)
         stem = _unique_stem(Path(path).stem, used)
         png, npy = out / f"{stem}_gradcam.png", out / f"{stem}_gradcam.npy"
         title = f"{Path(path).name}: P(covid)={prob:.3f} -> {answer.label} (threshold {answer.threshold:.3f})"

@@ -28,7 +28,7 @@ from .errors import DataError
 
 __all__ = [
     "METRICS", "COUNTS", "DEFAULT_THRESHOLDS",
-    "point_metrics", "bootstrap_metrics", "choose_threshold", "operating_points",
+    "point_metrics", "bootstrap_metrics", "choose_threshold", "operating_points", "format_ci",
 ]
 
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc")
@@ -204,3 +204,16 @@ def operating_points(
         m = _threshold_metrics(y, p, t)
         points.append({"threshold": float(t), **{k: m[k] for k in keys}})
     return points
+
+
+def format_ci(m: dict[str, Any] | None, digits: int = 3) -> str:
+    """``"0.950 (0.930–0.960)"`` for a ``{"value", "ci_low", "ci_high"}`` metric; ``"n/a"`` when undefined.
+
+    A metric without an interval (``ci_low`` None, e.g. a point value) prints as the value alone.
+    """
+    if not m or m.get("value") is None:
+        return "n/a"
+    if m.get("ci_low") is None or m.get("ci_high") is None:
+        return f"{m['value']:.{digits}f}"
+    return f"{m['value']:.{digits}f} ({m['ci_low']:.{digits}f}–{m['ci_high']:.{digits}f})"
+

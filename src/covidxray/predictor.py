@@ -8,24 +8,28 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import load_model
+from .checkpoint import load_model, read_model_meta
+from .distributed import default_device
 from .errors import CheckpointError, ImageError
 from .imaging import load_image
+from .inference import predict_probs
 from .presets import Preprocess
 
-__all__ = [
-    "Prediction", "Predictor", "default_model_path", "read_path_manifest", "part_file", "read_predictions", "PartWriter",
-    "merge_predictions", "remove_parts",
-]
+__all__ = ["Prediction", "Predictor", "default_model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ class Predictor:
     def __init__(
         self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "torch",
     ):
-        from .engine import default_device
-
         path = Path(model) if model else default_model_path()
         if model is None and not path.exists():
             raise CheckpointError(
@@ -95,8 +97,6 @@ class Predictor:
     def predict_prepared(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
         if self.session is None:
-            from .engine import predict_probs
-
             return predict_probs(self.model, images, self.preprocess, batch_size, self.temperature, self.device)
         probs = []
         for start in range(0, len(images), batch_size):
@@ -105,35 +105,27 @@ class Predictor:
             probs.append(torch.softmax(logits / self.temperature, dim=1)[:, 1])
         return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
 
-    def predict(
-        self, source: str | os.PathLike | bytes | np.ndarray, explain: bool = False, name: str | None = None,
-    ) -> Prediction | tuple[Prediction, np.ndarray]:
+    def predict(self, source: str | os.PathLike | bytes | np.ndarray, name: str | None = None) -> Prediction:
         """Classify one image given as a path, raw bytes or a decoded array.
 
         Args:
             source: image file path, file bytes (``name`` labels them in errors) or a float image in [0, 1].
-            explain: also return the COVID-19 Grad-CAM map (``H x W`` in [0, 1], torch backend only).
+            name: what to call ``source`` in the answer and in errors (default: the path, ``<upload>``
+                for bytes, ``<array>`` for an array).
 
         Returns:
-            The `Prediction`, or ``(prediction, cam)`` with ``explain=True``.
+            The `Prediction`. (For a Grad-CAM map as well, use `covidxray.explain.explain`.)
         """
         if isinstance(source, np.ndarray):
-            image, label = source, name or "<array>"
-        elif isinstance(source, (bytes, bytearray)):
-            image, label = load_image(source, name=name or "<upload>"), name or "<upload>"
-        else:
-            image, label = load_image(source), str(source)
-        if not explain:
-            return self.predict_array(image, label)
-        from .explain import explain as grad_cam_explain
-
-        prob, cam = grad_cam_explain(self, image)
-        return self._answer(label, prob), cam
+            return self.predict_array(source, name or "<array>")
+        if isinstance(source, (bytes, bytearray)):
+            return self.predict_bytes(bytes(source), name or "<upload>")
+        return self.predict_array(load_image(source), name or str(source))
 
     def predict_array(self, image: np.ndarray, name: str = "<array>") -> Prediction:
         """Classify one decoded grayscale image (float in [0, 1])."""
         prob = float(self.predict_prepared(torch.from_numpy(self.preprocess.prepare(image))[None])[0])
-        return self._answer(name, prob)
+        return self.decide(name, prob)
 
     def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
         """Classify the raw bytes of an image file (PNG, JPEG, DICOM, ...). Raises `ImageError`."""
@@ -152,10 +144,6 @@ class Predictor:
         the model runs; with ``workers > 0`` a DataLoader with that many processes does, for large
         runs on machines with cores to spare.
         """
-        from concurrent.futures import ThreadPoolExecutor
-        from functools import partial
-        from itertools import islice
-
         prepare = partial(_prepare, self.preprocess)
 
         def classify(batch: list[tuple[str, np.ndarray | ImageError]]) -> Iterator[Prediction | ImageError]:
@@ -163,11 +151,9 @@ class Predictor:
             probs = self.predict_prepared(torch.from_numpy(np.stack([img for _, img in good]))) if good else []
             by_index = {i: float(p) for (i, _), p in zip(good, probs)}
             for i, (name, img) in enumerate(batch):
-                yield img if isinstance(img, ImageError) else self._answer(name, by_index[i])
+                yield img if isinstance(img, ImageError) else self.decide(name, by_index[i])
 
         if workers > 0:
-            from torch.utils.data import DataLoader
-
             loader = DataLoader(_PreparedFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
                                 collate_fn=list)
             for batch in loader:
@@ -182,7 +168,11 @@ class Predictor:
                 pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
                 yield from classify(batch)
 
-    def _answer(self, name: str, prob: float) -> Prediction:
+    def decide(self, name: str, prob: float) -> Prediction:
+        """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
+
+        The one rule for label versus threshold; every surface (CLI, API, Grad-CAM) goes through it.
+        """
         return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
 
 
@@ -194,7 +184,7 @@ def _prepare(preprocess: Preprocess, path: str | os.PathLike) -> tuple[str, np.n
         return str(path), e
 
 
-class _PreparedFiles(torch.utils.data.Dataset):
+class _PreparedFiles(Dataset):
     """Image files as `_prepare` results, for DataLoader worker processes."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess):
@@ -215,11 +205,7 @@ def _onnx_file(path: Path) -> Path | None:
 
 def _onnx_session(onnx_file: Path, threads: int | None):
     """An ONNX Runtime session for ``onnx_file`` and its validated JSON contract (hash checked)."""
-    import hashlib
-
-    import onnxruntime as ort
-
-    from .checkpoint import read_model_meta
+    import onnxruntime as ort  # heavy and only needed for the ONNX backend
 
     meta, _ = read_model_meta(onnx_file.with_suffix(".json"))
     blob = onnx_file.read_bytes()
@@ -229,159 +215,3 @@ def _onnx_session(onnx_file: Path, threads: int | None):
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"]), meta
-
-
-def expand_inputs(items: Sequence[str]) -> list[Path]:
-    """Files, folders (recursively, hidden files skipped) and glob patterns -> sorted file list."""
-    import glob
-
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        try:
-            is_dir, exists = p.is_dir(), p.exists()
-        except OSError:  # e.g. a name too long for the file system: the loader reports it by name
-            is_dir, exists = False, False
-        if is_dir:
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif any(c in item for c in "*?[") and not exists:
-            out += sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-        else:
-            out.append(p)  # missing files are reported by the loader, by name
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Predictions to CSV at scale: one append-only part file per process, resumable, merged in input order
-
-CSV_FIELDS = ("path", "label", "probability", "threshold")
-
-
-def read_path_manifest(csv_path: str | os.PathLike) -> list[Path]:
-    """Image paths from a CSV with a ``path`` column (labels and other columns are ignored).
-
-    Relative paths are resolved against the CSV's folder, as in a training manifest.
-
-    Raises:
-        DataError: the file cannot be read or has no ``path`` column.
-    """
-    import csv
-
-    from .errors import DataError
-
-    csv_path = Path(csv_path)
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if "path" not in (reader.fieldnames or []):
-                raise DataError(f"{csv_path}: a manifest for predict needs a header with a 'path' column")
-            base = csv_path.resolve().parent
-            return [p if p.is_absolute() else base / p for p in (Path(row["path"]) for row in reader if row["path"])]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot read manifest: {e}") from e
-
-
-def part_file(out: str | os.PathLike, rank: int) -> Path:
-    """``OUT.partN``: where process ``rank`` collects its rows before they are merged into ``out``."""
-    out = Path(out)
-    return out.with_name(f"{out.name}.part{rank}")
-
-
-def _part_files(out: Path) -> dict[int, Path]:
-    """Existing ``OUT.partN`` files by ``N``."""
-    prefix = f"{out.name}.part"
-    if not out.parent.is_dir():
-        return {}
-    return {int(p.name[len(prefix):]): p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()}
-
-
-def _complete_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a prediction CSV; a torn last row (a crash mid-write leaves no final newline) is dropped."""
-    import csv
-    import io
-
-    text = path.read_text(encoding="utf-8")
-    rows = [r for r in csv.DictReader(io.StringIO(text)) if r.get("path")]
-    return rows[:-1] if rows and not text.endswith("\n") else rows
-
-
-def read_predictions(out: str | os.PathLike, include_out: bool = True) -> dict[str, dict[str, str]]:
-    """Rows already written for ``out`` (``out`` itself and every ``OUT.partN``), by path."""
-    out = Path(out)
-    done: dict[str, dict[str, str]] = {}
-    for f in ([out] if include_out and out.is_file() else []) + [f for _, f in sorted(_part_files(out).items())]:
-        done.update((r["path"], r) for r in _complete_rows(f))
-    return done
-
-
-class PartWriter:
-    """Append predictions to ``OUT.partN`` as CSV rows, flushed every ``flush_every`` rows.
-
-    A crash loses at most the unflushed rows, and a torn last row is ignored on reading. With
-    ``resume`` the complete rows of an existing part file are kept (rewritten atomically without
-    the torn row) and new rows are appended; otherwise the file starts empty.
-    """
-
-    def __init__(self, out: str | os.PathLike, rank: int, resume: bool = False, flush_every: int = 32):
-        import csv
-        import io
-
-        from .utils import atomic_write_text
-
-        self.path = part_file(out, rank)
-        keep = _complete_rows(self.path) if resume and self.path.is_file() else []
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(keep)
-        atomic_write_text(self.path, buf.getvalue())
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
-        self._flush_every, self._pending = flush_every, 0
-
-    def write(self, prediction: Prediction) -> None:
-        self._writer.writerow(prediction.to_dict())
-        self._pending += 1
-        if self._pending >= self._flush_every:
-            self._file.flush()
-            self._pending = 0
-
-    def close(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-
-
-def merge_predictions(out: str | os.PathLike, paths: Sequence[str | os.PathLike], resume: bool = False) -> int:
-    """Write ``out`` atomically from the part files, one row per input path in input order, then delete the parts.
-
-    Args:
-        out: the CSV to write.
-        paths: all inputs of the run, in order; paths without a prediction (unreadable files) are left out.
-        resume: also keep the rows of an existing ``out``.
-
-    Returns:
-        The number of rows written.
-    """
-    import csv
-    import io
-
-    from .utils import atomic_write_text
-
-    out = Path(out)
-    done = read_predictions(out, include_out=resume)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
-    w.writeheader()
-    rows = [done[str(p)] for p in paths if str(p) in done]
-    w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
-    atomic_write_text(out, buf.getvalue())
-    remove_parts(out)
-    return len(rows)
-
-
-def remove_parts(out: str | os.PathLike, first: int = 0) -> None:
-    """Delete ``OUT.partN`` for every ``N >= first`` (left by an earlier, larger or crashed run)."""
-    for n, f in _part_files(Path(out)).items():
-        if n >= first:
-            f.unlink(missing_ok=True)

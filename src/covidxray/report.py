@@ -22,7 +22,7 @@ from sklearn.metrics import brier_score_loss, precision_recall_curve, roc_curve
 
 from . import POSITIVE_CLASS
 from .calibration import reliability
-from .metrics import COUNTS, METRICS, bootstrap_metrics, operating_points
+from .metrics import COUNTS, METRICS, bootstrap_metrics, format_ci, operating_points
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["write_report", "save_predictions_csv", "json_safe"]
@@ -157,10 +157,6 @@ def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
-def _with_ci(m: dict[str, float | None]) -> str:
-    return "n/a" if m["value"] is None else f"{m['value']:.3f} ({_fmt(m['ci_low'])} – {_fmt(m['ci_high'])})"
-
-
 def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
     meta = report["meta"] or {}
     m, c = report["metrics"], report["confusion"]
@@ -184,7 +180,7 @@ def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
                   "| Source | n | COVID-19 | normal | " + " | ".join(_NAMES[k] for k in cols) + " |",
                   "|---|---:|---:|---:|" + "---|" * len(cols)]
         for name, s in report["per_source"].items():
-            cells = " | ".join(_with_ci(s["metrics"][k]) for k in cols)
+            cells = " | ".join(format_ci(s["metrics"][k]) for k in cols)
             lines.append(f"| {name} | {s['n']} | {s['n_covid']} | {s['n_normal']} | {cells} |")
         lines.append("")
     if report.get("internal"):
@@ -194,7 +190,7 @@ def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
                   "Gap = external - internal; a large drop means the model learned something about its training "
                   "sources that other hospitals' films do not share.", "",
                   "| Metric | Internal (test) | External | Gap |", "|---|---|---|---:|",
-                  *[f"| {_NAMES[k]} | {_with_ci(ref['metrics'][k])} | {_with_ci(m[k])} | {_signed(report['gap'][k])} |"
+                  *[f"| {_NAMES[k]} | {format_ci(ref['metrics'][k])} | {format_ci(m[k])} | {_signed(report['gap'][k])} |"
                     for k in METRICS], ""]
     cal = report["calibration"]
     before = cal.get("uncalibrated")

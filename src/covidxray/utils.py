@@ -1,18 +1,15 @@
-"""Small helpers shared by every stage: atomic file writes, seeding, hashing."""
+"""Small helpers shared by every stage: atomic file writes and hashing (no torch here)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "seed_everything", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -44,19 +41,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON; NaN/inf are refused (they are not JSON)."""
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,195 @@
+"""Commands that classify: ``predict``, ``explain``, ``demo``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from itertools import zip_longest
+from pathlib import Path
+
+from .. import DISCLAIMER
+from ..errors import CovidXrayError
+
+__all__ = ["register"]
+
+log = logging.getLogger("covidxray")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the classifying commands to the top-level subparsers."""
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+
+    pr = sub.add_parser("predict", parents=[model],
+                        help="classify X-rays (files, folders, globs) as COVID-19 positive or negative")
+    pr.add_argument("inputs", nargs="*", metavar="PATH", help="image files, folders or globs")
+    pr.add_argument("--manifest", metavar="CSV", help="also classify the images listed in this CSV's 'path' column")
+    pr.add_argument("--format", choices=["table", "json"], default="table")
+    pr.add_argument("--out", help="also write predictions to this CSV")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    pr.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
+                    help="torch (default), onnx (needs `covidxray export`), auto (onnx when the file exists)")
+    pr.add_argument("--workers", type=int, default=0,
+                    help="DataLoader processes decoding images (default 0: two threads in this process)")
+    pr.add_argument("--resume", action="store_true",
+                    help="skip inputs that already have a row in --out or its FILE.partN files (after a crash)")
+    pr.set_defaults(func=cmd_predict)
+
+    xp = sub.add_parser("explain", parents=[model], help="Grad-CAM: where the model looked (overlay PNG + raw .npy per image)")
+    xp.add_argument("inputs", nargs="+", metavar="IMAGE")
+    xp.add_argument("--out", required=True, help="output folder")
+    xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    xp.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", parents=[model], help="classify a few held-out X-rays with the bundled model")
+    d.add_argument("-n", type=int, default=8, help="number of images (half COVID-19, half normal)")
+    d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser("serve", help="REST API and web page (http://127.0.0.1:8000/ by default)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model", help="run folder, model.json or .onnx (default: the bundled model)")
+    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                    help="auto (default: onnx when model.onnx exists), torch or onnx")
+    sv.add_argument("--max-upload-mb", type=float, help="largest accepted file (default $COVIDXRAY_MAX_UPLOAD_MB or 20)")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds per image before the answer is 504 (default 30)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow browser calls from this origin (repeatable; default: none)")
+    sv.add_argument("--threads", type=int, help="model intra-op threads (default: the library's; 1 is faster on a busy machine)")
+    sv.set_defaults(func=cmd_serve)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..batch import PartWriter, expand_inputs, merge_predictions, read_path_manifest, read_predictions, remove_parts
+    from ..errors import ImageError
+    from ..predictor import Predictor
+
+    if not args.inputs and not args.manifest:
+        raise CovidXrayError("predict needs image files, folders or globs, or --manifest CSV")
+    paths = expand_inputs(args.inputs) + (read_path_manifest(args.manifest) if args.manifest else [])
+    if not paths:
+        raise CovidXrayError(f"no files found for {' '.join(args.inputs) or args.manifest}")
+    dist, device = distributed.setup(args.device)  # rank 0 of 1 unless started by torchrun
+    if (args.resume or dist.enabled) and not args.out:
+        raise CovidXrayError("--resume and torchrun runs need --out FILE.csv (rows are collected in FILE.csv.partN first)")
+    predictor = Predictor(args.model, device=str(device), backend=args.backend)
+    mine = paths[dist.rank::dist.world_size]  # each process takes every world_size-th input
+    writer = None
+    if args.out:
+        if args.resume:
+            done = read_predictions(args.out)
+            log.info("resuming: %d of %d inputs already predicted", sum(str(p) in done for p in paths), len(paths))
+            mine = [p for p in mine if str(p) not in done]
+        distributed.barrier()  # every rank has read the old part files before any rank rewrites its own
+        if dist.is_main and not args.resume:
+            remove_parts(args.out, first=dist.world_size)  # left by an earlier run with more processes
+        writer = PartWriter(args.out, dist.rank, resume=args.resume, flush_every=args.batch_size)
+    echo = not dist.enabled  # under torchrun the merged --out is the output: ranks would interleave on stdout
+    failed = 0
+    try:
+        for result in predictor.predict_paths(mine, batch_size=args.batch_size, workers=args.workers):
+            if isinstance(result, ImageError):
+                failed += 1
+                print(f"error: {result}", file=sys.stderr)
+                if args.format == "json" and echo:
+                    print(json.dumps({"path": result.source, "error": result.reason}))
+                continue
+            if writer is not None:
+                writer.write(result)
+            if args.format == "json" and echo:
+                print(json.dumps(result.to_dict()))
+            elif not args.out:
+                verdict = "COVID-19 positive" if result.label == "covid" else "negative (normal)"
+                print(f"{result.path}\t{result.label}\tP(covid)={result.probability:.4f}\t{verdict}")
+    finally:
+        if writer is not None:
+            writer.close()  # what was predicted so far stays on disk for --resume
+    failed = distributed.all_reduce_sum([failed])[0]
+    if args.out:
+        distributed.barrier()  # every part file is complete
+        if dist.is_main:
+            n = merge_predictions(args.out, paths, resume=args.resume)
+            print(f"wrote {n} predictions to {args.out}")
+    if args.format == "table" and dist.is_main:
+        print(f"# model {predictor.name}, threshold {predictor.threshold:.4f}; positive class: COVID-19. {DISCLAIMER}",
+              file=sys.stderr)
+    return 2 if failed else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ..batch import expand_inputs
+    from ..explain import explain_files
+    from ..predictor import Predictor
+
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
+    results = explain_files(Predictor(args.model, device=args.device), paths, args.out)
+    failed = 0
+    for r in results:
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}\t{r['label']}\tP(covid)={r['probability']:.4f}\t-> {r['overlay']}")
+    return 2 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Classify a few held-out X-rays of the shared data set with the bundled model."""
+    from ..data import load_samples
+    from ..errors import ImageError
+    from ..predictor import Predictor
+
+    predictor = Predictor(args.model)
+    root = Path(os.environ.get("COVIDXRAY_DATA", Path(__file__).resolve().parents[4] / "shared" / "datasets" / "covid-cxr"))
+    print(f"model: {predictor.name}, threshold {predictor.threshold:.3f} (positive class: COVID-19)")
+    if not (root / "manifest.csv").is_file():
+        print(f"no demo images ({root}/manifest.csv missing); try: covidxray predict YOUR_XRAY.png")
+        return 0
+    split_file = Path(__file__).resolve().parents[3] / "splits" / "covid-cxr.csv"
+    samples = [s for s in load_samples(root / "manifest.csv", split_file if split_file.is_file() else None) if s.split in ("test", "")]
+    def round_robin(label: int, n: int) -> list:  # alternate sources so one collection does not fill the demo
+        by_source: dict[str, list] = {}
+        for s in samples:
+            if s.label == label:
+                by_source.setdefault(s.source, []).append(s)
+        mixed = [s for group in zip_longest(*by_source.values()) for s in group if s is not None]
+        return mixed[:n]
+
+    picks = round_robin(1, args.n // 2) + round_robin(0, args.n - args.n // 2)
+    right = 0
+    for s, r in zip(picks, predictor.predict_paths([s.path for s in picks])):
+        if isinstance(r, ImageError):
+            print(f"error: {r}")
+            continue
+        right += r.label == s.label_name
+        print(f"{s.key:45s} truth {s.label_name:6s} -> {r.label:6s} P(covid)={r.probability:.3f}")
+    print(f"{right}/{len(picks)} correct on held-out test images. {DISCLAIMER}")
+    print("Next: covidxray predict IMAGE.png | covidxray evaluate RUN | covidxray train --data DATA --out RUN")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the REST API and the web page with uvicorn until Ctrl-C."""
+    import uvicorn
+
+    from ..predictor import Predictor
+    from ..server import create_app, limit_malloc_arenas
+
+    limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
+    # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
+    predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
+    max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
+    app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
+                     cors_origins=args.cors_origin)
+    print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
+          f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
+    # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+    return 0

@@ -1,0 +1,159 @@
+"""Commands on a training run: ``train``, ``evaluate``, ``calibrate``, ``audit``, ``export``, ``card``.
+
+The train flags are derived from `TrainConfig`'s fields (type, choices and help from the field),
+so every field has exactly one flag and a misspelt one cannot exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, fields
+
+from ..config import RECIPES, TrainConfig, config_for
+from ..errors import CovidXrayError
+
+__all__ = ["register", "train_flags"]
+
+
+def train_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` option per `TrainConfig` field, default None (None: the recipe's value)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "recipe":
+            continue  # its own flag, with the recipe names as choices
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        default = "" if f.default in (MISSING, None, "") else f" (default recipe: {f.default})"
+        options: dict = {"help": f.metadata["help"] + default, "default": None, "dest": f.name}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = kind
+            if "choices" in f.metadata:
+                options["choices"] = f.metadata["choices"]
+            else:
+                options["metavar"] = f.name.upper()
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
+
+
+def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data: argparse.ArgumentParser) -> None:
+    """Add the run commands; ``run`` and ``data`` are the shared parent parsers (run folder; data, splits, cache)."""
+    t = sub.add_parser("train", help="train a model (writes checkpoint, history, curves)")
+    t.add_argument("--recipe", default="default", choices=sorted(RECIPES), help="preset the flags start from (default: default)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (with --epochs: train longer)")
+    train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    split = argparse.ArgumentParser(add_help=False)
+    split.add_argument("--split", default="test", help="which split (default test; 'all' for every image)")
+
+    e = sub.add_parser("evaluate", parents=[run, data, split],
+                       help="evaluate a run on a split: metrics with 95%% CIs, plots, report")
+    e.add_argument("--out", help="report folder (default RUN/eval-SPLIT)")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    e.add_argument("--external", metavar="DATA",
+                   help="labelled data from elsewhere (folder tree or manifest): every image is evaluated and compared "
+                        "with the run's internal test metrics (report in RUN/eval-external-NAME)")
+    e.set_defaults(func=cmd_evaluate)
+
+    ca = sub.add_parser("calibrate", parents=[run, data],
+                        help="refit temperature and threshold on the validation split; rewrite model.json")
+    rule = ca.add_mutually_exclusive_group()
+    rule.add_argument("--target-sensitivity", type=float, help="highest threshold reaching this validation sensitivity")
+    rule.add_argument("--threshold", type=float, help="use this threshold as it is")
+    ca.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature; only choose the threshold")
+    ca.set_defaults(func=cmd_calibrate)
+
+    au = sub.add_parser("audit", parents=[run, data, split],
+                        help="shortcut audit: per-source metrics, source probe, leakage, Grad-CAM location")
+    au.add_argument("--out", help="output folder (default RUN/audit)")
+    au.add_argument("--limit", type=int, default=400, help="images explained with Grad-CAM (default 400)")
+    au.add_argument("--probe-limit", type=int, default=2000, help="images for the source probe and per-source metrics")
+    au.set_defaults(func=cmd_audit)
+
+    ex = sub.add_parser("export", parents=[run], help="export a model to ONNX (with its preprocessing contract as JSON)")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write (OUT.json is written beside it)")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.set_defaults(func=cmd_export)
+
+    cd = sub.add_parser("card", parents=[run],
+                        help="write MODEL_CARD.md and .html for a run from its checkpoint, reports and audit")
+    cd.add_argument("--out", help="default RUN/MODEL_CARD.md (the .html is written beside it)")
+    cd.add_argument("--external", action="append", default=[], metavar="REPORT_DIR",
+                    help="also report this external evaluation folder (default: every RUN/eval-external-*)")
+    cd.set_defaults(func=cmd_card)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..engine import train
+
+    if args.resume:
+        run = train(TrainConfig(out=args.resume, epochs=args.epochs or 0), resume=True)
+    else:
+        if not args.data:
+            raise CovidXrayError("train needs --data (a folder tree or a CSV manifest), or --resume RUN_DIR")
+        run = train(config_for(args.recipe, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "recipe"}))
+    if distributed.get_env().is_main:
+        print(f"run written to {run} (model.json, model.safetensors, history.csv, curves.png)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate_run
+    from ..metrics import format_ci
+
+    report = evaluate_run(args.run, data=args.data, splits=args.splits, split=args.split, out=args.out,
+                          n_boot=args.bootstrap, cache_dir=args.cache_dir, external=args.external)
+    print(f"positive class: COVID-19 — {report['n']} images, threshold {report['threshold']:.4f}; value (95% CI)")
+    for name, v in report["metrics"].items():
+        gap = f"  gap vs internal test {report['gap'][name]:+.4f}" if report.get("gap", {}).get(name) is not None else ""
+        print(f"  {name:12s} {format_ci(v, digits=4)}{gap}")
+    cal = report["calibration"]
+    before = f"{cal['uncalibrated']['ece']:.4f} at T=1, " if "uncalibrated" in cal else ""
+    print(f"  calibration  ECE {before}{cal['ece']:.4f} at T={cal['temperature']:.3f}")
+    print(f"report written to {report['meta']['out']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ..evaluate import calibrate_run
+
+    cal = calibrate_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
+                        threshold=args.threshold, keep_temperature=args.keep_temperature, cache_dir=args.cache_dir)
+    print(f"temperature {cal.temperature:.4f}: validation ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}, "
+          f"NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f} ({cal.n} images)")
+    print(f"threshold {cal.threshold:.4f}: {cal.threshold_rule}")
+    print("validation thresholds for sensitivity " + ", ".join(f">= {k}: {v:.4f}" for k, v in cal.sensitivity_thresholds.items()))
+    print(f"rewrote {args.run} model.json (weights unchanged); evaluate again: earlier reports used the old values")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ..audit import audit_run, summary
+    from ..checkpoint import run_dir
+
+    report = audit_run(args.run, data=args.data, splits=args.splits, split=args.split, out=args.out, limit=args.limit,
+                       probe_limit=args.probe_limit, cache_dir=args.cache_dir)
+    print("\n".join(f"- {line}" for line in summary(report)))
+    print(f"audit written to {args.out or run_dir(args.run) / 'audit'} (audit.md, audit.json, PNGs)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+
+    out = export_onnx(args.run, args.onnx, opset=args.opset)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from ..card import write_card
+
+    md, html = write_card(args.run, args.out, external=args.external)
+    print(f"wrote {md} and {html}")
+    return 0

@@ -1,0 +1,100 @@
+"""Training configuration: `TrainConfig`, the named `RECIPES` and `config_for`.
+
+This module imports nothing heavier than the standard library, so the command line can build
+its parser (one flag per `TrainConfig` field, help text from the field's metadata) without
+loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import DataError
+
+__all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for"]
+
+# The model registry's names (`covidxray.models.REGISTRY`; a test keeps the two equal). Listed here
+# so that `covidxray train --help` can offer them without importing torch.
+ARCHITECTURES = (
+    "tf_efficientnet_lite0", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
+    "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
+)
+AUGMENT_NAMES = ("cxr", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
+
+
+def _f(default: Any, help: str, **argparse_options: Any) -> Any:
+    """A dataclass field whose metadata carries its command-line help (and argparse options such as ``choices``)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint and the resume state."""
+
+    data: str = _f("", "folder tree or CSV manifest")
+    out: str = _f("runs/default", "run directory")
+    splits: str | None = _f(None, "split CSV (default: the data's own split, else one is made)")
+    recipe: str = _f("default", "preset this config starts from")
+    arch: str = _f("tf_efficientnet_lite0", "architecture (model registry name)", choices=ARCHITECTURES)
+    weights: str | None = _f("imagenet", "'imagenet' (offline sources only), 'none', or a local weights file")
+    size: int = _f(192, "input side in pixels")
+    equalize: bool = _f(True, "histogram equalisation in preprocessing")
+    mask_border: float = _f(0.0, "blank this fraction of each side before equalisation, in training and serving (0: off)")
+    epochs: int = _f(5, "training epochs")
+    batch_size: int = _f(32, "images per optimiser step (the global batch under torchrun)")
+    optimizer: str = _f("adamw", "optimiser", choices=("adamw", "adam", "sgd"))
+    lr: float = _f(1e-3, "peak learning rate")
+    weight_decay: float = _f(0.02, "weight decay")
+    scheduler: str = _f("cosine", "cosine (linear warm-up, cosine decay per step) or step (StepLR per epoch)",
+                        choices=("cosine", "step"))
+    warmup_epochs: float = _f(0.3, "warm-up length in epochs (cosine only)")
+    step_size: int = _f(3, "epochs per learning-rate step (step only)")
+    gamma: float = _f(0.1, "learning-rate factor per step (step only)")
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
+    balanced: bool = _f(True, "sample both classes equally often")
+    augment: str = _f("cxr", "training augmentation", choices=AUGMENT_NAMES)
+    freeze: bool = _f(True, "freeze the architecture's declared early layers (fast on CPU)")
+    ema: float = _f(0.997, "per-step decay of the weight average that is validated and saved (0: off)")
+    patience: int = _f(3, "stop after this many epochs without a better validation AUC (0: never)")
+    target_sensitivity: float | None = _f(None, "choose the threshold for at least this validation sensitivity "
+                                                "(default: Youden's J)")
+    seed: int = _f(0, "seed of sampling, augmentation and initialisation")
+    deterministic: bool = _f(False, "deterministic kernels (slower)")
+    limit: int | None = _f(None, "use at most this many images per split (quick runs)")
+    device: str = _f("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    compile: bool = _f(False, "torch.compile the training model (pays off on GPU for long runs)")
+    cache_dir: str | None = _f(None, "decoded-image cache (default $COVIDXRAY_CACHE or ~/.cache/covidxray)")
+    eval_batch_size: int = _f(128, "images per validation batch")
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Fast and accurate on two CPU cores: ImageNet EfficientNet-Lite0 (offline), 192 px, frozen stem, 5 epochs.
+    "default": {},
+    # The project this grew from: ResNet18, 224 px, Adam 1e-3, StepLR(3, 0.1), 15 epochs, flips/rotation.
+    "reference": dict(
+        arch="resnet18", weights="imagenet", size=224, equalize=False, epochs=15, optimizer="adam", lr=1e-3,
+        weight_decay=0.0, scheduler="step", step_size=3, gamma=0.1, label_smoothing=0.0, balanced=False,
+        augment="reference", freeze=False, ema=0.0, patience=0,
+    ),
+    # A from-scratch compact CNN: no pretrained weights needed, trains in minutes.
+    "fast": dict(arch="cxrnet", weights=None, size=128, epochs=12, lr=3e-3, freeze=False, patience=4),
+}
+
+
+def config_for(recipe: str, **overrides: Any) -> TrainConfig:
+    """A `TrainConfig` from a named recipe with ``overrides`` (None values are ignored).
+
+    Raises:
+        DataError: an unknown recipe, or an override that is not a `TrainConfig` field (so a
+            misspelt option fails instead of being dropped).
+    """
+    if recipe not in RECIPES:
+        raise DataError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise DataError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    values.pop("recipe", None)
+    return TrainConfig(recipe=recipe, **values)

@@ -1,0 +1,201 @@
+"""`create_app`: the FastAPI app behind ``covidxray serve`` (routes, key check, error handlers, CORS)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import DISCLAIMER, __version__
+from ..errors import CheckpointError, CovidXrayError, ImageError
+from ..predictor import Predictor, default_model_path
+from .api_errors import ApiError, error_body, error_response
+from .middleware import RequestContext
+from .schemas import ERRORS, BatchOut, PredictionOut, upload_body
+from .service import Service
+from .uploads import Upload, read_files
+
+__all__ = ["create_app", "limit_malloc_arenas", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
+# The page may load nothing but its own files (no CDN); results are data: URLs, the picked file a blob: URL.
+_PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for the rest of the process; call it before any thread starts.
+
+    glibc gives threads their own arenas (up to 8 per core) and memory freed in one is rarely
+    returned: with images decoded in worker threads, the server's memory crept up by 10-20 % a
+    minute under load, and stayed flat with two arenas (``bench/load.py``). This is what
+    ``MALLOC_ARENA_MAX=2`` in the environment does. Returns False where libc is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-8, arenas))  # -8: M_ARENA_MAX in glibc's malloc.h
+
+
+
+def create_app(
+    model: str | os.PathLike | None = None,
+    *,
+    max_upload_bytes: int | None = None,
+    api_key: str | None = None,
+    predictor: Predictor | None = None,
+    backend: str = "auto",
+    timeout_s: float = 30.0,
+    cors_origins: Sequence[str] = (),
+    max_batch: int = 8,
+    max_batch_files: int = 16,
+    threads: int | None = None,
+) -> FastAPI:
+    """The covidxray web service as a FastAPI app (serve it with uvicorn).
+
+    Args:
+        model: run folder, ``model.json`` or ``.onnx`` file; None uses `default_model_path`.
+        max_upload_bytes: largest accepted file; None reads ``$COVIDXRAY_MAX_UPLOAD_MB``, else 20 MiB.
+        api_key: when set, ``/v1/*`` needs it in ``X-API-Key`` or ``Authorization: Bearer``; None
+            reads ``$COVIDXRAY_API_KEY`` (unset or empty: no key needed).
+        predictor: an already loaded `Predictor` to serve; otherwise ``model`` is loaded at start-up
+            (the app's lifespan: ``/readyz`` answers 503 until then).
+        backend: ``auto`` (ONNX when ``model.onnx`` exists), ``torch`` or ``onnx``.
+        timeout_s: per-image limit on decode + inference; past it the answer is 504.
+        cors_origins: origins allowed to call the API from a browser; empty (the default) adds no
+            CORS headers at all.
+        max_batch: most images per model call (see `covidxray.server.service.Batcher`). On a CPU the gain per image levels off
+            around 8, while ONNX Runtime keeps memory for the largest batch it has run (about 15 MB
+            per image for the bundled model), so larger batches buy memory, not speed.
+        max_batch_files: most files in one ``/v1/predict/batch`` request.
+        threads: intra-op threads when the app loads the model (None: torch's or ONNX Runtime's default).
+
+    Returns:
+        The app. The model is loaded when the app starts, not here.
+    """
+    if max_upload_bytes is None:
+        env = os.environ.get("COVIDXRAY_MAX_UPLOAD_MB")
+        max_upload_bytes = int(float(env) * 2**20) if env else DEFAULT_MAX_UPLOAD_BYTES
+    if api_key is None:
+        api_key = os.environ.get("COVIDXRAY_API_KEY")
+    api_key = api_key or None  # an empty key means no key, not a key that nobody can send
+    path = Path(model) if model else (default_model_path() if predictor is None else None)
+    service = Service(path, backend, predictor, timeout_s, max_batch, threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="covidxray", version=__version__, lifespan=lifespan,
+        description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
+    )
+    app.state.service = service
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        supplied = request.headers.get("x-api-key", "")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not supplied and scheme.lower() == "bearer":
+            supplied = token.strip()
+        # Constant-time comparison, so response timing does not reveal how much of a guess was right.
+        if not supplied or not hmac.compare_digest(supplied.encode(), api_key.encode()):
+            raise ApiError(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key header "
+                                                "or as Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses={401: ERRORS[401]})
+
+    @api.post("/predict", response_model=PredictionOut, response_model_exclude_none=True,
+              openapi_extra=upload_body("file", many=False), responses={k: ERRORS[k] for k in (400, 413, 415, 422, 503, 504)})
+    async def predict(
+        request: Request,
+        explain: bool = Query(False, description="add a Grad-CAM overlay (heatmap_png)"),
+        preview: bool = Query(False, description="add the decoded image as a grey PNG (preview_png)"),
+    ) -> dict[str, Any]:
+        """Classify one chest X-ray (multipart field ``file``) as COVID-19 positive or negative."""
+        service._loaded()  # 503 before reading an upload that could not be classified anyway
+        upload, = await read_files(request, "file", 1, max_upload_bytes)
+        return await service.classify(upload, explain=explain, preview=preview)
+
+    @api.post("/predict/batch", response_model=BatchOut, response_model_exclude_none=True,
+              openapi_extra=upload_body("files", many=True), responses={k: ERRORS[k] for k in (400, 413, 503)})
+    async def predict_batch(request: Request) -> dict[str, Any]:
+        """Classify several X-rays (multipart field ``files``); one result or error per file, in order."""
+        service._loaded()
+        uploads = await read_files(request, "files", max_batch_files, max_upload_bytes)
+
+        async def one(upload: Upload) -> dict[str, Any]:
+            try:
+                return await service.classify(upload)
+            except ApiError as err:  # this file's problem, not the others'
+                return {"filename": upload.name, "status": err.status, "error": error_body(err.code, err.message)["error"]}
+
+        return {"results": list(await asyncio.gather(*(one(u) for u in uploads))), "disclaimer": DISCLAIMER}
+
+    @api.get("/model")
+    async def model_card() -> dict[str, Any]:
+        """The model card: architecture, input size, threshold, temperature, metrics, classes."""
+        return service.card()
+
+    app.include_router(api)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        if not service.ready:
+            return JSONResponse(error_body("not_ready", "the model is not loaded"), status_code=503)
+        return JSONResponse({"status": "ready", "model": service.model_ref()})
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(CovidXrayError)
+    async def covidxray_error(request: Request, exc: CovidXrayError) -> JSONResponse:
+        status = 503 if isinstance(exc, CheckpointError) else 422 if isinstance(exc, ImageError) else 400
+        return error_response(ApiError(status, type(exc).__name__, str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return error_response(ApiError(400, "invalid_request", where or "invalid request"))
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContext)  # added last, so it is the outermost: every response gets the ID
+    return app

@@ -1,0 +1,73 @@
+"""The API's response models (they make the OpenAPI document at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .. import DISCLAIMER, POSITIVE_CLASS
+
+__all__ = ["ModelRef", "PredictionOut", "ErrorDetail", "ErrorOut", "BatchItemError", "BatchOut", "ERRORS", "upload_body"]
+
+
+class ModelRef(BaseModel):
+    """Which model answered."""
+
+    name: str = Field(description="architecture @ input size")
+    version: str | None = Field(description="covidxray version that trained the model")
+    sha256: str = Field(description="SHA-256 of the weights file")
+    backend: str = Field(description="torch or onnx")
+
+
+class PredictionOut(BaseModel):
+    """One X-ray's answer."""
+
+    filename: str
+    label: str = Field(description="'covid' (COVID-19 positive) or 'normal' (negative)")
+    probability: float = Field(description="P(COVID-19)")
+    threshold: float = Field(description="label is 'covid' when probability >= threshold")
+    positive_class: str = POSITIVE_CLASS
+    model: ModelRef
+    timing_ms: float = Field(description="server time for this image: decode, queue, model")
+    heatmap_png: str | None = Field(None, description="base64 PNG: Grad-CAM overlay (explain=true)")
+    preview_png: str | None = Field(None, description="base64 PNG: the decoded X-ray in grey (preview=true)")
+    disclaimer: str = DISCLAIMER
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+class BatchItemError(BaseModel):
+    filename: str
+    status: int = Field(description="the HTTP status this file alone would have got")
+    error: ErrorDetail
+
+
+class BatchOut(BaseModel):
+    results: list[PredictionOut | BatchItemError] = Field(description="one entry per file, in upload order")
+    disclaimer: str = DISCLAIMER
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text} for code, text in (
+        (400, "malformed request or no file"), (401, "missing or wrong API key"), (413, "upload too large"),
+        (415, "not an image or DICOM file"), (422, "corrupt or unusable image"), (503, "model not ready"),
+        (504, "inference took longer than the timeout"),
+    )
+}
+
+
+def upload_body(field: str, many: bool) -> dict[str, Any]:
+    """OpenAPI request body for uploads that the endpoint reads itself (see `_read_files`)."""
+    item = {"type": "string", "format": "binary"}
+    schema = {"type": "array", "items": item} if many else item
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": [field], "properties": {field: schema}}}}}}

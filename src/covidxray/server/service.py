@@ -1,0 +1,240 @@
+"""The loaded model and everything that calls it: decoding in threads, batching, Grad-CAM, previews.
+
+Concurrent requests are decoded in worker threads and classified together: while the model runs
+one batch, the next requests queue up and become the next batch (see `Batcher`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import CLASS_NAMES, DISCLAIMER, POSITIVE_CLASS, __version__
+from ..checkpoint import run_dir
+from ..errors import CovidXrayError, ImageError
+from ..explain import explain as grad_cam, overlay_png
+from ..imaging import load_image
+from ..predictor import Predictor
+from .api_errors import ApiError, image_error
+from .uploads import Upload
+
+__all__ = ["Batcher", "Service", "fit_preview", "PREVIEW_SIDE"]
+
+log = logging.getLogger(__name__)
+
+PREVIEW_SIDE = 1024  # longest side of returned PNGs: a 3000 px DICOM would otherwise be megabytes of base64
+
+
+class Batcher:
+    """Classify the prepared images of concurrent requests together, in one model call per batch.
+
+    There is no waiting window: the worker takes everything queued (up to ``max_batch``) as soon as
+    the model is free. A lone request runs at once; under load, requests pile up while one batch
+    runs and form the next: one thread hand-off and one model call for N images instead of N, and
+    with more than one intra-op thread the cores are busier on a batch than on a single image.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int):
+        self._run, self._max_batch = run, max_batch
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[float]]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="covidxray-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, prepared: np.ndarray) -> float:
+        """P(covid) for one prepared uint8 image ``(S, S)``."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((prepared, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [(image, future) for image, future in batch if not future.done()]  # skip timed-out callers
+            if not batch:
+                continue
+            try:
+                probs = await anyio.to_thread.run_sync(self._run, np.stack([image for image, _ in batch]))
+            except Exception as exc:  # handed to each waiting request, which answers 500 for it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for (_, future), prob in zip(batch, probs, strict=True):
+                    if not future.done():
+                        future.set_result(float(prob))
+
+
+class Service:
+    """The loaded model and everything that calls it; one per app.
+
+    Args:
+        model: run folder, ``model.json`` or ``.onnx`` file; also where the explainer and the
+            evaluation reports are looked up.
+        backend: ``auto``, ``torch`` or ``onnx`` (see `Predictor`).
+        predictor: an already loaded predictor (then ``model`` only locates reports and weights).
+        timeout_s: the most one image may take, from upload read to answer.
+        max_batch: images per model call.
+        threads: intra-op threads of the model (None: the library's default).
+    """
+
+    def __init__(self, model: Path | None, backend: str, predictor: Predictor | None, timeout_s: float, max_batch: int,
+                 threads: int | None = None):
+        self.model_path, self.backend, self.predictor, self.threads = model, backend, predictor, threads
+        self.timeout_s, self.max_batch = timeout_s, max_batch
+        self.batcher: Batcher | None = None
+        # Grad-CAM registers a hook on the model: a forward of another thread would run through it.
+        self._model_lock = threading.Lock()
+        self._explainer: tuple[Predictor, threading.Lock] | None = None
+        self._explainer_init = threading.Lock()
+        # Decoding beyond the core count only makes every request slower; queued ones wait their turn.
+        self._decoders = anyio.CapacityLimiter(max(2, os.cpu_count() or 1))
+
+    @property
+    def ready(self) -> bool:
+        return self.predictor is not None and self.batcher is not None
+
+    async def start(self) -> None:
+        if self.predictor is None:
+            path, backend, threads = self.model_path, self.backend, self.threads
+            self.predictor = await anyio.to_thread.run_sync(lambda: Predictor(path, backend=backend, threads=threads))
+        self.batcher = Batcher(self._classify_batch, self.max_batch)
+        self.batcher.start()
+        log.info("model %s (%s backend) ready", self.predictor.name, self.predictor.backend)
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.stop()
+            self.batcher = None
+
+    def model_ref(self) -> dict[str, Any]:
+        p = self._loaded()
+        return {"name": p.name, "version": p.meta.get("covidxray_version"), "sha256": p.meta.get("weights_sha256", ""),
+                "backend": p.backend}
+
+    def card(self) -> dict[str, Any]:
+        """The model card as JSON: what the model is, how it decides, and how well it did."""
+        p = self._loaded()
+        meta = p.meta
+        metrics: dict[str, Any] = {"val_auc": meta.get("val_auc"), "epoch": meta.get("epoch")}
+        folder = run_dir(self.model_path) if self.model_path is not None else None
+        for split in ("val", "test"):
+            report = folder / f"eval-{split}" / "report.json" if folder else None
+            if report is not None and report.is_file():
+                data = json.loads(report.read_text())
+                metrics[split] = {"n": data.get("n"), **{k: v.get("value") for k, v in data.get("metrics", {}).items()}}
+        return {
+            **self.model_ref(), "arch": meta["arch"], "input_size": p.preprocess.size, "preprocess": meta["preprocess"],
+            "threshold": p.threshold, "threshold_rule": meta.get("threshold_rule"), "temperature": p.temperature,
+            "class_names": list(meta.get("class_names", CLASS_NAMES)),
+            "positive_class": meta.get("positive_class", POSITIVE_CLASS),
+            "metrics": metrics, "data_fingerprint": meta.get("data_fingerprint"), "server_version": __version__,
+            "disclaimer": DISCLAIMER,
+        }
+
+    async def classify(self, upload: Upload, explain: bool = False, preview: bool = False) -> dict[str, Any]:
+        """Answer for one upload; raises `ApiError` for bad input, timeouts and an unready model."""
+        predictor = self._loaded()
+        start = time.perf_counter()
+        try:
+            with anyio.fail_after(self.timeout_s):
+                image, prepared = await self._in_thread(self._decode, upload)
+                prob = await self.batcher.submit(prepared)
+                extra = await self._in_thread(self._pictures, image, explain, preview) if explain or preview else {}
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"{upload.name}: no answer within {self.timeout_s:g} s; try again later") from None
+        answer = predictor.decide(upload.name, prob)
+        return {"filename": upload.name, "label": answer.label, "probability": answer.probability,
+                "threshold": answer.threshold, "positive_class": POSITIVE_CLASS, "model": self.model_ref(),
+                "timing_ms": round(1000 * (time.perf_counter() - start), 2), **extra, "disclaimer": DISCLAIMER}
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Abandoned on timeout: the request answers at once, the thread finishes in the background.
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._decoders, abandon_on_cancel=True)
+
+    def _decode(self, upload: Upload) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            image = load_image(upload.data, name=upload.name)
+        except ImageError as exc:
+            raise image_error(exc, upload.data) from None
+        return image, self._loaded().preprocess.prepare(image)
+
+    def _classify_batch(self, prepared: np.ndarray) -> np.ndarray:
+        with self._model_lock:
+            return self._loaded().predict_prepared(torch.from_numpy(prepared), batch_size=len(prepared))
+
+    def _pictures(self, image: np.ndarray, explain: bool, preview: bool) -> dict[str, str]:
+        out = {}
+        small = fit_preview(image)
+        if explain:
+            predictor, lock = self._explain_model()
+            with lock:
+                _, cam = grad_cam(predictor, image)
+            out["heatmap_png"] = base64.b64encode(overlay_png(small, fit_preview(cam, small.shape))).decode("ascii")
+        if preview:
+            buf = io.BytesIO()
+            Image.fromarray((small * 255).round().astype(np.uint8)).save(buf, format="PNG")
+            out["preview_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        return out
+
+    def _explain_model(self) -> tuple[Predictor, threading.Lock]:
+        """The torch model for Grad-CAM: the serving model itself, or (ONNX) the torch weights beside it, loaded once."""
+        predictor = self._loaded()
+        if predictor.model is not None:
+            return predictor, self._model_lock
+        with self._explainer_init:
+            if self._explainer is None:
+                path = self.model_path
+                if path is None:
+                    raise ApiError(503, "explain_unavailable", "Grad-CAM needs the PyTorch weights and the server "
+                                                               "was started without a model path")
+                if path.suffix == ".onnx":
+                    path = path.with_suffix(".json")
+                try:
+                    self._explainer = (Predictor(path, backend="torch"), threading.Lock())
+                except CovidXrayError as exc:
+                    raise ApiError(503, "explain_unavailable", f"Grad-CAM needs the PyTorch weights: {exc}") from None
+                log.info("loaded the PyTorch model for Grad-CAM")
+        return self._explainer
+
+    def _loaded(self) -> Predictor:
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the model is not loaded yet; retry when /readyz answers 200")
+        return self.predictor
+
+
+def fit_preview(a: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``a`` (float ``H x W``) resized to ``shape``, or shrunk to at most `PREVIEW_SIDE` px on its longest side."""
+    h, w = a.shape
+    if shape is None:
+        scale = PREVIEW_SIDE / max(h, w)
+        if scale >= 1:
+            return a
+        shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+    if shape == a.shape:
+        return a
+    resized = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32)).resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0, 1)
