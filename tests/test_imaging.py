@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
+import dicoms
 from covidxray import imaging
 from covidxray.errors import ImageError
 from covidxray.imaging import load_image, sniff_format
@@ -29,7 +28,6 @@ DATA_ROOT = Path(
         "COVIDXRAY_DATA", Path(__file__).resolve().parents[1] / ".." / "shared/datasets/covid-cxr"
     )
 )
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage SOP class
 RNG = np.random.default_rng(0)
 
 
@@ -48,30 +46,12 @@ def _dicom(
     path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16, **tags
 ) -> Path:
     """Write a minimal, valid DX DICOM file with fake patient tags."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.Modality = "DX"
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "SECRET-PID-42"
-    ds.set_pixel_data(pixels, photometric, bits)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return dicoms.write(path, dicoms.dx(pixels, photometric, bits, PatientName="Doe^Jane", PatientID="SECRET-PID-42", **tags))
 
 
 def _encapsulated_dicom(path: Path, frame: bytes, syntax: str) -> Path:
     """Write an 8-bit 64x64 DICOM whose pixel data is ``frame``, compressed as ``syntax``."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.set_pixel_data(np.zeros((64, 64), np.uint8), "MONOCHROME2", 8)
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return dicoms.write(path, dicoms.encapsulated(frame, syntax))
 
 
 def _png_header(width: int, height: int) -> bytes:

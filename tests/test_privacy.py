@@ -14,17 +14,16 @@ import inspect
 import io
 import json
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
+import dicoms
 from covidxray import server
 from covidxray.cli import main
 from covidxray.predictor import Predictor
@@ -68,20 +67,7 @@ def gray(data_root: Path) -> np.ndarray:
 
 
 def _dicom(gray: np.ndarray, **tags) -> bytes:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.Modality = "DX"
-    for key, value in PHI.items():
-        setattr(ds, key, value)
-    ds.set_pixel_data(gray.astype(np.uint16) * 16, "MONOCHROME2", 12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for key, value in tags.items():
-            setattr(ds, key, value)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicoms.to_bytes(dicoms.dx(gray.astype(np.uint16) * 16, "MONOCHROME2", 12, **PHI, **tags))
 
 
 def _corrupt_jpeg_dicom(gray: np.ndarray) -> bytes:
@@ -99,7 +85,7 @@ def _corrupt_jpeg_dicom(gray: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def dicoms(gray: np.ndarray) -> dict[str, bytes]:
+def phi_dicoms(gray: np.ndarray) -> dict[str, bytes]:
     """A good DICOM and one for every way a DICOM is refused, all carrying the fake patient tags."""
     good = _dicom(gray, ViewPosition="PA")
     return {
@@ -128,17 +114,17 @@ def client(predictor: Predictor):
 # ---------------------------------------------------------------------------------------------- patient data
 
 
-def test_dicom_tags_never_reach_the_api_or_its_logs(dicoms: dict[str, bytes], client, caplog: pytest.LogCaptureFixture):
+def test_dicom_tags_never_reach_the_api_or_its_logs(phi_dicoms: dict[str, bytes], client, caplog: pytest.LogCaptureFixture):
     caplog.set_level("DEBUG")  # every logger, every level
     statuses = {}
-    for name, data in dicoms.items():
+    for name, data in phi_dicoms.items():
         for query in ("", "?explain=true&preview=true"):
             r = client.post(f"/v1/predict{query}", files={"file": (name, data, "application/dicom")})
             statuses[name] = r.status_code
             assert r.status_code < 500, r.text
             _assert_clean_response(r.json(), f"the response for {name}{query}")
             _assert_clean(json.dumps(dict(r.headers)), f"the headers for {name}")
-    r = client.post("/v1/predict/batch", files=[("files", (n, d, "application/dicom")) for n, d in dicoms.items()])
+    r = client.post("/v1/predict/batch", files=[("files", (n, d, "application/dicom")) for n, d in phi_dicoms.items()])
     assert r.status_code == 200
     _assert_clean_response(r.json(), "the batch response")
     _assert_clean(caplog.text, "the logs")
@@ -146,12 +132,12 @@ def test_dicom_tags_never_reach_the_api_or_its_logs(dicoms: dict[str, bytes], cl
     assert all(400 <= s < 500 for n, s in statuses.items() if n not in ("good.dcm", "mono1.dcm"))
 
 
-def test_dicom_tags_never_reach_the_cli(dicoms: dict[str, bytes], tmp_path: Path, predictor: Predictor,
+def test_dicom_tags_never_reach_the_cli(phi_dicoms: dict[str, bytes], tmp_path: Path, predictor: Predictor,
                                         monkeypatch: pytest.MonkeyPatch, capsys, caplog: pytest.LogCaptureFixture):
     monkeypatch.setattr("covidxray.predictor.Predictor", lambda *a, **k: predictor)
     caplog.set_level("DEBUG")
     paths = []
-    for name, data in dicoms.items():
+    for name, data in phi_dicoms.items():
         (tmp_path / name).write_bytes(data)
         paths.append(str(tmp_path / name))
     for fmt in ("json", "table"):

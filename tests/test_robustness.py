@@ -26,7 +26,6 @@ import re
 import struct
 import subprocess
 import sys
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -37,17 +36,15 @@ from typing import Callable
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
+import dicoms
 from covidxray.cli import main
 from covidxray.errors import ImageError
 from covidxray.imaging import load_image
 
 XRAY_KEY = "images/covid-cxnet/covid/00001.jpg"  # a real frontal chest film from the shared data
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 PATIENT_NAME, PATIENT_ID = "Doe^Jane", "SECRET-123"  # must never be echoed anywhere
 COLOUR_WARNING = "probably not a chest X-ray"
 
@@ -92,34 +89,14 @@ def _gray(src: Source) -> Image.Image:
 
 def _dicom(src: Source, photometric: str = "MONOCHROME2", **tags) -> bytes:
     """The real X-ray as a 12-bit DX DICOM file with fake patient tags."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.Modality = "DX"
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
     pixels = src.gray.astype(np.uint16) * 16
-    ds.set_pixel_data(4080 - pixels if photometric == "MONOCHROME1" else pixels, photometric, 12)
-    with warnings.catch_warnings():  # NaN is not a valid DS value: that is the point
-        warnings.simplefilter("ignore")
-        for key, value in tags.items():
-            setattr(ds, key, value)
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    pixels = 4080 - pixels if photometric == "MONOCHROME1" else pixels
+    return dicoms.to_bytes(dicoms.dx(pixels, photometric, 12, PatientName=PATIENT_NAME, PatientID=PATIENT_ID, **tags))
 
 
 def _dicom_encapsulated(frame: bytes, syntax: str) -> bytes:
     """A 64x64 8-bit DICOM whose single frame is ``frame``, compressed as ``syntax``."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.set_pixel_data(np.zeros((64, 64), np.uint8), "MONOCHROME2", 8)
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return dicoms.to_bytes(dicoms.encapsulated(frame, syntax))
 
 
 def _undecodable_syntax() -> tuple[str, str]:
