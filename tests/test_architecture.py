@@ -1,0 +1,82 @@
+"""The package's shape: one-way layers (import-linter), small modules, a torch-free command-line parser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from covidxray.config import ARCHITECTURES, TrainConfig, config_for
+from covidxray.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "src" / "covidxray"
+LINT = Path(sys.executable).with_name("lint-imports")
+MAX_LINES = 450
+
+
+def _lint(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run([str(LINT), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_layers_contract_is_kept():
+    r = _lint(REPO, REPO / "src")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 kept, 0 broken" in r.stdout
+
+
+@pytest.mark.parametrize("module, cycle", [
+    # A function-level import still counts: this is how the old six-module cycle hid.
+    ("imaging.py", "\n\ndef _late():\n    from .predictor import Predictor\n    return Predictor\n"),
+    ("calibration.py", "\nfrom .evaluate import evaluate_run  # noqa\n"),
+])
+def test_an_import_that_closes_a_cycle_fails(tmp_path: Path, module: str, cycle: str):
+    src = tmp_path / "src"
+    shutil.copytree(PACKAGE, src / "covidxray", ignore=shutil.ignore_patterns("__pycache__", "web"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with open(src / "covidxray" / module, "a") as f:
+        f.write(cycle)
+    r = _lint(tmp_path, src)
+    assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout + r.stderr
+    assert f"covidxray.{module.removesuffix('.py')} is not allowed to import" in r.stdout
+
+
+def test_every_module_is_small():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from covidxray.cli import build_parser; p = build_parser(); "
+            "p.format_help(); [a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "
+            "print(sorted(m for m in ('torch', 'numpy', 'sklearn', 'matplotlib', 'PIL') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_architectures_listed_for_the_parser_are_the_registry():
+    from covidxray.models import REGISTRY
+
+    assert set(ARCHITECTURES) == set(REGISTRY)
+
+
+def test_every_train_config_field_has_exactly_one_flag():
+    from covidxray.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = [a.dest for a in train._actions if a.dest not in ("help", "resume")]
+    assert sorted(dests) == sorted(f.name for f in fields(TrainConfig))
+    args = train.parse_args(["--data", "d.csv", "--no-freeze", "--size", "96", "--weights", "none", "--label-smoothing", "0"])
+    cfg = config_for(args.recipe, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "recipe"})
+    assert (cfg.freeze, cfg.size, cfg.weights, cfg.label_smoothing, cfg.lr) == (False, 96, "none", 0.0, 1e-3)
+
+
+def test_config_for_refuses_a_misspelt_option():
+    with pytest.raises(DataError, match="unknown training option.*lerning_rate"):
+        config_for("default", lerning_rate=0.1)
