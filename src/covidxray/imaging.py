@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -21,7 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 
 from covidxray.errors import ImageError
 
-__all__ = ["MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "load_image", "sniff_format"]
+__all__ = ["MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "ImageInfo", "load_image", "read_image", "sniff_format"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,20 @@ _COLOUR_CHROMA = 0.2
 _COLOUR_SHARE = 0.05
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file says about itself beside its pixels: the format and, for DICOM, the header facts
+    that tell whether it is a frontal chest radiograph. Empty strings where the file says nothing."""
+
+    format: str  # dicom, png, jpeg, bmp, tiff or gif (from the content, never the file name)
+    modality: str = ""  # DICOM Modality (0008,0060), e.g. CR, DX, CT
+    body_part: str = ""  # DICOM BodyPartExamined (0018,0015), e.g. CHEST
+    view_position: str = ""  # DICOM ViewPosition (0018,5101), e.g. PA, AP, LL
+    patient_orientation: str = ""  # DICOM PatientOrientation (0020,0020), e.g. "L\\F"
+    sop_class_uid: str = ""  # DICOM SOP Class UID: which kind of object (CR, DX, CT, secondary capture...)
+    colour_share: float = 0.0  # share of strongly coloured pixels: radiographs are grey
+
+
 def sniff_format(head: bytes) -> str | None:
     """Name an image format from the first bytes of a file (its magic number).
 
@@ -78,7 +93,12 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
-    """Return a 2-D float32 grayscale array with values in [0, 1].
+    """The pixels of `read_image`: a 2-D float32 grayscale array with values in [0, 1]."""
+    return read_image(source, name=name)[0]
+
+
+def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> tuple[np.ndarray, ImageInfo]:
+    """Decode an image file into a 2-D float32 grayscale array with values in [0, 1], and its `ImageInfo`.
 
     8-bit images are divided by 255; 16-bit, 32-bit, float and DICOM images are scaled by
     their own minimum and maximum. Colour is reduced to luma, the EXIF orientation is applied,
@@ -92,7 +112,8 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
             it never appears in log lines.
 
     Returns:
-        Array of shape (height, width), dtype float32, values in [0, 1].
+        ``(pixels, info)``: array of shape (height, width), dtype float32, values in [0, 1], and what the
+        file says about itself (`ImageInfo`).
 
     Raises:
         ImageError: for any unreadable, unsupported, corrupt, blank or oversized input; the
@@ -117,15 +138,15 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
         raise ImageError(label, f"not a recognised image format ({_KNOWN})")
     try:
         if fmt == "dicom":
-            pixels = _decode_dicom(data, label, log_name)
+            pixels, info = _decode_dicom(data, label, log_name)
         else:
-            pixels = _decode_pillow(data, fmt, label, log_name)
+            pixels, info = _decode_pillow(data, fmt, label, log_name)
     except ImageError:
         raise
     except Exception as exc:  # decoders raise anything (OSError, ValueError, struct.error...)
         raise ImageError(label, f"could not decode: {type(exc).__name__}: {exc}") from exc
     log.debug("loaded %s: %s, %dx%d", log_name, fmt, pixels.shape[1], pixels.shape[0])
-    return pixels
+    return pixels, info
 
 
 def _too_big(size: int) -> str:
@@ -181,19 +202,17 @@ def _min_max(values: np.ndarray, label: str) -> np.ndarray:
     return ((values - low) / (high - low)).astype(np.float32)
 
 
-def _warn_if_colourful(rgb: np.ndarray, full_scale: float, log_name: str) -> None:
-    """Log a warning when an (H, W, 3) image is clearly coloured, i.e. probably not an X-ray."""
+def _colour_share(rgb: np.ndarray, full_scale: float, log_name: str) -> float:
+    """Share of strongly coloured pixels of an (H, W, 3) image; logs a warning when it is clearly coloured."""
     chroma = rgb.max(axis=-1).astype(np.float32) - rgb.min(axis=-1)
     share = float((chroma > _COLOUR_CHROMA * full_scale).mean())
     if share > _COLOUR_SHARE:
-        log.warning(
-            "%s: %.0f%% of the pixels are strongly coloured, so this is probably not a chest X-ray; "
-            "it is classified in grey anyway and the answer means nothing if it is not one",
-            log_name, 100 * share,
-        )
+        log.warning("%s: %.0f%% of the pixels are strongly coloured, so this is probably not a chest X-ray",
+                    log_name, 100 * share)
+    return share
 
 
-def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> np.ndarray:
+def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> tuple[np.ndarray, ImageInfo]:
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice that limit; treat the warning as a bomb.
         # (The filter is process-wide, not per thread; _check_size below is the real limit.)
@@ -209,14 +228,13 @@ def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> np.ndarr
         except Image.UnidentifiedImageError:
             raise ImageError(label, f"corrupt {fmt.upper()} header") from None
     if img.mode in _HIGH_DEPTH_MODES:
-        return _min_max(np.asarray(img), label)
-    if img.mode not in _GREY_MODES:
-        _warn_if_colourful(np.asarray(img.convert("RGB")), 255, log_name)
+        return _min_max(np.asarray(img), label), ImageInfo(fmt)
+    colour = 0.0 if img.mode in _GREY_MODES else _colour_share(np.asarray(img.convert("RGB")), 255, log_name)
     # Alpha is dropped rather than composited: no background colour is right for an X-ray.
     gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.float32) / 255
     if gray.min() == gray.max():  # refused like a blank deeper image (see _min_max): nothing to classify
         raise ImageError(label, "image is blank (constant intensity)")
-    return gray
+    return gray, ImageInfo(fmt, colour_share=colour)
 
 
 class _DecoderFailureFilter(logging.Filter):
@@ -238,7 +256,18 @@ def _quiet_pydicom_decoder_failures() -> None:
         logger.addFilter(_DecoderFailureFilter())
 
 
-def _decode_dicom(data: bytes, label: str, log_name: str) -> np.ndarray:
+def _dicom_info(ds: pydicom.Dataset, colour_share: float = 0.0) -> ImageInfo:
+    def tag(keyword: str) -> str:
+        value = ds.get(keyword, "")
+        text = "\\".join(map(str, value)) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else str(value)
+        return text.strip().upper()
+
+    return ImageInfo("dicom", modality=tag("Modality"), body_part=tag("BodyPartExamined"),
+                     view_position=tag("ViewPosition"), patient_orientation=tag("PatientOrientation"),
+                     sop_class_uid=str(ds.get("SOPClassUID", "")), colour_share=colour_share)
+
+
+def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, ImageInfo]:
     # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
     # pydicom decodes pixels only when pixel_array is read, after the checks below.
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -271,10 +300,10 @@ def _decode_dicom(data: bytes, label: str, log_name: str) -> np.ndarray:
         pixels = apply_color_lut(pixels, ds)
     if pixels.ndim == 3:  # colour; pydicom has already converted YBR to RGB
         full = np.iinfo(pixels.dtype).max if pixels.dtype.kind in "iu" else 1.0  # palette LUTs are 16-bit
-        _warn_if_colourful(pixels[..., :3], full, log_name)
-        return _min_max(pixels[..., :3] @ _RGB_TO_GRAY, label)
+        colour = _colour_share(pixels[..., :3], full, log_name)
+        return _min_max(pixels[..., :3] @ _RGB_TO_GRAY, label), _dicom_info(ds, colour)
     with np.errstate(over="ignore", invalid="ignore"):  # a crazy rescale is refused below
         values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
     gray = _min_max(values, label)
     # MONOCHROME1 stores bone dark; every other source (and the model) expects bone bright.
-    return 1 - gray if ds.get("PhotometricInterpretation") == "MONOCHROME1" else gray
+    return (1 - gray if ds.get("PhotometricInterpretation") == "MONOCHROME1" else gray), _dicom_info(ds)
