@@ -42,7 +42,7 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
     return out
 
 
-CSV_FIELDS = ("path", "label", "probability", "threshold")
+CSV_FIELDS = ("path", "label", "probability", "threshold", "reason", "unfamiliarity", "message")
 
 
 def read_path_manifest(csv_path: str | os.PathLike) -> list[Path]:
@@ -145,7 +145,7 @@ def merge_predictions(out: str | os.PathLike, paths: Sequence[str | os.PathLike]
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     rows = [done[str(p)] for p in paths if str(p) in done]
-    w.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+    w.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
     atomic_write_text(out, buf.getvalue())
     remove_parts(out)
     return len(rows)

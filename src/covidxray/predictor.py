@@ -29,7 +29,9 @@ from .imaging import load_image
 from .inference import predict_probs
 from .presets import Preprocess
 
-__all__ = ["Prediction", "Predictor", "default_model_path"]
+__all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
+
+NOT_ANSWERED = "not_answered"  # the third outcome: the input is not a frontal chest X-ray
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,23 @@ def default_model_path() -> Path:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer. ``probability`` is P(COVID-19); ``label`` is ``covid`` when it reaches ``threshold``."""
+    """One image's answer. ``probability`` is P(COVID-19); ``label`` is ``covid`` when it reaches ``threshold``.
+
+    An image that is not a frontal chest X-ray gets no answer: ``label`` is ``not_answered``,
+    ``probability`` is None and ``reason`` says why in a word (``message`` in a sentence).
+    """
 
     path: str
-    label: str  # "covid" (COVID-19 positive) or "normal"
-    probability: float  # P(covid), after temperature scaling
+    label: str  # "covid" (COVID-19 positive), "normal", or "not_answered"
+    probability: float | None  # P(covid), after temperature scaling; None when not answered
     threshold: float
+    reason: str | None = None  # why not answered: wrong_modality, lateral_view, not_chest_xray, ...
+    message: str | None = None  # the reason, or a warning about an answer, for people
+    unfamiliarity: float | None = None  # 0: typical of the training films ... 1: unlike any of them
+
+    @property
+    def answered(self) -> bool:
+        return self.label != NOT_ANSWERED
 
     def to_dict(self) -> dict:
         return asdict(self)
