@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -28,11 +29,12 @@ from torch import nn
 from .errors import CheckpointError
 from .models import build_model
 from .presets import Preprocess
+from .segment import LungSegmenter
 from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
-    "read_state_header", "resolve_model_path", "run_dir",
+    "read_state_header", "resolve_model_path", "run_dir", "default_model_path", "load_preprocess", "model_files", "copy_model",
 ]
 
 FORMAT = "covidxray-model/1"
@@ -46,6 +48,54 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses views that share storage; a contiguous copy is a few MB at most.
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def default_model_path() -> Path:
+    """``$COVIDXRAY_MODEL`` if set, else the model bundled in the repository's ``models/`` folder."""
+    env = os.environ.get("COVIDXRAY_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "models" / "default"
+
+
+def load_preprocess(meta: dict[str, Any], json_path: Path) -> Preprocess:
+    """The checkpoint's `Preprocess`, with its lung segmenter attached when it crops to the lungs.
+
+    The segmenter is the ``segmenter.json`` pair beside ``json_path``, and its weights must be the
+    ones the model was trained with (``segmenter_sha256``): another segmenter draws other boxes.
+    """
+    pre = Preprocess(**meta["preprocess"])
+    if not pre.lung_crop:
+        return pre
+    seg_json = json_path.parent / "segmenter.json"
+    if not seg_json.is_file():
+        raise CheckpointError(f"{json_path}: the model crops to the lungs but {seg_json.name} is not beside it")
+    seg = LungSegmenter(seg_json)
+    if seg.sha256 != pre.segmenter_sha256:
+        raise CheckpointError(f"{seg_json}: not the segmenter this model was trained with (SHA-256 differs)")
+    return replace(pre, segmenter=seg)
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """Every file a model needs, beside its ``model.json``: weights, familiarity statistics, segmenter and gate."""
+    meta, p = read_model_meta(path)
+    names = ["model.json", meta.get("weights_file", "model.safetensors")]
+    if "familiarity" in meta:
+        names.append(meta["familiarity"]["file"])
+    seg = p.parent / "segmenter.json"
+    if seg.is_file():
+        seg_meta = json.loads(seg.read_text())
+        names += ["segmenter.json", seg_meta["weights_file"]] + ([seg_meta["gate"]["weights_file"]] if "gate" in seg_meta else [])
+    return [p.parent / Path(n).name for n in names]
+
+
+def copy_model(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Copy a model (`model_files`) into ``folder``, e.g. to change its threshold without touching the original."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in model_files(path):
+        atomic_write_bytes(folder / f.name, f.read_bytes())
+    return folder
 
 
 def run_dir(path: str | os.PathLike) -> Path:
@@ -115,6 +165,7 @@ def _validate(meta: Any, p: Path) -> None:
 def _validate_preprocess(pre: dict[str, Any], p: Path) -> None:
     """Check the preprocessing contract field by field against `Preprocess`, so it fails on load, not mid-prediction."""
     hints = get_type_hints(Preprocess)
+    del hints["segmenter"]  # attached at load time, never stored
     for key, value in pre.items():
         if key not in hints:
             raise CheckpointError(f"{p}: unknown preprocess field {key!r} (known: {', '.join(hints)})")

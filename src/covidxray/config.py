@@ -20,7 +20,7 @@ ARCHITECTURES = (
     "tf_efficientnet_lite0", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
     "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
 )
-AUGMENT_NAMES = ("cxr", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
+AUGMENT_NAMES = ("cxr", "acquisition", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
 
 
 def _f(default: Any, help: str, **argparse_options: Any) -> Any:
@@ -41,6 +41,12 @@ class TrainConfig:
     size: int = _f(192, "input side in pixels")
     equalize: bool = _f(True, "histogram equalisation in preprocessing")
     mask_border: float = _f(0.0, "blank this fraction of each side before equalisation, in training and serving (0: off)")
+    lung_crop: bool = _f(False, "crop every film to its lungs (found by the lung segmenter), in training and serving")
+    lung_margin: float = _f(0.1, "widen the lung box by this fraction of its size on each side")
+    outside: float = _f(0.0, "0..1: darken the crop outside the (dilated) lungs by this much (0: keep it)")
+    smooth: float = _f(0.0, "Gaussian blur sigma in input pixels after resizing, in training and serving (0: off)")
+    segmenter: str = _f("bundled", "folder holding segmenter.json: the lung segmenter and input gate copied into the run "
+                                   "('bundled': covidxray's own; 'none': no segmenter, no gate, no lung crop)")
     epochs: int = _f(5, "training epochs")
     batch_size: int = _f(32, "images per optimiser step (the global batch under torchrun)")
     optimizer: str = _f("adamw", "optimiser", choices=("adamw", "adam", "sgd"))
@@ -53,6 +59,7 @@ class TrainConfig:
     gamma: float = _f(0.1, "learning-rate factor per step (step only)")
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
     balanced: bool = _f(True, "sample both classes equally often")
+    balance_sources: bool = _f(False, "with --balanced: also sample every source of a class equally often")
     augment: str = _f("cxr", "training augmentation", choices=AUGMENT_NAMES)
     freeze: bool = _f(True, "freeze the architecture's declared early layers (fast on CPU)")
     ema: float = _f(0.997, "per-step decay of the weight average that is validated and saved (0: off)")

@@ -25,15 +25,18 @@ text and markers).
 
 from __future__ import annotations
 
+import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
-__all__ = ["Preprocess", "TrainAugment", "equalize", "mask_border"]
+__all__ = ["Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border"]
 
 
 def equalize(img: np.ndarray) -> np.ndarray:
@@ -66,20 +69,61 @@ class Preprocess:
     mean: float = 0.5  # normalisation: (x - mean) / std with x in [0, 1]
     std: float = 0.5
     mask_border: float = 0.0  # fraction of each side blanked (set to 0) before equalisation; 0 = off
+    lung_crop: bool = False  # crop to the lungs' bounding box (needs a lung map from covidxray.segment)
+    lung_margin: float = 0.1  # widen that box by this fraction of its height and width on each side
+    outside: float = 0.0  # 0..1: how far the crop outside the (dilated) lungs is darkened to black; 0 = kept
+    smooth: float = 0.0  # Gaussian blur (sigma, in network-input pixels) after resizing: erases detector and processing sharpness
+    segmenter_sha256: str = ""  # with lung_crop: the weights of the segmenter the lung maps must come from
+    # The segmenter itself (image -> P(lung) map), attached when a model is loaded; not part of the contract's JSON.
+    segmenter: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_border < 0.5:
             raise ValueError(f"mask_border must be in [0, 0.5), got {self.mask_border}")
+        if not 0.0 <= self.smooth <= 10.0:
+            raise ValueError(f"smooth must be a blur sigma in [0, 10] pixels, got {self.smooth}")
+        if not 0.0 <= self.lung_margin <= 1.0 or not 0.0 <= self.outside <= 1.0:
+            raise ValueError(f"lung_margin and outside must be in [0, 1], got {self.lung_margin} and {self.outside}")
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """Float grayscale image in [0, 1] (H x W) -> uint8 ``size x size``, border-masked and equalised if configured."""
-        pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
-        # Pillow's resampling filters widen with the scale factor, i.e. they antialias when shrinking.
-        small = np.asarray(pil.resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.float32)
+    def prepare(self, image: np.ndarray, lungs: np.ndarray | None = None) -> np.ndarray:
+        """Float grayscale image in [0, 1] (H x W) -> uint8 ``size x size``, cropped, masked and equalised as configured.
+
+        Args:
+            image: decoded image (see `covidxray.imaging.load_image`).
+            lungs: P(lung) map of the whole image, any size; with ``lung_crop`` and no map, the attached
+                ``segmenter`` makes one. Ignored without ``lung_crop``.
+        """
+        return self.prepare_with_box(image, lungs)[0]
+
+    def prepare_with_box(
+        self, image: np.ndarray, lungs: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """`prepare`, plus the part of the image it kept as relative ``(top, left, bottom, right)``."""
+        box = (0.0, 0.0, 1.0, 1.0)
+        if self.lung_crop:
+            if lungs is None:
+                if self.segmenter is None:
+                    raise ValueError("this preprocessing crops to the lungs: attach the lung segmenter or pass a lung map")
+                lungs = self.segmenter(image)
+            box = lung_box(lungs, self.lung_margin)
+            image, lungs = _crop(image, lungs, box)
+        small = _resize(image, self.size)
+        if self.smooth:
+            small = ndimage.gaussian_filter(small, self.smooth, mode="nearest")
         u8 = np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
         if self.mask_border:
             u8 = mask_border(u8, self.mask_border)
-        return equalize(u8) if self.equalize else u8
+        if self.lung_crop and self.outside:
+            u8 = _darken_outside(u8, lungs, self.outside)
+        return (equalize(u8) if self.equalize else u8), box
+
+    def input_lungs(self, lungs: np.ndarray) -> np.ndarray:
+        """A whole-image lung map as the network input frames it: cut to the same box (with ``lung_crop``)
+        and brought to ``size x size`` (float, the map's own values)."""
+        if self.lung_crop:
+            rows, cols = box_pixels(lung_box(lungs, self.lung_margin), lungs.shape)
+            lungs = np.asarray(lungs)[rows, cols]
+        return _resize(np.asarray(lungs, dtype=np.float32), self.size)
 
     def to_tensor(self, prepared: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(size, size)`` or ``(N, size, size)`` / ``(N, 1, size, size)`` -> normalised float ``(N, 1, size, size)``."""
@@ -90,17 +134,78 @@ class Preprocess:
             x = x.unsqueeze(0) if x.ndim == 2 else x.unsqueeze(1)
         return (x - self.mean) / self.std
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, lungs: np.ndarray | None = None) -> torch.Tensor:
         """Decoded image -> network input ``(1, 1, size, size)``."""
-        return self.to_tensor(self.prepare(image))
+        return self.to_tensor(self.prepare(image, lungs))
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        # Off by default and unknown to older readers: leaving it out keeps existing checkpoints,
-        # ONNX contracts and decoded-image cache keys byte-identical.
-        if not d["mask_border"]:
-            del d["mask_border"]
+        del d["segmenter"]
+        # Options left at their defaults are left out: older checkpoints, ONNX contracts and
+        # decoded-image cache keys stay byte-identical, and older readers can still read new ones.
+        for name, default in _OPTIONAL.items():
+            if d[name] == default:
+                del d[name]
         return d
+
+
+_OPTIONAL = {"mask_border": 0.0, "lung_crop": False, "lung_margin": 0.1, "outside": 0.0, "smooth": 0.0, "segmenter_sha256": ""}
+
+
+def lung_box(prob: np.ndarray, margin: float = 0.1, threshold: float = 0.5, min_area: float = 0.02) -> tuple[float, float, float, float]:
+    """The lungs' bounding box in relative coordinates ``(top, left, bottom, right)``, widened by ``margin``.
+
+    Only the two largest connected regions of the map count (the lungs): a stray island over a
+    tube or the bowel does not stretch the box. ``margin`` is a fraction of the box's own height
+    and width, added on each side; the box is clipped to the image. When the map finds (almost) no
+    lung (under ``min_area`` of the image), the whole image is returned: a crop that cannot be
+    trusted is not made.
+    """
+    mask = np.asarray(prob) >= threshold
+    h, w = mask.shape
+    if mask.mean() < min_area:
+        return 0.0, 0.0, 1.0, 1.0
+    labels, n = ndimage.label(mask)
+    if n > 2:
+        sizes = np.bincount(labels.ravel())[1:]
+        mask = np.isin(labels, 1 + np.argsort(sizes)[-2:])
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0] / h, (rows[-1] + 1) / h, cols[0] / w, (cols[-1] + 1) / w
+    dy, dx = (bottom - top) * margin, (right - left) * margin
+    return float(max(0.0, top - dy)), float(max(0.0, left - dx)), float(min(1.0, bottom + dy)), float(min(1.0, right + dx))
+
+
+def _resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Float image -> ``size`` (side, or (height, width)); Pillow's filters widen with the scale, so shrinking antialiases."""
+    h, w = (size, size) if isinstance(size, int) else size
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def box_pixels(box: tuple[float, float, float, float], shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """Row and column slices of an ``H x W`` image covered by the relative ``(top, left, bottom, right)`` box."""
+    h, w = shape[:2]
+    top, left, bottom, right = box
+    r0, c0 = int(math.floor(top * h)), int(math.floor(left * w))
+    return slice(r0, max(int(math.ceil(bottom * h)), r0 + 1)), slice(c0, max(int(math.ceil(right * w)), c0 + 1))
+
+
+def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The image and the lung map (brought to the image's size) cut to the relative ``box``."""
+    rows, cols = box_pixels(box, image.shape)
+    full = _resize(np.asarray(lungs, dtype=np.float32), image.shape[:2])
+    return image[rows, cols], full[rows, cols]
+
+
+def _darken_outside(u8: np.ndarray, lungs: np.ndarray, strength: float) -> np.ndarray:
+    """Blend the pixels outside the dilated lung map toward black by ``strength`` (soft edge)."""
+    size = u8.shape[0]
+    m = torch.from_numpy(_resize(lungs, size).copy())[None, None]
+    k = max(3, int(round(size * 0.04)) | 1)  # dilate by ~2 % of the side: keep the pleura and the lung edge
+    m = F.max_pool2d(m, k, stride=1, padding=k // 2)
+    m = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)[0, 0].clamp(0, 1).numpy()
+    keep = 1.0 - strength * (1.0 - m)
+    return np.clip(np.round(u8 * keep), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -117,6 +222,9 @@ class TrainAugment:
     contrast: float = 0.15  # max relative contrast change
     noise: float = 0.02  # max std of additive Gaussian noise
     erase: float = 0.5  # probability of erasing one random rectangle
+    blur: float = 0.0  # probability of a Gaussian blur or (as often) an unsharp-mask sharpening, per image
+    window: float = 0.0  # probability of a random intensity window (a display window clipped at both ends)
+    jpeg: float = 0.0  # probability of a JPEG re-compression at quality 30-90, per image
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -139,6 +247,15 @@ class TrainAugment:
         if r < 0.98:
             small = F.interpolate(x, size=(max(8, int(h * r)), max(8, int(w * r))), mode="area")
             x = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        # Acquisition: blur or sharpening (detector and processing), a display window, JPEG artefacts.
+        if self.blur:
+            x = _blur_or_sharpen(x, u(n) < self.blur, u(n) < 0.5, 0.5 + u(n) * 1.0)
+        if self.window:
+            lo, hi = u(n, 1, 1, 1) * 0.2, 0.8 + u(n, 1, 1, 1) * 0.2
+            x = torch.where(u(n, 1, 1, 1) < self.window, ((x - lo) / (hi - lo)).clamp(0, 1), x)
+        if self.jpeg:
+            for i in torch.nonzero(u(n) < self.jpeg).flatten().tolist():
+                x[i, 0] = _jpeg(x[i, 0], int(30 + 60 * float(u(1))))
         # Intensity: gamma, contrast about the image mean, noise.
         gam = self.gamma[0] + u(n, 1, 1, 1) * (self.gamma[1] - self.gamma[0])
         x = x.clamp(0, 1) ** gam
@@ -152,3 +269,26 @@ class TrainAugment:
             top, left = int((h - eh) * float(u(1))), int((w - ew) * float(u(1)))
             x[i, :, top:top + eh, left:left + ew] = float(u(1))
         return x
+
+
+def _blur_or_sharpen(x: torch.Tensor, chosen: torch.Tensor, sharpen: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per image of ``x`` ``(N, 1, H, W)``: unchanged, Gaussian-blurred (``sigma`` px), or unsharp-masked."""
+    out = x.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        r = max(1, int(3 * float(sigma[i])))
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * float(sigma[i]) ** 2))
+        k = k / k.sum()
+        img = x[i:i + 1]
+        smooth = F.conv2d(F.pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        smooth = F.conv2d(F.pad(smooth, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        out[i:i + 1] = (img + (img - smooth)).clamp(0, 1) if sharpen[i] else smooth
+    return out
+
+
+def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
+    """One ``(H, W)`` image in [0, 1] through JPEG at ``quality`` and back."""
+    buf = io.BytesIO()
+    Image.fromarray((img.clamp(0, 1) * 255).round().byte().numpy()).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return torch.from_numpy(np.asarray(Image.open(buf), dtype=np.float32) / 255)
+

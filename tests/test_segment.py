@@ -1,0 +1,131 @@
+"""Lung segmentation: the shipped segmenter on held-out JSRT patients and on covid-cxr films, the crop, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covidxray.checkpoint import default_model_path, load_preprocess
+from covidxray.cli import main
+from covidxray.errors import CheckpointError
+from covidxray.imaging import load_image
+from covidxray.presets import Preprocess, box_pixels, lung_box
+from covidxray.segment import LungNet, LungSegmenter, dice, full_mask
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> LungSegmenter:
+    return LungSegmenter(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def jsrt(data_root: Path) -> Path:
+    return data_root.parent / "jsrt"
+
+
+def test_shape_and_one_pass_features():
+    net = LungNet().eval()
+    x = torch.rand(2, 1, 112, 112)
+    with torch.no_grad():
+        logits, feats = net.forward_features(x)
+        assert logits.shape == x.shape and torch.equal(net(x), logits)
+        assert torch.equal(net.encode(x)[2], feats) and feats.shape == (2, 464)
+
+
+def test_dice_on_held_out_jsrt_patients(segmenter: LungSegmenter, jsrt: Path):
+    """The shipped segmenter's own test patients (never trained on): Dice >= 0.95 at the masks' resolution."""
+    held_out = set(segmenter.meta["split"]["test"])
+    assert len(held_out) >= 30 and not held_out & set(segmenter.meta["split"]["train"])
+    rows = [r for r in csv.DictReader(open(jsrt / "manifest.csv")) if Path(r["path"]).name in held_out]
+    scores = []
+    for r in rows:
+        image = load_image(jsrt / r["path"])
+        target = np.asarray(Image.open(jsrt / r["mask"]).convert("L")) > 127
+        scores.append(dice(full_mask(segmenter(image), image.shape), target))
+    assert np.mean(scores) >= 0.95 and min(scores) >= 0.85, (np.mean(scores), min(scores))
+
+
+def test_lungs_are_found_on_covid_films_of_every_source(segmenter: LungSegmenter, manifest: Path):
+    """Diseased, AP, portable and pediatric films: the lung share stays plausible (JSRT's own range is 0.19-0.40)."""
+    rows = list(csv.DictReader(open(manifest)))
+    picks = [r for r in rows if r["age_group"] == "pediatric"][:6]
+    for source in ("radiography-db", "ieee8023", "covid-cxnet"):
+        picks += [r for r in rows if r["source"] == source and r["label"] == "covid"][:12]
+    picks += [r for r in rows if r["view"] == "AP Supine"][:6]
+    fractions = [float(full_mask(segmenter(im := load_image(manifest.parent / r["path"])), im.shape).mean()) for r in picks]
+    assert all(0.10 <= f <= 0.60 for f in fractions), sorted(fractions)[:3] + sorted(fractions)[-3:]
+
+
+def test_lung_box_keeps_the_two_largest_regions_and_widens_by_the_margin():
+    prob = np.zeros((100, 100), np.float32)
+    prob[20:80, 10:40] = 1  # right lung
+    prob[20:80, 60:90] = 1  # left lung
+    prob[95:98, 0:3] = 1  # a stray island (a tube, a marker): ignored
+    assert lung_box(prob, margin=0.0) == pytest.approx((0.2, 0.1, 0.8, 0.9))
+    assert lung_box(prob, margin=0.1) == pytest.approx((0.14, 0.02, 0.86, 0.98))
+    assert lung_box(np.zeros((50, 50)), margin=0.1) == (0.0, 0.0, 1.0, 1.0)  # no lungs found: no crop
+
+
+def test_lung_crop_is_the_box_of_the_image_resized(segmenter: LungSegmenter, manifest: Path):
+    image = load_image(manifest.parent / "images/ieee8023/covid/00010.jpg")
+    pre = Preprocess(size=64, equalize=False, lung_crop=True, segmenter_sha256=segmenter.sha256)
+    with pytest.raises(ValueError, match="lung segmenter"):
+        pre.prepare(image)
+    lungs = segmenter(image)
+    cropped, box = replace(pre, segmenter=segmenter).prepare_with_box(image)
+    rows, cols = box_pixels(box, image.shape)
+    by_hand = Preprocess(size=64, equalize=False).prepare(image[rows, cols])
+    np.testing.assert_array_equal(cropped, by_hand)
+    np.testing.assert_array_equal(pre.prepare(image, lungs), cropped)  # same map, same crop
+    assert box != (0.0, 0.0, 1.0, 1.0)
+    assert "segmenter" not in pre.to_dict() and Preprocess(size=64).to_dict().keys() == {"size", "equalize", "mean", "std"}
+
+
+def test_a_model_refuses_another_segmenter(tmp_path: Path, segmenter: LungSegmenter):
+    segmenter.copy_to(tmp_path)
+    meta = {"preprocess": Preprocess(size=64, lung_crop=True, segmenter_sha256="0" * 64).to_dict()}
+    with pytest.raises(CheckpointError, match="not the segmenter this model was trained with"):
+        load_preprocess(meta, tmp_path / "model.json")
+    meta["preprocess"]["segmenter_sha256"] = segmenter.sha256
+    assert load_preprocess(meta, tmp_path / "model.json").segmenter is not None
+    (tmp_path / "segmenter.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="do not match"):
+        LungSegmenter(tmp_path)
+
+
+def test_segment_command_writes_mask_and_overlay(tmp_path: Path, manifest: Path):
+    xray = manifest.parent / "images/covid-cxnet/covid/00001.jpg"
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["segment", str(xray), str(bad), "--out", str(tmp_path / "out")]) == 2
+    mask = np.asarray(Image.open(tmp_path / "out" / "00001_lungs.png"))
+    assert mask.shape == load_image(xray).shape and set(np.unique(mask)) == {0, 255}
+    assert 0.1 < (mask > 0).mean() < 0.6
+    overlay = Image.open(tmp_path / "out" / "00001_lungs_overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == (mask.shape[1], mask.shape[0])
+
+
+@pytest.mark.slow
+def test_training_a_segmenter_writes_a_loadable_pair(tmp_path: Path, jsrt: Path):
+    from covidxray.segment_training import SegConfig, train_segmenter
+
+    rows = list(csv.DictReader(open(jsrt / "manifest.csv")))[:30]
+    small = tmp_path / "manifest.csv"
+    with open(small, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "path": str(jsrt / r["path"]), "mask": str(jsrt / r["mask"])} for r in rows)
+    path = train_segmenter(SegConfig(data=str(small), out=str(tmp_path / "seg"), size=32, epochs=2, pretrained=False))
+    meta = json.loads(path.read_text())
+    assert set(meta["split"]) == {"train", "val", "test"} and 0.0 <= meta["metrics"]["test"]["dice_mean"] <= 1.0
+    assert sorted(sum(meta["split"].values(), [])) == sorted(Path(r["path"]).name for r in rows)
+    assert LungSegmenter(path.parent)(np.random.rand(50, 40).astype(np.float32)).shape == (32, 32)
