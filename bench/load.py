@@ -19,7 +19,6 @@ import csv
 import io
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from PIL import Image
 
 from common import ROOT, save
 from covidxray.export import export_onnx
-from covidxray.predictor import default_model_path
+from covidxray.checkpoint import copy_model, default_model_path
 
 MAX_CLIENTS, MAX_SECONDS = 256, 600
 SAMPLE_FILES = 64
@@ -176,10 +175,7 @@ def main() -> None:
     bad = bad_files(files[0][1])
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model"
-        model.mkdir()
-        for name in ("model.json", "model.safetensors"):  # a copy, so the export does not touch the shipped model
-            shutil.copy(default_model_path() / name, model / name)
+        model = copy_model(default_model_path(), Path(tmp) / "model")  # a copy: the export does not touch the shipped model
         if args.backend == "onnx":
             export_onnx(model, model / "model.onnx")
         proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from covidxray.calibration import (
     SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, reliability,
 )
-from covidxray.checkpoint import load_model, update_model_meta
+from covidxray.checkpoint import copy_model, load_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.inference import predict_logits, prepare_images
@@ -102,10 +101,7 @@ def test_training_stores_temperature_and_calibrated_threshold(trained_run: Path)
 @pytest.fixture()
 def run_copy(trained_run: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
-    run.mkdir()
-    for name in ("model.json", "model.safetensors"):
-        shutil.copy(trained_run / name, run / name)
-    return run
+    return copy_model(trained_run, run)
 
 
 def _listing(run: Path) -> set[str]:
@@ -123,7 +119,7 @@ def test_calibrate_command_rewrites_threshold_and_keeps_weights(run_copy: Path, 
     assert meta["calibration"]["n"] == sum(s.split == "val" for s in load_samples(manifest, split_file))
     assert meta["weights_sha256"] == weights == hashlib.sha256((run_copy / "model.safetensors").read_bytes()).hexdigest()
     assert meta["train_config"] == before["train_config"]
-    assert _listing(run_copy) == {"model.json", "model.safetensors"}  # no temporary file left behind
+    assert _listing(run_copy) == {f.name for f in model_files(run_copy)}  # no temporary file left behind
     predictor = Predictor(run_copy)  # still loads: the JSON and the weights belong together
     assert predictor.threshold == 0.4 and predictor.temperature == meta["temperature"]
 
@@ -169,3 +165,30 @@ def test_evaluate_report_shows_calibration_and_named_operating_points(run_copy: 
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()
     assert "## Calibration" in md and "(reliability.png)" in md and "before temperature scaling" in md
+
+
+def test_site_calibration_with_jsrt_as_the_new_site(run_copy: Path, data_root: Path, cache_dir: Path, tmp_path: Path,
+                                                    capsys):
+    """JSRT's normals stand in for a new hospital: half onboard it, the other half check what that bought."""
+    normals = sorted((data_root.parent / "jsrt" / "images" / "normal").glob("*.jpg"))
+    site = tmp_path / "site-normals"
+    site.mkdir()
+    for p in normals[::2]:
+        (site / p.name).symlink_to(p)
+    before = json.loads((run_copy / "model.json").read_text())["threshold"]
+    assert main(["calibrate", str(run_copy), "--site-normals", str(site), "--target-specificity", "0.9",
+                 "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "cost on the validation split" in out and "sensitivity" in out
+    meta = json.loads((run_copy / "model.json").read_text())
+    sc = meta["site_calibration"]
+    assert sc["threshold_before"] == before and meta["threshold"] == sc["threshold"]
+    assert sc["site"]["specificity_after"] >= 0.9 and "site calibration" in meta["threshold_rule"]
+    assert set(sc["validation_after"]) == {"sensitivity", "specificity"}
+    # The other half of the site's normals, never used to set the threshold.
+    predictor = Predictor(run_copy)
+    held = [predictor.predict_path(p) for p in normals[1::2]]
+    answered = [a for a in held if a.answered]
+    assert np.mean([a.label == "normal" for a in answered]) >= 0.75
+    with pytest.raises(SystemExit):  # the two threshold rules exclude each other
+        main(["calibrate", str(run_copy), "--site-normals", str(site), "--threshold", "0.3"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from covidxray import DISCLAIMER
+from covidxray.checkpoint import copy_model
 from covidxray.cli import main
 from covidxray.data import load_samples
 
@@ -22,10 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run_copy(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained run's model files in a folder of its own, so reports written here touch no other test."""
     run = tmp_path_factory.mktemp("card") / "run"
-    run.mkdir()
-    for name in ("model.json", "model.safetensors"):
-        shutil.copy(trained_run / name, run / name)
-    return run
+    return copy_model(trained_run, run)
 
 
 @pytest.fixture(scope="module")

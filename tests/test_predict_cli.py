@@ -98,7 +98,9 @@ def test_evaluate_writes_report_with_cis(trained_run: Path, manifest: Path, spli
     report = json.loads((out / "report.json").read_text())
     assert "COVID-19" in report["positive_class"]
     n_val = sum(s.split == "val" for s in load_samples(manifest, split_file))
-    assert report["n"] == n_val  # the run validated on 400; the report covers the whole split
+    gate = report["input_gate"]  # the run validated on 400; the report covers the whole split, less what the gate refused
+    assert report["n"] == gate["answered"] and gate["answered"] + gate["not_answered"] == n_val
+    assert gate["not_answered"] <= 0.01 * n_val and "## Input gate" in (out / "report.md").read_text()
     for name in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc"):
         m = report["metrics"][name]
         assert m["ci_low"] <= m["value"] <= m["ci_high"], name

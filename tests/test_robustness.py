@@ -8,11 +8,10 @@ a message naming the file and the problem, never a traceback or a 5xx.
 
 Decisions recorded by this table:
 
-* a DICOM whose ViewPosition says lateral (LL/RL) is refused: the model saw frontal films only;
-  a rotated or mirrored frontal film carries no such tag and cannot be told from pixels, so it is
-  classified (a known limitation, stated in the model card's scope);
-* a strongly coloured picture (a photo, a drawing) is classified in grey, as before, but the
-  loader logs a warning that it is probably not an X-ray;
+* what decodes but is no frontal chest X-ray gets the third outcome, no answer (``no_answer``,
+  with its reason), from the input gate: a DICOM whose ViewPosition says lateral (the header), a
+  frontal film turned by 90 degrees and a strongly coloured picture (the pixels; the loader also
+  logs that the picture is probably not an X-ray). A mirrored frontal film is still one: answered;
 * an unreadable file (mode 000) is refused with "permission denied", unless the process can
   read it anyway (root), in which case it is simply classified.
 """
@@ -66,8 +65,8 @@ class Case:
 
     id: str
     name: str  # file name in the corpus folder
-    outcome: str  # "ok" (classified) or "error" (refused)
-    message: str = ""  # for errors: a substring of the reason every entry point reports
+    outcome: str  # "ok" (classified), "no_answer" (read, but not a frontal chest X-ray) or "error" (unreadable)
+    message: str = ""  # for errors: a substring of the reason every entry point reports; for no_answer: the reason
     data: Factory | None = None  # the file's bytes; None for kinds that exist only as paths
     make: Callable[[Path, Source], None] | None = None  # creates a path-only kind at the given path
     in_tree: bool = True  # whether `data check` sees it in a folder tree (it must exist as an entry)
@@ -240,10 +239,13 @@ CASES: list[Case] = [
          data=lambda s: _save(_frames(s)[0], "GIF", save_all=True, append_images=_frames(s)[1:])),
     Case("tiff-multiframe", "stack.tif", "ok",
          data=lambda s: _save(_frames(s)[0], "TIFF", save_all=True, append_images=_frames(s)[1:])),
-    Case("jpeg-exif-rotated", "exif.jpg", "ok", data=_exif_rotated),
-    Case("xray-rotated-90", "rotated.png", "ok", data=lambda s: _save(_gray(s).transpose(Image.Transpose.ROTATE_90), "PNG")),
+    # The pixels are upright but the EXIF orientation says "turn 90 degrees to display": decoded as a
+    # viewer shows it, the film lies on its side, so the gate refuses it like any turned film.
+    Case("jpeg-exif-rotated", "exif.jpg", "no_answer", "rotated", data=_exif_rotated),
+    Case("xray-rotated-90", "rotated.png", "no_answer", "rotated",
+         data=lambda s: _save(_gray(s).transpose(Image.Transpose.ROTATE_90), "PNG")),
     Case("xray-mirrored", "mirrored.png", "ok", data=lambda s: _save(_gray(s).transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG")),
-    Case("colour-photo", "holiday.png", "ok", data=_colour_photo),
+    Case("colour-photo", "holiday.png", "no_answer", "not_chest_xray", data=_colour_photo),
     Case("png-with-zip-appended", "polyglot.png", "ok", data=_polyglot),
     Case("dicom-pa", "frontal.dcm", "ok", data=lambda s: _dicom(s, ViewPosition="PA")),
     Case("dicom-monochrome1", "mono1.dcm", "ok", data=lambda s: _dicom(s, "MONOCHROME1")),
@@ -280,8 +282,7 @@ CASES: list[Case] = [
     Case("dicom-truncated-pixels", "short.dcm", "error", "could not decode", data=lambda s: _dicom(s)[:-5000]),
     Case("dicom-nan-rescale", "nan.dcm", "error", "non-finite", data=lambda s: _dicom(s, RescaleSlope="NaN", RescaleIntercept=0)),
     Case("dicom-inf-rescale", "inf.dcm", "error", "non-finite", data=lambda s: _dicom(s, RescaleSlope="1e308", RescaleIntercept=0)),
-    Case("dicom-lateral", "lateral.dcm", "error", "lateral view (ViewPosition LL)",
-         data=lambda s: _dicom(s, ViewPosition="LL")),
+    Case("dicom-lateral", "lateral.dcm", "no_answer", "lateral_view", data=lambda s: _dicom(s, ViewPosition="LL")),
     # -- paths that are not image files
     Case("directory", "folder.png", "error", "is a directory", make=_make_dir, in_tree=False,
          cli_message="no files found"),  # the CLI reads a folder as "every image in it": none here
@@ -340,6 +341,7 @@ def predictor():
 def test_the_corpus_is_large_and_varied():
     assert len(CASES) >= 30
     assert sum(c.outcome == "ok" for c in CASES) >= 10 and sum(c.outcome == "error" for c in CASES) >= 25
+    assert sum(c.outcome == "no_answer" for c in CASES) >= 3
 
 
 # ---------------------------------------------------------------------------------------------- (a) load_image
@@ -350,7 +352,7 @@ def test_load_image(case: Case, corpus: dict[str, Path], caplog: pytest.LogCaptu
     path = corpus[case.id]
     outcome, message = expected(case, path)
     caplog.set_level("WARNING", logger="covidxray")
-    if outcome == "ok":
+    if outcome != "error":  # decoding is not the gate's business: what is readable is read
         image = load_image(path)
         assert image.ndim == 2 and image.dtype == np.float32 and 0.0 <= image.min() < image.max() <= 1.0
     else:
@@ -368,7 +370,7 @@ def test_load_image_bytes_agree_with_the_file(case: Case, corpus: dict[str, Path
     """An upload of the same bytes gets the same pixels or the same reason, under its own name."""
     path = corpus[case.id]
     outcome, message = expected(case, path)
-    if outcome == "ok":
+    if outcome != "error":
         np.testing.assert_array_equal(load_image(case.data(source), name="upload"), load_image(path))
     else:
         with pytest.raises(ImageError, match=r"^upload: ") as err:
@@ -376,12 +378,16 @@ def test_load_image_bytes_agree_with_the_file(case: Case, corpus: dict[str, Path
         assert message in err.value.reason
 
 
-def test_the_lateral_dicom_is_the_frontal_one_but_for_its_tag(source: Source):
-    """Only ViewPosition differs, so the refusal is the policy and not a decoding accident."""
+def test_the_lateral_dicom_is_the_frontal_one_but_for_its_tag(source: Source, predictor):
+    """Only ViewPosition differs, so the refusal is the policy (the gate's header rule), not a decoding accident."""
     frontal = load_image(_dicom(source, ViewPosition="PA"))
+    assert predictor.predict_bytes(_dicom(source, ViewPosition="PA"), "front.dcm").answered
     for view in ("LL", "RL", " ll "):
-        with pytest.raises(ImageError, match=r"lateral view .*frontal \(PA/AP\)"):
-            load_image(_dicom(source, ViewPosition=view.strip()), name="side.dcm")
+        side = _dicom(source, ViewPosition=view.strip())
+        np.testing.assert_array_equal(load_image(side), frontal)
+        answer = predictor.predict_bytes(side, "side.dcm")
+        assert (answer.label, answer.reason) == ("not_answered", "lateral_view")
+        assert "frontal (PA/AP)" in answer.message
     np.testing.assert_array_equal(load_image(_dicom(source, ViewPosition="AP")), frontal)
 
 
@@ -406,6 +412,10 @@ def test_cli_predict(case: Case, corpus: dict[str, Path], shared_predictor, caps
         assert code == 0, err
         row = json.loads(out)
         assert row["path"] == str(path) and row["label"] in ("covid", "normal") and 0 <= row["probability"] <= 1
+    elif outcome == "no_answer":
+        assert code == 3, err
+        row = json.loads(out)
+        assert (row["label"], row["reason"], row["probability"]) == ("not_answered", message, None)
     else:
         assert code == 2
         assert str(path) in err and (case.cli_message or message) in err
@@ -428,6 +438,8 @@ def test_console_script_on_the_whole_corpus(corpus: dict[str, Path]):
         row = rows[str(path)]
         if outcome == "ok":
             assert row["label"] in ("covid", "normal"), cid
+        elif outcome == "no_answer":
+            assert (row["label"], row["reason"]) == ("not_answered", message), cid
         else:
             assert message in row["error"], cid
             assert f"error: {path}: " in proc.stderr, cid
@@ -498,7 +510,7 @@ def client(predictor):
 
 
 def _expected_status(case: Case) -> int:
-    return 200 if case.outcome == "ok" else 415 if case.message == UNRECOGNISED else 422
+    return 200 if case.outcome != "error" else 415 if case.message == UNRECOGNISED else 422
 
 
 def _check_answer(case: Case, status: int, body: dict) -> None:
@@ -507,6 +519,8 @@ def _check_answer(case: Case, status: int, body: dict) -> None:
     if case.outcome == "ok":
         assert body["label"] in ("covid", "normal") and 0.0 <= body["probability"] <= 1.0
         assert body["filename"] == case.name[:120]  # the server shortens names it echoes
+    elif case.outcome == "no_answer":  # a 200 with the third outcome: the request was fine, the picture is no CXR
+        assert (body["label"], body["reason"]) == ("not_answered", case.message) and "probability" not in body
     else:
         error = body["error"]
         assert error["code"] and error["message"].startswith(f"{case.name}: ") and case.message in error["message"]

@@ -22,7 +22,6 @@ images whose features are computed. COVID-19 is the positive class throughout.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections import Counter
@@ -33,10 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from numpy.typing import ArrayLike
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
@@ -48,50 +44,21 @@ from .checkpoint import run_dir
 from .data import Sample, check_samples, load_samples
 from .errors import DataError
 from .evaluate import resolve_data
-from .explain import grad_cam, overlay_png
-from .inference import readable_images
+from .cam_location import BORDER, CLASS_NAMES, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
+from .explain import grad_cam
+from .imaging import load_image
+from .inference import logits_and_features, readable_images
 from .metrics import bootstrap_metrics, format_ci
-from .models import features, get_spec
+from .models import get_spec
 from .predictor import Predictor
 from .report import json_safe
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["BORDER", "border_mass", "source_probe", "leakage", "audit_run"]
+__all__ = ["BORDER", "area_shares", "border_mass", "source_probe", "leakage", "audit_run", "summary"]
 
 log = logging.getLogger(__name__)
 
-BORDER = 0.125  # the outer frame audited for Grad-CAM mass, as a fraction of each side
-_CLASS = {1: "covid", 0: "normal"}
-
-
-def border_mass(cams: torch.Tensor | np.ndarray, frame: float = BORDER) -> dict[str, np.ndarray]:
-    """Share of each map's total mass in the outer frame and in the four corner squares.
-
-    Args:
-        cams: non-negative maps ``(N, H, W)``.
-        frame: width of the frame (and side of each corner square) as a fraction of the side.
-
-    Returns:
-        ``{"border": (N,), "corners": (N,)}``; NaN for an all-zero map (no evidence to locate).
-        A uniform map gives ``1 - (1 - 2 frame)^2`` and ``4 frame^2`` (see `area_shares`).
-    """
-    c = torch.as_tensor(np.asarray(cams, dtype=np.float32) if isinstance(cams, np.ndarray) else cams).float()
-    h, w = c.shape[-2:]
-    dy, dx = round(h * frame), round(w * frame)
-    total = c.sum(dim=(-2, -1))
-    centre = c[..., dy:h - dy, dx:w - dx].sum(dim=(-2, -1))
-    corners = (c[..., :dy, :dx].sum(dim=(-2, -1)) + c[..., :dy, w - dx:].sum(dim=(-2, -1))
-               + c[..., h - dy:, :dx].sum(dim=(-2, -1)) + c[..., h - dy:, w - dx:].sum(dim=(-2, -1)))
-    empty = total <= 0
-    safe = torch.where(empty, torch.ones_like(total), total)
-    nan = torch.full_like(total, float("nan"))
-    return {"border": torch.where(empty, nan, 1 - centre / safe).numpy(),
-            "corners": torch.where(empty, nan, corners / safe).numpy()}
-
-
-def area_shares(size: int, frame: float = BORDER) -> dict[str, float]:
-    """Area share of the frame and the corners on a ``size`` x ``size`` map (what a uniform map scores)."""
-    return {k: float(v[0]) for k, v in border_mass(torch.ones(1, size, size), frame).items()}
+_CLASS = CLASS_NAMES
 
 
 def source_probe(
@@ -180,11 +147,6 @@ def _per_source(y: np.ndarray, p: np.ndarray, src: np.ndarray, threshold: float)
     return rows
 
 
-def _mean(values: np.ndarray) -> float | None:
-    """Mean over the maps that had evidence (NaN marks an empty map); None when none had."""
-    return float(np.nanmean(values)) if np.isfinite(values).any() else None
-
-
 def _stratified(indices: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """At most ``n`` of ``indices``, half per class where possible, sorted."""
     if len(indices) <= n:
@@ -194,45 +156,12 @@ def _stratified(indices: np.ndarray, labels: np.ndarray, n: int, rng: np.random.
     return np.sort(np.r_[by_class[0][:take], by_class[1][:n - take]])
 
 
-def _gradcam_pngs(images: torch.Tensor, cams: np.ndarray, y: np.ndarray, p: np.ndarray, mass: np.ndarray,
-                  frame: float, per_row: int = 4) -> tuple[bytes, bytes]:
-    """Example overlays (per class: highest frame mass, then random) and the mean map per class."""
-    def png(fig: Figure) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        return buf.getvalue()
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for c in (1, 0):
-        idx = np.flatnonzero((y == c) & np.isfinite(mass))
-        if not len(idx):
-            continue
-        top = idx[np.argsort(-mass[idx])][:per_row]
-        rows += [(f"{_CLASS[c]}: highest frame mass", top), (f"{_CLASS[c]}: random", rng.permutation(idx)[:per_row])]
-    fig = Figure(figsize=(2.3 * per_row, 2.5 * max(1, len(rows))))
-    for r, (title, idx) in enumerate(rows):
-        for k, i in enumerate(idx):
-            ax = fig.add_subplot(len(rows), per_row, r * per_row + k + 1)
-            ax.imshow(Image.open(io.BytesIO(overlay_png(images[i].numpy() / 255.0, cams[i]))))
-            ax.set_title(f"{title if k == 0 else ''}\nP(covid)={p[i]:.2f}, frame {mass[i]:.0%}", fontsize=7, loc="left")
-            ax.axis("off")
-    fig.suptitle("Grad-CAM for each image's true class (COVID-19 is the positive class)", fontsize=9)
-    examples = png(fig)
-
-    fig = Figure(figsize=(7, 3.6))
-    for k, c in enumerate((1, 0)):
-        ax = fig.add_subplot(1, 2, k + 1)
-        sel = y == c
-        mean = cams[sel].mean(axis=0) if sel.any() else np.zeros(cams.shape[1:])
-        ax.imshow(mean, cmap="jet", vmin=0)
-        s = cams.shape[-1]
-        d = round(s * frame)
-        ax.add_patch(Rectangle((d - 0.5, d - 0.5), s - 2 * d, s - 2 * d, fill=False, ec="white", ls="--"))
-        ax.set_title(f"mean map, {_CLASS[c]} ({int(sel.sum())} images)", fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"dashed: inside of the audited {frame:.1%} frame", fontsize=8)
-    return examples, png(fig)
+def _input_lungs(predictor: Predictor, samples: Sequence[Sample]) -> np.ndarray | None:
+    """Dilated lung masks ``(N, S, S)`` as the network input frames each film; None without a segmenter."""
+    if predictor.segmenter is None:
+        return None
+    maps = [predictor.preprocess.input_lungs(predictor.segmenter(load_image(s.path))) for s in samples]
+    return dilate(np.stack(maps) >= 0.5) if maps else np.zeros((0, predictor.preprocess.size, predictor.preprocess.size), bool)
 
 
 def audit_run(
@@ -275,15 +204,7 @@ def audit_run(
     src = np.array([s.source or "(unknown)" for s in part])
     log.info("audit of %s on %s/%s: %d images (%d COVID-19)", run, data, split, len(part), int(y.sum()))
 
-    # Features and logits from one pass: the head applied to the features is the model's output.
-    head = model.get_submodule(get_spec(arch).head)
-    feats, logits = [], []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            f = features(model, pre.to_tensor(images[start:start + batch_size]).to(predictor.device), arch)
-            feats.append(f.cpu())
-            logits.append(head(f).float().cpu())
-    feats_np, logits_np = torch.cat(feats).numpy(), torch.cat(logits).numpy()
+    logits_np, feats_np = logits_and_features(model, arch, images, pre, batch_size, predictor.device)
     p = covid_probability(logits_np, predictor.temperature)
 
     report: dict[str, Any] = {
@@ -323,18 +244,22 @@ def audit_run(
     mass = border_mass(cam)
     ycam = y[cam_idx]
     shares = area_shares(pre.size)
+    lungs = _input_lungs(predictor, [part[i] for i in cam_idx])
+    inside = lung_mass(cam.numpy(), lungs) if lungs is not None else np.full(len(cam_idx), np.nan)
     by_class = {}
     for c in (1, 0):
         sel = ycam == c
-        b, k, where = mass["border"][sel], mass["corners"][sel], src[cam_idx][sel]
+        b, k, where, lm = mass["border"][sel], mass["corners"][sel], src[cam_idx][sel], inside[sel]
         by_class[_CLASS[c]] = {"n": int(sel.sum()), "n_empty": int(np.isnan(b).sum()),
-                               "border_mass": _mean(b), "corner_mass": _mean(k),
-                               "by_source": {s: _mean(b[where == s]) for s in sorted(set(where))}}
+                               "lung_mass": mean_of(lm), "border_mass": mean_of(b), "corner_mass": mean_of(k),
+                               "lung_mass_by_source": {s: mean_of(lm[where == s]) for s in sorted(set(where))},
+                               "by_source": {s: mean_of(b[where == s]) for s in sorted(set(where))}}
     report["gradcam"] = {"frame": BORDER, "area_share": shares, "n": len(cam_idx), "by_class": by_class,
-                         "explained_class": "each image's true class", "layer": layer}
+                         "explained_class": "each image's true class", "layer": layer,
+                         "lung_area_share": None if lungs is None else float(lungs.mean()), "lung_dilation": DILATE}
     report = json_safe(report)
 
-    examples, mean_maps = _gradcam_pngs(images[torch.from_numpy(cam_idx)], cam.numpy(), ycam, p[cam_idx],
+    examples, mean_maps = gradcam_pngs(images[torch.from_numpy(cam_idx)], cam.numpy(), ycam, p[cam_idx],
                                         mass["border"], BORDER)
     atomic_write_bytes(out / "gradcam_examples.png", examples)
     atomic_write_bytes(out / "gradcam_mean.png", mean_maps)
@@ -372,6 +297,10 @@ def summary(report: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"Leakage: {_leakage_sentence(leak)}")
     g = report["gradcam"]
+    for c, r in g["by_class"].items():
+        if r.get("lung_mass") is not None:
+            lines.append(f"Grad-CAM ({c}, {r['n']} images): {r['lung_mass']:.1%} of the map inside the lungs (dilated by "
+                         f"{g['lung_dilation']:.0%} of the side; they cover {g['lung_area_share']:.1%} of the input).")
     for c, r in g["by_class"].items():
         if r["border_mass"] is not None:
             lines.append(f"Grad-CAM ({c}, {r['n']} images): {r['border_mass']:.1%} of the map in the outer "
@@ -415,6 +344,15 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"- `{d['train']}` ~ `{d['evaluated']}` (distance {d['distance']})" for d in leak["near_duplicates"][:20]]
         lines += [f"- patient {p}" for p in leak["patients"][:20]]
     g = r["gradcam"]
+    if g.get("lung_area_share") is not None:
+        lines += ["", "## Grad-CAM inside the lungs", "",
+                  f"Share of each map's mass inside the lungs as the network input frames them (the lung segmenter's "
+                  f"mask, dilated by {g['lung_dilation']:.0%} of the side), averaged per class over {g['n']} images. The "
+                  f"lungs cover {g['lung_area_share']:.1%} of the input: a map that ignored them would score about that.", "",
+                  "| Class | Images | Mass inside the lungs | By source |", "|---|---:|---:|---|"]
+        for c, cls in g["by_class"].items():
+            per = ", ".join(f"{k} {_f(v, '.1%')}" for k, v in cls["lung_mass_by_source"].items())
+            lines.append(f"| {c} | {cls['n']} | **{_f(cls['lung_mass'], '.1%')}** | {per} |")
     lines += ["", "## Grad-CAM location", "",
               f"Share of each map's mass (layer `{g['layer']}`, {g['explained_class']}) in the outer {g['frame']:.1%} frame "
               f"and the four corner squares, averaged per class over {g['n']} images. A map spread evenly scores the "

@@ -33,14 +33,17 @@ from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
 from .calibration import calibrate, covid_probability
-from .checkpoint import load_model, load_state, read_state_header, save_model, save_state
+from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
 from .config import TrainConfig
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
 from .errors import CheckpointError, DataError
-from .inference import autocast, predict_logits, predict_probs, readable_images
+from .familiarity import FILE as FAMILIARITY_FILE
+from .familiarity import WARN_ABOVE, Familiarity
+from .inference import autocast, logits_and_features, predict_probs, readable_images
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
 from .report import save_predictions_csv
+from .segment import LungSegmenter
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["AUGMENTS", "train", "train_one_epoch"]
@@ -48,8 +51,13 @@ __all__ = ["AUGMENTS", "train", "train_one_epoch"]
 log = logging.getLogger(__name__)
 
 
+FAMILIARITY_SAMPLE = 3000  # training films whose features define "familiar" (a sample: the statistics settle well before)
+
 AUGMENTS = {
     "cxr": TrainAugment(),
+    # Stronger acquisition variety, so that sharpness, processing and compression cannot name a hospital.
+    "acquisition": TrainAugment(resolution=(0.35, 1.0), gamma=(0.6, 1.6), contrast=0.25, noise=0.03, blur=0.5,
+                                window=0.3, jpeg=0.3),
     "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
                               gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
 }
@@ -79,9 +87,12 @@ def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
 def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
     cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device, ema: nn.Module | None = None,
-    dist: distributed.DistEnv = distributed.DistEnv(),
+    dist: distributed.DistEnv = distributed.DistEnv(), sources: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds.
+
+    With ``cfg.balanced`` both classes are drawn equally often; with ``cfg.balance_sources`` also
+    every source (``sources``: an index per image) equally often within its class.
 
     Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on its slice
     ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the
@@ -92,8 +103,8 @@ def train_one_epoch(
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
     n = len(labels)
     if cfg.balanced:
-        counts = torch.bincount(labels, minlength=2).clamp(min=1).float()
-        order = torch.multinomial((1.0 / counts)[labels], n, replacement=True, generator=g)
+        order = torch.multinomial(_sampling_weights(labels, sources if cfg.balance_sources else None), n, replacement=True,
+                                  generator=g)
     else:
         order = torch.randperm(n, generator=g)
     if dist.enabled:
@@ -134,6 +145,14 @@ def train_one_epoch(
     if dist.enabled:
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs}
+
+
+def _sampling_weights(labels: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
+    """Per-image weights giving each class half the draws and, with ``sources``, each source of a class an equal share."""
+    cell = labels * (int(sources.max()) + 1 if sources is not None else 1) + (sources if sources is not None else 0)
+    per_cell = torch.bincount(cell).float()
+    cells_of_class = torch.bincount(torch.unique(cell) // (int(sources.max()) + 1 if sources is not None else 1), minlength=2)
+    return 1.0 / (per_cell[cell] * cells_of_class[labels].float())
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -200,6 +219,20 @@ def _model_meta(cfg: TrainConfig, pre: Preprocess, fingerprint: str, epoch: int,
     }
 
 
+def _segmenter(cfg: TrainConfig) -> LungSegmenter | None:
+    """The lung segmenter (and input gate) for this run: ``cfg.segmenter``, the bundled one, or None."""
+    if cfg.segmenter == "none":
+        found = None
+    elif cfg.segmenter == "bundled":
+        found = default_model_path() / "segmenter.json"
+        found = found if found.is_file() else None
+    else:
+        found = Path(cfg.segmenter)
+    if found is None and cfg.lung_crop:
+        raise DataError("cropping to the lungs needs a lung segmenter: pass --segmenter DIR (a folder with segmenter.json)")
+    return LungSegmenter(found) if found is not None else None
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the run directory.
 
@@ -230,7 +263,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         write_splits(run / "splits.csv", samples)
         log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
     spec = get_spec(cfg.arch)
-    pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std, mask_border=cfg.mask_border)
+    pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std, mask_border=cfg.mask_border,
+                     lung_crop=cfg.lung_crop, lung_margin=cfg.lung_margin, outside=cfg.outside, smooth=cfg.smooth)
+    segmenter = _segmenter(cfg)
+    if segmenter is not None:
+        if dist.is_main:
+            segmenter.copy_to(run)  # the run carries its segmenter and input gate
+        if cfg.lung_crop:
+            pre = replace(pre, segmenter_sha256=segmenter.sha256, segmenter=segmenter)
     parts = {}
     for name in ("train", "val"):
         part = _split(samples, name, cfg.limit, cfg.seed)
@@ -239,7 +279,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
             kept, images, _ = readable_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
         parts[name] = (images, torch.tensor([s.label for s in kept]), kept)
-    (xtr, ytr, _), (xva, yva, val_samples) = parts["train"], parts["val"]
+    (xtr, ytr, train_samples), (xva, yva, val_samples) = parts["train"], parts["val"]
+    names = sorted({s.source for s in train_samples})
+    source_index = torch.tensor([names.index(s.source) for s in train_samples])
     log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
              cfg.arch, len(ytr), int(ytr.sum()), len(yva), int(yva.sum()))
     if dist.enabled:
@@ -275,7 +317,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.patience and best_epoch >= 0 and epoch - best_epoch > cfg.patience:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
-        stats = train_one_epoch(trained, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema, dist=dist)
+        stats = train_one_epoch(trained, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema, dist=dist,
+                                sources=source_index)
         row = None
         if dist.is_main:  # rank 0 validates; its numbers decide best epoch and early stop on every rank
             t0 = time.perf_counter()
@@ -307,10 +350,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # Temperature, then operating threshold on the calibrated probabilities: both fitted on validation
     # predictions of the best model, never on test data.
     best, meta = load_model(run)
-    logits = predict_logits(best.to(device), xva, pre, cfg.eval_batch_size, device=device)
+    best = best.to(device)
+    logits, val_feats = logits_and_features(best, cfg.arch, xva, pre, cfg.eval_batch_size, device)
     cal = calibrate(yva.numpy(), logits, cfg.target_sensitivity)
     p = covid_probability(logits, cal.temperature)
-    meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start)
+    # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
+    sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(xtr))[:FAMILIARITY_SAMPLE])
+    _, train_feats = logits_and_features(best, cfg.arch, xtr[sample], pre, cfg.eval_batch_size, device)
+    familiarity = Familiarity.fit(train_feats, val_feats)
+    meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start,
+                familiarity={"file": FAMILIARITY_FILE, "sha256": familiarity.save(run), "warn_above": WARN_ABOVE,
+                             "train_images": len(sample), "val_images": len(val_feats)})
     for k in ("format", "weights_file", "weights_sha256"):
         meta.pop(k)
     save_model(run, best, meta)

@@ -11,21 +11,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from .calibration import Calibration, calibrate, covid_probability
 from .checkpoint import run_dir, update_model_meta
+from .batch import expand_inputs
 from .data import Sample, load_samples
-from .errors import DataError
-from .inference import predict_logits, readable_images
+from .errors import DataError, ImageError
+from .familiarity import WARN_ABOVE
+from .gate import Verdict
+from .imaging import read_image
+from .inference import logits_and_features, readable_images
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
-from .report import write_report
+from .report import json_safe, write_report
 
-__all__ = ["evaluate_run", "calibrate_run", "predict_split", "resolve_data"]
+__all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "predict_split", "resolve_data", "screen"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +54,13 @@ def resolve_data(
 
 def predict_split(
     predictor: Predictor, data: str, splits: str | None, split: str, cache_dir: str | None = None,
-) -> tuple[list[Sample], np.ndarray, list[tuple[str, str]]]:
-    """Logits of every readable image in one split (``all``: every image) at temperature 1.
+) -> tuple[list[Sample], np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Logits and features of every readable image in one split (``all``: every image) at temperature 1.
 
     Returns:
-        ``(samples, logits, failed)``: the readable samples, their logits ``(N, 2)`` (normal,
-        COVID-19) and ``(path, reason)`` for each unreadable file (logged, left out).
+        ``(samples, logits, features, failed)``: the readable samples, their logits ``(N, 2)``
+        (normal, COVID-19), their pre-logit features ``(N, D)``, and ``(path, reason)`` for each
+        unreadable file (logged, left out).
 
     Raises:
         DataError: the split holds no image.
@@ -65,8 +73,41 @@ def predict_split(
     if not samples:
         raise DataError(f"{data}: no images in split {split!r}")
     samples, images, failed = readable_images(samples, predictor.preprocess, cache_dir, desc=f"decoding {split}")
-    logits = predict_logits(predictor.model, images, predictor.preprocess, batch_size=64, device=predictor.device)
-    return samples, logits, failed
+    logits, feats = logits_and_features(predictor.model, predictor.meta["arch"], images, predictor.preprocess, 64,
+                                        predictor.device)
+    return samples, logits, feats, failed
+
+
+def screen(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 32) -> list[Verdict | None]:
+    """The input gate's verdict on each sample's file (None: answered). Files are decoded again: the
+    image cache holds network inputs, and the gate looks at the whole picture and its header."""
+    if not predictor.gate:
+        return [None] * len(samples)
+    out: list[Verdict | None] = []
+    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(total=len(samples), desc="input gate", unit="img", leave=False) as bar:
+        for start in range(0, len(samples), batch_size):
+            decoded = list(pool.map(lambda s: read_image(s.path), samples[start:start + batch_size]))
+            out += predictor.verdicts([image for image, _ in decoded], [info for _, info in decoded])
+            bar.update(len(decoded))
+    return out
+
+
+def _gate_summary(samples: Sequence[Sample], verdicts: Sequence[Verdict | None]) -> dict[str, Any]:
+    refused = [(s, v) for s, v in zip(samples, verdicts) if v is not None]
+    return {"answered": len(samples) - len(refused), "not_answered": len(refused),
+            "by_reason": dict(Counter(v.reason for _, v in refused)),
+            "files": [{"path": s.key, "label": s.label_name, "reason": v.reason} for s, v in refused[:100]]}
+
+
+def _unfamiliarity_summary(values: np.ndarray, sources: Sequence[str]) -> dict[str, Any]:
+    def one(v: np.ndarray) -> dict[str, Any]:
+        return {"n": int(len(v)), "median": float(np.median(v)), "p95": float(np.percentile(v, 95)),
+                "share_above_warning": float((v > WARN_ABOVE).mean())}
+
+    out = {"warn_above": WARN_ABOVE, "all": one(values)}
+    if len(set(sources)) > 1:
+        out["by_source"] = {src: one(values[np.asarray(sources) == src]) for src in sorted(set(sources))}
+    return out
 
 
 def _internal_reference(
@@ -80,7 +121,9 @@ def _internal_reference(
         if r.get("threshold") == predictor.threshold and (r.get("calibration") or {}).get("temperature") == predictor.temperature:
             return {"from": str(stored), "n": r["n"], "n_covid": r["n_covid"], "metrics": r["metrics"]}
     data, splits = resolve_data(run, predictor.meta)
-    samples, logits, _ = predict_split(predictor, data, splits, "test", cache_dir)
+    samples, logits, _, _ = predict_split(predictor, data, splits, "test", cache_dir)
+    keep = [v is None for v in screen(predictor, samples)]
+    samples, logits = [s for s, k in zip(samples, keep) if k], logits[np.asarray(keep, dtype=bool)]
     boot = bootstrap_metrics([s.label for s in samples], covid_probability(logits, predictor.temperature),
                              predictor.threshold, n_boot=n_boot)
     return {"from": f"computed now on the test split of {data}", "n": boot["n"], "n_covid": boot["n_pos"],
@@ -121,7 +164,14 @@ def evaluate_run(
         title = f"covidxray external evaluation — {predictor.name} on {name}"
     else:
         data, splits = resolve_data(run, predictor.meta, data, splits)
-    samples, logits, failed = predict_split(predictor, data, splits, split, cache_dir)
+    samples, logits, feats, failed = predict_split(predictor, data, splits, split, cache_dir)
+    verdicts = screen(predictor, samples)
+    gate = _gate_summary(samples, verdicts)
+    # Metrics are for the films that get an answer; the refused ones are counted, by reason.
+    keep = np.asarray([v is None for v in verdicts], dtype=bool)
+    samples, logits, feats = [s for s, k in zip(samples, keep) if k], logits[keep], feats[keep]
+    if not samples:
+        raise DataError(f"{data}: the input gate answered none of the {len(verdicts)} images of split {split!r}")
     internal = _internal_reference(run, predictor, n_boot, cache_dir) if external is not None else None
     probs = covid_probability(logits, predictor.temperature)
     out = Path(out) if out else folder / f"eval-{split}"
@@ -132,12 +182,14 @@ def evaluate_run(
         "threshold_source": predictor.meta.get("threshold_rule", "stored in the checkpoint"),
         "unreadable": [{"path": p, "reason": r} for p, r in failed], "out": str(out),
     }
+    unfamiliar = predictor.familiarity(feats) if predictor.familiarity is not None else None
     val_points = {f"sensitivity >= {k} on validation": v for k, v in predictor.meta.get("sensitivity_thresholds", {}).items()}
     return write_report(
         out, [s.label for s in samples], probs, predictor.threshold, sources=[s.source for s in samples] if has_sources else None,
         paths=[s.key for s in samples], meta=meta, n_boot=n_boot, title=title,
         temperature=predictor.temperature, prob_uncalibrated=covid_probability(logits, 1.0),
-        named_thresholds=val_points, internal=internal,
+        named_thresholds=val_points, internal=internal, gate=gate if predictor.gate else None,
+        unfamiliarity=_unfamiliarity_summary(unfamiliar, [s.source for s in samples]) if unfamiliar is not None else None,
     )
 
 
@@ -162,10 +214,58 @@ def calibrate_run(
     """
     predictor = Predictor(run)
     data, splits = resolve_data(run, predictor.meta, data, splits)
-    samples, logits, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
                     predictor.temperature if keep_temperature else None)
     update_model_meta(run, cal.to_meta())
     log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
              cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
     return cal
+
+
+def calibrate_site(
+    run: str | os.PathLike, site_normals: str | os.PathLike, target_specificity: float = 0.95, cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Onboard a new site: move the threshold so that the site's own normal films reach ``target_specificity``.
+
+    Every film in ``site_normals`` (a folder, searched recursively, or a manifest; all taken as
+    normal) goes through the input gate and the model; the new threshold is the lowest at which at
+    least ``target_specificity`` of the answered ones are called normal. What that costs is
+    measured on the run's own validation split (sensitivity and specificity before and after, with
+    95% CIs). The temperature and the weights stay; ``model.json`` is rewritten atomically.
+
+    Returns:
+        ``{"threshold_before", "threshold", "site": {...}, "validation_before": {...}, "validation_after": {...}}``.
+    """
+    if not 0.5 <= target_specificity < 1.0:
+        raise DataError(f"the target specificity must be in [0.5, 1), got {target_specificity}")
+    predictor = Predictor(run)
+    files = expand_inputs([str(site_normals)]) if Path(site_normals).is_dir() else [s.path for s in load_samples(site_normals)]
+    results = [r for r in predictor.predict_paths(files) if not isinstance(r, ImageError)]
+    probs = np.sort([r.probability for r in results if r.answered])
+    if len(probs) < 20:
+        raise DataError(f"{site_normals}: {len(probs)} answered normal films; at least 20 are needed to set a threshold "
+                        f"(read {len(files)} files, {len(results)} readable)")
+    # The k-th smallest probability is the last one that must stay under the threshold.
+    k = int(np.ceil(target_specificity * len(probs)))
+    threshold = float(np.nextafter(probs[k - 1], np.inf)) if k <= len(probs) else 1.0
+    data, splits = resolve_data(run, predictor.meta)
+    samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    y, p = [s.label for s in samples], covid_probability(logits, predictor.temperature)
+
+    def on_validation(t: float) -> dict[str, Any]:
+        boot = bootstrap_metrics(y, p, t, n_boot=1000)
+        return {k: boot[k] for k in ("sensitivity", "specificity")}
+
+    out = {
+        "threshold_before": predictor.threshold, "threshold": threshold, "target_specificity": target_specificity,
+        "site": {"folder": str(site_normals), "files": len(files), "answered": len(probs),
+                 "not_answered": sum(not r.answered for r in results), "unreadable": len(files) - len(results),
+                 "specificity_before": float((probs < predictor.threshold).mean()), "specificity_after": float((probs < threshold).mean())},
+        "validation_before": on_validation(predictor.threshold), "validation_after": on_validation(threshold),
+    }
+    rule = (f"site calibration: specificity >= {target_specificity:g} on {len(probs)} normal films of {site_normals} "
+            f"(was {predictor.threshold:.4f}: {predictor.meta.get('threshold_rule', '')})")
+    update_model_meta(run, {"threshold": threshold, "threshold_rule": rule, "site_calibration": json_safe(out)})
+    log.info("site calibration of %s: threshold %.4f -> %.4f", run, predictor.threshold, threshold)
+    return out

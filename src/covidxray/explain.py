@@ -34,10 +34,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from .errors import CheckpointError, ImageError
-from .imaging import load_image
+from .gate import Verdict
+from .imaging import read_image
 from .inference import autocast
 from .models import get_spec
 from .predictor import Predictor
+from .presets import box_pixels
 from .utils import atomic_write_bytes
 
 __all__ = ["grad_cam", "explain", "overlay_png", "explain_files"]
@@ -82,10 +84,11 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, class_index: int = C
 def explain(predictor: Predictor, image: np.ndarray) -> tuple[float, np.ndarray]:
     """P(covid) and the COVID-19 Grad-CAM map of one decoded X-ray, from one forward pass.
 
-    The image goes through the predictor's own preprocessing, so the probability equals
-    ``predictor.predict_array(image).probability``; the map is stretched back from the square
-    network input to the image's own shape (the preset squashes rather than crops, so this undoes
-    its geometry exactly).
+    The image goes through the predictor's own preprocessing (the input gate is not consulted:
+    this explains the classifier), so the probability equals ``predictor.predict_array(image)
+    .probability`` for an image the gate lets through; the map is stretched back from the square
+    network input onto the part of the image it came from (all of it, or the lung box when the
+    model crops to the lungs), and is zero elsewhere.
 
     Args:
         predictor: a `Predictor` with the torch backend (ONNX has no gradients).
@@ -100,15 +103,18 @@ def explain(predictor: Predictor, image: np.ndarray) -> tuple[float, np.ndarray]
     if predictor.model is None:
         raise CheckpointError("Grad-CAM needs the PyTorch model; load the predictor with backend='torch'")
     pre = predictor.preprocess
-    x = pre.to_tensor(torch.from_numpy(pre.prepare(image))[None]).to(predictor.device)
+    prepared, box = pre.prepare_with_box(image)
+    x = pre.to_tensor(torch.from_numpy(prepared)[None]).to(predictor.device)
     x = x.contiguous(memory_format=torch.channels_last)  # as `predict_probs` feeds the model
     layer = get_spec(predictor.meta["arch"]).cam_layer
     with autocast(predictor.device):  # the same precision as `predict_probs`, so the probabilities agree
         cams, logits = _cam_and_logits(predictor.model, x, layer, COVID)
     prob = float(torch.softmax(logits.float() / predictor.temperature, dim=1)[0, COVID])
-    # Straight from the coarse grid to H x W: one interpolation, not two.
-    cam = _resize_normalise(cams, tuple(image.shape[:2]))[0]
-    return prob, cam.cpu().numpy()
+    rows, cols = box_pixels(box, image.shape)
+    cam = np.zeros(image.shape[:2], dtype=np.float32)
+    # Straight from the coarse grid to the box's pixels: one interpolation, not two.
+    cam[rows, cols] = _resize_normalise(cams, (rows.stop - rows.start, cols.stop - cols.start))[0].cpu().numpy()
+    return prob, cam
 
 
 def overlay_png(image: np.ndarray, cam: np.ndarray, title: str | None = None, alpha: float = 0.4) -> bytes:
@@ -152,18 +158,23 @@ def explain_files(predictor: Predictor, paths: Iterable[str | os.PathLike], out_
         out_dir: output folder, created if missing.
 
     Returns:
-        One dict per input, in order: ``{path, label, probability, threshold, overlay, npy}``, or
-        ``{path, error}`` when the file could not be read as an image (`ImageError`).
+        One dict per input, in order: ``{path, label, probability, threshold, overlay, npy}``;
+        the `Prediction` fields alone (``label`` ``not_answered``, ``reason``) when the input gate
+        refuses the image; or ``{path, error}`` when the file could not be read (`ImageError`).
     """
     out = Path(out_dir)
     used: set[str] = set()
     results: list[dict] = []
     for path in paths:
         try:
-            image = load_image(path)
+            image, info = read_image(path)
         except ImageError as e:
             log.warning("%s", e)
             results.append({"path": str(path), "error": str(e)})
+            continue
+        checked = predictor.check(image, info)
+        if isinstance(checked, Verdict):  # nothing to explain: the classifier would not answer it
+            results.append(predictor.refuse(str(path), checked).to_dict())
             continue
         prob, cam = explain(predictor, image)
         answer = predictor.decide(str(path), prob)

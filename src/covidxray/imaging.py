@@ -46,14 +46,10 @@ _MAGIC = (  # (prefix, format); Pillow decodes all of these
 _RGB_TO_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as Pillow's convert("L")
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # scaled by their own range
 _GREY_MODES = {"1", "L", "LA", "La"}  # no colour to look at
-# DICOM ViewPosition values of side views. The model only ever saw frontal (PA/AP) films, and
-# a lateral film's answer would look as confident as any other, so it is refused, not guessed.
-_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT"}
 # Radiographs are grey (a tint or a coloured arrow at most): an image in which more than
 # _COLOUR_SHARE of the pixels have a chroma (max - min of R, G, B) above _COLOUR_CHROMA of full
-# scale is a photo or a drawing. It is still classified, as before, but with a warning: no
-# pixel statistic separates every odd X-ray export from every non-X-ray, so refusing could
-# reject real films, while the warning puts the doubt where the user sees it.
+# scale is probably a photo or a drawing. Decoding logs it and reports the share (ImageInfo); the
+# input gate (covidxray.gate) decides, with everything else it sees, whether to answer.
 _COLOUR_CHROMA = 0.2
 _COLOUR_SHARE = 0.05
 
@@ -104,7 +100,8 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     their own minimum and maximum. Colour is reduced to luma, the EXIF orientation is applied,
     the first frame of an animation or stack is taken, and DICOM MONOCHROME1 is inverted so
     that bone is bright. A clearly coloured picture (probably not an X-ray) is still returned,
-    with a logged warning; a DICOM file tagged as a lateral view is refused.
+    with a logged warning; whether a picture is a frontal chest X-ray at all is the input gate's
+    question (`covidxray.gate`), not the decoder's.
 
     Args:
         source: a path, or the raw bytes of a file (an upload).
@@ -275,12 +272,6 @@ def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, I
         raise ImageError(label, "DICOM file has no pixel data")
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageError(label, "DICOM file has no Rows/Columns")
-    view = str(ds.get("ViewPosition", "")).strip().upper()
-    if view in _LATERAL_VIEWS:
-        raise ImageError(
-            label,
-            f"lateral view (ViewPosition {view}): covidxray classifies frontal (PA/AP) chest X-rays only",
-        )
     _check_size(label, int(ds.Columns), int(ds.Rows))
     syntax = ds.file_meta.TransferSyntaxUID
     try:

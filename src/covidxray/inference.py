@@ -27,10 +27,11 @@ from . import __version__, distributed
 from .data import Sample
 from .errors import ImageError
 from .imaging import load_image
+from .models import get_spec
 from .presets import Preprocess
 from .utils import atomic_write_bytes
 
-__all__ = ["autocast", "prepare_images", "readable_images", "predict_logits", "predict_probs"]
+__all__ = ["autocast", "prepare_images", "readable_images", "predict_logits", "predict_probs", "logits_and_features"]
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +129,30 @@ def predict_probs(
     """P(covid) for prepared uint8 images ``(N, S, S)`` after temperature scaling (see `predict_logits`)."""
     logits = torch.from_numpy(predict_logits(model, images, pre, batch_size, device))
     return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
+
+
+@torch.no_grad()
+def logits_and_features(
+    model: nn.Module, arch: str, images: torch.Tensor, pre: Preprocess, batch_size: int = 128,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, 2)`` and pre-logit features ``(N, D)`` from one pass (the head's input, captured by a hook)."""
+    device = device or next(model.parameters()).device
+    head = model.get_submodule(get_spec(arch).head)
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().flatten(1).cpu()))
+    was_training = model.training
+    model.eval()
+    logits = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = pre.to_tensor(images[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                logits.append(model(x).float().cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not logits:
+        return np.zeros((0, 2), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(logits).numpy(), torch.cat(captured).numpy()
+

@@ -1,9 +1,14 @@
-"""`Predictor`: the one place that loads a model for inference (CLI, Python API, REST API).
+"""`Predictor`: the one place that loads a model for inference (CLI, Python API, REST API, DICOM listener).
+
+An image goes through the input gate first (`covidxray.gate`: the DICOM header, then the pixels),
+so that what is not a frontal chest X-ray gets no answer instead of a confident one; then through
+the one preprocessing (`Preprocess`, cropped to the lungs when the model was trained so); then
+the classifier, whose features also give the answer's unfamiliarity (`covidxray.familiarity`).
 
 Example:
     >>> from covidxray.predictor import Predictor
     >>> p = Predictor()                      # the bundled model
-    >>> p.predict_path("chest.png").label    # 'covid' or 'normal'
+    >>> p.predict_path("chest.png").label    # 'covid', 'normal' or 'not_answered'
 """
 
 from __future__ import annotations
@@ -22,26 +27,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import load_model, read_model_meta
+from .checkpoint import default_model_path, load_model, load_preprocess, read_model_meta, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
-from .imaging import load_image
-from .inference import predict_probs
-from .presets import Preprocess
+from .familiarity import Familiarity, warning
+from .gate import Verdict, header_verdict
+from .imaging import ImageInfo, read_image
+from .inference import logits_and_features
+from .segment import LungSegmenter
 
 __all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
 
 NOT_ANSWERED = "not_answered"  # the third outcome: the input is not a frontal chest X-ray
 
 log = logging.getLogger(__name__)
-
-
-def default_model_path() -> Path:
-    """``$COVIDXRAY_MODEL`` if set, else the model bundled in the repository's ``models/`` folder."""
-    env = os.environ.get("COVIDXRAY_MODEL")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "default"
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,13 @@ class Predictor:
         model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         threads: torch intra-op threads for CPU inference (None: leave torch's default).
+        backend: ``torch``, ``onnx`` or ``auto`` (ONNX when the file is there).
+        gate: refuse what is not a frontal chest X-ray (False: answer everything, for research).
     """
 
     def __init__(
         self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "torch",
+        gate: bool = True,
     ):
         path = Path(model) if model else default_model_path()
         if model is None and not path.exists():
@@ -97,26 +99,75 @@ class Predictor:
         self.session = None
         if onnx_file is not None:
             self.session, self.meta = _onnx_session(onnx_file, threads)
-            self.backend = "onnx"
+            self.backend, contract = "onnx", onnx_file.with_suffix(".json")
         else:
             model_, self.meta = load_model(path)
             self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
-            self.backend = "torch"
-        self.preprocess = Preprocess(**self.meta["preprocess"])
+            self.backend, contract = "torch", resolve_model_path(path)
+        self.preprocess = load_preprocess(self.meta, contract)
         self.threshold = float(self.meta["threshold"])
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.name = f"{self.meta['arch']}@{self.preprocess.size}px"
+        # The segmenter crops to the lungs and, in the same pass, holds the input gate's head.
+        self.segmenter: LungSegmenter | None = self.preprocess.segmenter
+        if self.segmenter is None and (contract.parent / "segmenter.json").is_file():
+            self.segmenter = LungSegmenter(contract.parent / "segmenter.json")
+        self.gate = gate
+        self.pixel_gate = gate and self.segmenter is not None and self.segmenter.gate is not None
+        fam = self.meta.get("familiarity")
+        self.familiarity = Familiarity.load(contract.parent, fam["sha256"]) if fam else None
+
+    def check(self, image: np.ndarray, info: ImageInfo | None = None) -> np.ndarray | Verdict:
+        """The prepared network input (uint8 ``S x S``) of a decoded image, or the gate's reason not to answer it."""
+        verdict, lungs = self._gate(image, info)
+        return verdict if verdict is not None else self.preprocess.prepare(image, lungs)
+
+    def verdicts(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Verdict | None]:
+        """The input gate's reason not to answer each decoded image (None: it may be answered), in one batch."""
+        return [verdict for verdict, _ in self._gate_many(images, infos)]
+
+    def _gate(self, image: np.ndarray, info: ImageInfo | None) -> tuple[Verdict | None, np.ndarray | None]:
+        return self._gate_many([image], [info])[0]
+
+    def _gate_many(
+        self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None],
+    ) -> list[tuple[Verdict | None, np.ndarray | None]]:
+        """Header rules, then (one segmenter pass) the pixel gate; also the lung maps when preprocessing crops to them."""
+        out: list[tuple[Verdict | None, np.ndarray | None]] = [
+            (header_verdict(info) if self.gate and info is not None else None, None) for info in infos]
+        if not (self.pixel_gate or self.preprocess.lung_crop):
+            return out
+        todo = [i for i, (verdict, _) in enumerate(out) if verdict is None]
+        analyses = self.segmenter.analyse([images[i] for i in todo], [infos[i] for i in todo]) if todo else []
+        for i, analysis in zip(todo, analyses):
+            out[i] = (analysis.verdict if self.pixel_gate else None), analysis.lungs
+        return out
+
+    def classify(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(covid) and unfamiliarity (None without familiarity statistics) for prepared uint8 images ``(N, S, S)``."""
+        if self.session is None:
+            logits, feats = logits_and_features(self.model, self.meta["arch"], images, self.preprocess, batch_size, self.device)
+        else:
+            logits, feats = self._onnx_logits(images, batch_size)
+        probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1)[:, 1].numpy()
+        unfamiliar = self.familiarity(feats) if self.familiarity is not None and feats is not None and len(feats) else None
+        return probs, unfamiliar
 
     def predict_prepared(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
-        if self.session is None:
-            return predict_probs(self.model, images, self.preprocess, batch_size, self.temperature, self.device)
-        probs = []
+        return self.classify(images, batch_size)[0]
+
+    def _onnx_logits(self, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = [o.name for o in self.session.get_outputs()]
+        logits, feats = [], []
         for start in range(0, len(images), batch_size):
             x = self.preprocess.to_tensor(images[start:start + batch_size]).numpy()
-            logits = torch.from_numpy(self.session.run(["logits"], {"image": x})[0])
-            probs.append(torch.softmax(logits / self.temperature, dim=1)[:, 1])
-        return torch.cat(probs).numpy() if probs else np.zeros(0, dtype=np.float32)
+            result = self.session.run(outputs, {"image": x})
+            logits.append(result[0])
+            feats.append(result[1] if len(result) > 1 else None)
+        if not logits:
+            return np.zeros((0, 2), np.float32), None
+        return np.concatenate(logits), (np.concatenate(feats) if feats[0] is not None else None)
 
     def predict(self, source: str | os.PathLike | bytes | np.ndarray, name: str | None = None) -> Prediction:
         """Classify one image given as a path, raw bytes or a decoded array.
@@ -133,42 +184,55 @@ class Predictor:
             return self.predict_array(source, name or "<array>")
         if isinstance(source, (bytes, bytearray)):
             return self.predict_bytes(bytes(source), name or "<upload>")
-        return self.predict_array(load_image(source), name or str(source))
+        return self.predict_path(source, name)
 
-    def predict_array(self, image: np.ndarray, name: str = "<array>") -> Prediction:
-        """Classify one decoded grayscale image (float in [0, 1])."""
-        prob = float(self.predict_prepared(torch.from_numpy(self.preprocess.prepare(image))[None])[0])
-        return self.decide(name, prob)
+    def predict_array(self, image: np.ndarray, name: str = "<array>", info: ImageInfo | None = None) -> Prediction:
+        """Classify one decoded grayscale image (float in [0, 1]); ``info`` (from `read_image`) feeds the gate."""
+        return self.answer(name, self.check(image, info))
 
     def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
         """Classify the raw bytes of an image file (PNG, JPEG, DICOM, ...). Raises `ImageError`."""
-        return self.predict_array(load_image(data, name=name), name)
+        image, info = read_image(data, name=name)
+        return self.predict_array(image, name, info)
 
-    def predict_path(self, path: str | os.PathLike) -> Prediction:
+    def predict_path(self, path: str | os.PathLike, name: str | None = None) -> Prediction:
         """Classify one image file. Raises `ImageError` naming the file when it cannot be read."""
-        return self.predict_array(load_image(path), str(path))
+        image, info = read_image(path)
+        return self.predict_array(image, name or str(path), info)
+
+    def answer(self, name: str, checked: np.ndarray | Verdict) -> Prediction:
+        """The `Prediction` for one `check` result: classified, or not answered."""
+        if isinstance(checked, Verdict):
+            return self.refuse(name, checked)
+        probs, unfamiliar = self.classify(torch.from_numpy(checked)[None])
+        return self.decide(name, float(probs[0]), None if unfamiliar is None else float(unfamiliar[0]))
 
     def predict_paths(
         self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 0,
     ) -> Iterator[Prediction | ImageError]:
         """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
-        With ``workers=0`` two threads decode and preprocess ahead (Pillow releases the GIL) while
-        the model runs; with ``workers > 0`` a DataLoader with that many processes does, for large
-        runs on machines with cores to spare.
+        With ``workers=0`` two threads decode, gate and preprocess ahead (Pillow and torch release
+        the GIL) while the model runs; with ``workers > 0`` a DataLoader with that many processes
+        does, for large runs on machines with cores to spare.
         """
-        prepare = partial(_prepare, self.preprocess)
+        prepare = partial(_prepare, self)
 
-        def classify(batch: list[tuple[str, np.ndarray | ImageError]]) -> Iterator[Prediction | ImageError]:
-            good = [(i, img) for i, (_, img) in enumerate(batch) if not isinstance(img, ImageError)]
-            probs = self.predict_prepared(torch.from_numpy(np.stack([img for _, img in good]))) if good else []
-            by_index = {i: float(p) for (i, _), p in zip(good, probs)}
+        def classify(batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
+            good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
+            probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
+            by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
+                        for k, ((i, _), p) in enumerate(zip(good, probs))}
             for i, (name, img) in enumerate(batch):
-                yield img if isinstance(img, ImageError) else self.decide(name, by_index[i])
+                if isinstance(img, ImageError):
+                    yield img
+                elif isinstance(img, Verdict):
+                    yield self.refuse(name, img)
+                else:
+                    yield self.decide(name, *by_index[i])
 
         if workers > 0:
-            loader = DataLoader(_PreparedFiles(list(paths), self.preprocess), batch_size=batch_size, num_workers=workers,
-                                collate_fn=list)
+            loader = DataLoader(_PreparedFiles(list(paths), self), batch_size=batch_size, num_workers=workers, collate_fn=list)
             for batch in loader:
                 yield from classify(batch)
             return
@@ -181,18 +245,25 @@ class Predictor:
                 pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
                 yield from classify(batch)
 
-    def decide(self, name: str, prob: float) -> Prediction:
+    def decide(self, name: str, prob: float, unfamiliarity: float | None = None) -> Prediction:
         """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
 
         The one rule for label versus threshold; every surface (CLI, API, Grad-CAM) goes through it.
+        An unusually unfamiliar film keeps its answer, with a warning in ``message``.
         """
-        return Prediction(name, "covid" if prob >= self.threshold else "normal", prob, self.threshold)
+        label = "covid" if prob >= self.threshold else "normal"
+        message = warning(unfamiliarity) if unfamiliarity is not None else None
+        return Prediction(name, label, prob, self.threshold, message=message, unfamiliarity=unfamiliarity)
+
+    def refuse(self, name: str, verdict: Verdict) -> Prediction:
+        """The third outcome: no answer, with the gate's reason."""
+        return Prediction(name, NOT_ANSWERED, None, self.threshold, reason=verdict.reason, message=verdict.message)
 
 
-def _prepare(preprocess: Preprocess, path: str | os.PathLike) -> tuple[str, np.ndarray | ImageError]:
-    """``(name, prepared uint8 image)``, or ``(name, ImageError)`` when the file cannot be read."""
+def _prepare(predictor: Predictor, path: str | os.PathLike) -> tuple[str, np.ndarray | Verdict | ImageError]:
+    """``(name, prepared uint8 image)``, ``(name, Verdict)`` when the gate refuses it, or ``(name, ImageError)``."""
     try:
-        return str(path), preprocess.prepare(load_image(path))
+        return str(path), predictor.check(*read_image(path))
     except ImageError as e:
         return str(path), e
 
@@ -200,14 +271,14 @@ def _prepare(preprocess: Preprocess, path: str | os.PathLike) -> tuple[str, np.n
 class _PreparedFiles(Dataset):
     """Image files as `_prepare` results, for DataLoader worker processes."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    def __init__(self, paths: Sequence[str | os.PathLike], predictor: Predictor):
+        self.paths, self.predictor = paths, predictor
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[str, np.ndarray | ImageError]:
-        return _prepare(self.preprocess, self.paths[i])
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray | Verdict | ImageError]:
+        return _prepare(self.predictor, self.paths[i])
 
 
 def _onnx_file(path: Path) -> Path | None:

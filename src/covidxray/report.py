@@ -192,6 +192,7 @@ def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
                   "| Metric | Internal (test) | External | Gap |", "|---|---|---|---:|",
                   *[f"| {_NAMES[k]} | {format_ci(ref['metrics'][k])} | {format_ci(m[k])} | {_signed(report['gap'][k])} |"
                     for k in METRICS], ""]
+    lines += _gate_lines(report)
     cal = report["calibration"]
     before = cal.get("uncalibrated")
     lines += ["## Calibration", "",
@@ -212,6 +213,28 @@ def _markdown(report: dict[str, Any], title: str, has_predictions: bool) -> str:
     if has_predictions:
         lines += ["Per-case predictions: [predictions.csv](predictions.csv)", ""]
     return "\n".join(lines)
+
+
+def _gate_lines(report: dict[str, Any]) -> list[str]:
+    """Markdown: how many films the input gate refused (by reason) and how unfamiliar the answered ones were."""
+    lines: list[str] = []
+    if "input_gate" in report:
+        g = report["input_gate"]
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(g["by_reason"].items())) or "none"
+        lines += ["## Input gate", "", f"{g['answered']} films answered, {g['not_answered']} not answered "
+                  f"(not frontal chest X-rays: {reasons}). The metrics above are for the answered films.", ""]
+        lines += [f"- not answered: `{f['path']}` ({f['label']}): {f['reason']}" for f in g["files"][:20]]
+        lines += [""] if g["files"] else []
+    if "unfamiliarity" in report:
+        u = report["unfamiliarity"]
+        rows = {"all": u["all"], **u.get("by_source", {})}
+        lines += ["## Unfamiliarity", "",
+                  "Share of validation films whose features lie closer to the training films' than each film's "
+                  f"(Mahalanobis distance): 0.5 is typical; above {u['warn_above']} an answer carries a warning.", "",
+                  "| Films | n | median | 95th percentile | share above the warning level |", "|---|---:|---:|---:|---:|",
+                  *[f"| {k} | {r['n']} | {r['median']:.3f} | {r['p95']:.3f} | {r['share_above_warning']:.1%} |"
+                    for k, r in rows.items()], ""]
+    return lines
 
 
 def save_predictions_csv(
@@ -239,7 +262,8 @@ def write_report(
     sources: Sequence[str] | None = None, paths: Sequence[Any] | None = None, meta: dict | None = None,
     n_boot: int = 1000, title: str = "Evaluation", temperature: float | None = None,
     prob_uncalibrated: ArrayLike | None = None, named_thresholds: dict[str, float] | None = None,
-    internal: dict[str, Any] | None = None,
+    internal: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
+    unfamiliarity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md, confusion_matrix.png, roc.png, pr.png, reliability.png (and predictions.csv).
 
@@ -260,6 +284,9 @@ def write_report(
             for a target sensitivity); the stored threshold and 0.5 are always included.
         internal: for external data, the internal test metrics (``{"from", "n", "n_covid", "metrics"}``)
             to compare with; adds ``internal`` and ``gap`` (external - internal) to the report.
+        gate: what the input gate did (``{"answered", "not_answered", "by_reason", "files"}``); the
+            metrics are then those of the answered films.
+        unfamiliarity: summary of the answered films' unfamiliarity (``{"warn_above", "all", "by_source"}``).
 
     Returns:
         The dict written to report.json (undefined metrics are ``None``).
@@ -289,6 +316,10 @@ def write_report(
         report["internal"] = internal
         ext, ref = _values(report), {k: v["value"] for k, v in internal["metrics"].items()}
         report["gap"] = {k: None if ref[k] is None or not math.isfinite(ext[k]) else ext[k] - ref[k] for k in METRICS}
+    if gate is not None:
+        report["input_gate"] = gate
+    if unfamiliarity is not None:
+        report["unfamiliarity"] = unfamiliarity
     report["meta"] = meta
     report = json_safe(report)
 

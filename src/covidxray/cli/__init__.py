@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a check found problems (leakage, unreadable files), 2 bad input
 (an unreadable image, a malformed manifest, a missing model), with a one-line message naming
-the file and the problem instead of a traceback.
+the file and the problem instead of a traceback; 3 (``predict``) every input was read but some
+were not frontal chest X-rays and got no answer (``not_answered`` with a reason).
 
 Building the parser imports nothing heavy (no torch): each command imports the stage it runs
 when it runs, so ``covidxray --help`` answers at once.

@@ -13,7 +13,10 @@ from pathlib import Path
 from .. import DISCLAIMER
 from ..errors import CovidXrayError
 
-__all__ = ["register"]
+__all__ = ["register", "EXIT_UNREADABLE", "EXIT_NOT_ANSWERED"]
+
+EXIT_UNREADABLE = 2  # some input could not be read (named on stderr)
+EXIT_NOT_ANSWERED = 3  # every input was read, but some were not frontal chest X-rays and got no answer
 
 log = logging.getLogger("covidxray")
 
@@ -37,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="DataLoader processes decoding images (default 0: two threads in this process)")
     pr.add_argument("--resume", action="store_true",
                     help="skip inputs that already have a row in --out or its FILE.partN files (after a crash)")
+    pr.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                    help="refuse what is not a frontal chest X-ray (default); --no-gate forces an answer (research only)")
     pr.set_defaults(func=cmd_predict)
 
     xp = sub.add_parser("explain", parents=[model], help="Grad-CAM: where the model looked (overlay PNG + raw .npy per image)")
@@ -44,6 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     xp.add_argument("--out", required=True, help="output folder")
     xp.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     xp.set_defaults(func=cmd_explain)
+
+    sg = sub.add_parser("segment", parents=[model],
+                        help="lung masks: STEM_lungs.png (255 = lung) and STEM_lungs_overlay.png (with the crop box) per image")
+    sg.add_argument("inputs", nargs="+", metavar="IMAGE")
+    sg.add_argument("--out", required=True, help="output folder")
+    sg.add_argument("--margin", type=float, default=0.1, help="crop-box margin drawn on the overlay (default 0.1)")
+    sg.set_defaults(func=cmd_segment)
 
     d = sub.add_parser("demo", parents=[model], help="classify a few held-out X-rays with the bundled model")
     d.add_argument("-n", type=int, default=8, help="number of images (half COVID-19, half normal)")
@@ -77,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dist, device = distributed.setup(args.device)  # rank 0 of 1 unless started by torchrun
     if (args.resume or dist.enabled) and not args.out:
         raise CovidXrayError("--resume and torchrun runs need --out FILE.csv (rows are collected in FILE.csv.partN first)")
-    predictor = Predictor(args.model, device=str(device), backend=args.backend)
+    predictor = Predictor(args.model, device=str(device), backend=args.backend, gate=args.gate)
     mine = paths[dist.rank::dist.world_size]  # each process takes every world_size-th input
     writer = None
     if args.out:
@@ -90,7 +102,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             remove_parts(args.out, first=dist.world_size)  # left by an earlier run with more processes
         writer = PartWriter(args.out, dist.rank, resume=args.resume, flush_every=args.batch_size)
     echo = not dist.enabled  # under torchrun the merged --out is the output: ranks would interleave on stdout
-    failed = 0
+    failed = refused = 0
     try:
         for result in predictor.predict_paths(mine, batch_size=args.batch_size, workers=args.workers):
             if isinstance(result, ImageError):
@@ -101,15 +113,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 continue
             if writer is not None:
                 writer.write(result)
+            refused += not result.answered
             if args.format == "json" and echo:
                 print(json.dumps(result.to_dict()))
             elif not args.out:
-                verdict = "COVID-19 positive" if result.label == "covid" else "negative (normal)"
-                print(f"{result.path}\t{result.label}\tP(covid)={result.probability:.4f}\t{verdict}")
+                print(_table_row(result))
     finally:
         if writer is not None:
             writer.close()  # what was predicted so far stays on disk for --resume
-    failed = distributed.all_reduce_sum([failed])[0]
+    failed, refused = distributed.all_reduce_sum([failed, refused])
     if args.out:
         distributed.barrier()  # every part file is complete
         if dist.is_main:
@@ -118,7 +130,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.format == "table" and dist.is_main:
         print(f"# model {predictor.name}, threshold {predictor.threshold:.4f}; positive class: COVID-19. {DISCLAIMER}",
               file=sys.stderr)
-    return 2 if failed else 0
+    return EXIT_UNREADABLE if failed else EXIT_NOT_ANSWERED if refused else 0
+
+
+def _table_row(result) -> str:
+    if not result.answered:
+        return f"{result.path}\tnot_answered\t{result.reason}\tno answer: {result.message}"
+    verdict = "COVID-19 positive" if result.label == "covid" else "negative (normal)"
+    note = f"\twarning: {result.message}" if result.message else ""
+    return f"{result.path}\t{result.label}\tP(covid)={result.probability:.4f}\t{verdict}{note}"
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -130,14 +150,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not paths:
         raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
     results = explain_files(Predictor(args.model, device=args.device), paths, args.out)
-    failed = 0
+    failed = refused = 0
     for r in results:
         if "error" in r:
             failed += 1
             print(f"error: {r['error']}", file=sys.stderr)
+        elif r["label"] == "not_answered":
+            refused += 1
+            print(f"{r['path']}\tnot_answered\t{r['reason']}\tno answer: {r['message']}")
         else:
             print(f"{r['path']}\t{r['label']}\tP(covid)={r['probability']:.4f}\t-> {r['overlay']}")
-    return 2 if failed else 0
+    return EXIT_UNREADABLE if failed else EXIT_NOT_ANSWERED if refused else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -173,6 +196,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{right}/{len(picks)} correct on held-out test images. {DISCLAIMER}")
     print("Next: covidxray predict IMAGE.png | covidxray evaluate RUN | covidxray train --data DATA --out RUN")
     return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from ..batch import expand_inputs
+    from ..checkpoint import default_model_path, run_dir
+    from ..segment import LungSegmenter, segment_files
+
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
+    seg = LungSegmenter(run_dir(args.model or default_model_path()))
+    failed = 0
+    for r in segment_files(seg, paths, args.out, margin=args.margin):
+        if "error" in r:
+            failed += 1
+            print(f"error: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}\tlung {r['lung_fraction']:.1%} of the image\t-> {r['mask']}, {r['overlay']}")
+    return EXIT_UNREADABLE if failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
     rule = ca.add_mutually_exclusive_group()
     rule.add_argument("--target-sensitivity", type=float, help="highest threshold reaching this validation sensitivity")
     rule.add_argument("--threshold", type=float, help="use this threshold as it is")
+    rule.add_argument("--site-normals", metavar="DIR",
+                      help="onboard a new site: a folder (or manifest) of its own normal films; the threshold moves so "
+                           "that they reach --target-specificity, and the cost in sensitivity is shown on validation")
+    ca.add_argument("--target-specificity", type=float, default=0.95, help="with --site-normals (default 0.95)")
     ca.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature; only choose the threshold")
     ca.set_defaults(func=cmd_calibrate)
 
@@ -120,7 +124,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..evaluate import calibrate_run
+    from ..evaluate import calibrate_run, calibrate_site
+    from ..metrics import format_ci
+
+    if args.site_normals:
+        r = calibrate_site(args.run, args.site_normals, args.target_specificity, cache_dir=args.cache_dir)
+        site, before, after = r["site"], r["validation_before"], r["validation_after"]
+        print(f"site: {site['answered']} normal films answered ({site['not_answered']} not answered, {site['unreadable']} "
+              f"unreadable); specificity there {site['specificity_before']:.3f} -> {site['specificity_after']:.3f}")
+        print(f"threshold {r['threshold_before']:.4f} -> {r['threshold']:.4f} (target specificity {r['target_specificity']:g})")
+        print(f"cost on the validation split (positive class COVID-19): sensitivity {format_ci(before['sensitivity'])} -> "
+              f"{format_ci(after['sensitivity'])}, specificity {format_ci(before['specificity'])} -> "
+              f"{format_ci(after['specificity'])}")
+        print(f"rewrote {args.run} model.json (weights and temperature unchanged); evaluate again before use")
+        return 0
 
     cal = calibrate_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
                         threshold=args.threshold, keep_temperature=args.keep_temperature, cache_dir=args.cache_dir)

@@ -24,9 +24,15 @@ class PredictionOut(BaseModel):
     """One X-ray's answer."""
 
     filename: str
-    label: str = Field(description="'covid' (COVID-19 positive) or 'normal' (negative)")
-    probability: float = Field(description="P(COVID-19)")
+    label: str = Field(description="'covid' (COVID-19 positive), 'normal' (negative), or 'not_answered' (not a frontal "
+                                   "chest X-ray; see reason)")
+    probability: float | None = Field(None, description="P(COVID-19); absent when not answered")
     threshold: float = Field(description="label is 'covid' when probability >= threshold")
+    reason: str | None = Field(None, description="why not answered: wrong_modality, not_chest, lateral_view, oblique_view, "
+                                                 "rotated or not_chest_xray")
+    message: str | None = Field(None, description="the reason not to answer, or a warning about the answer, in words")
+    unfamiliarity: float | None = Field(None, description="0..1: share of validation films closer to the training films "
+                                                          "than this one (above 0.99: a warning)")
     positive_class: str = POSITIVE_CLASS
     model: ModelRef
     timing_ms: float = Field(description="server time for this image: decode, queue, model")

@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import anyio
 import numpy as np
@@ -27,7 +27,8 @@ from .. import CLASS_NAMES, DISCLAIMER, POSITIVE_CLASS, __version__
 from ..checkpoint import run_dir
 from ..errors import CovidXrayError, ImageError
 from ..explain import explain as grad_cam, overlay_png
-from ..imaging import load_image
+from ..gate import Verdict
+from ..imaging import read_image
 from ..predictor import Predictor
 from .api_errors import ApiError, image_error
 from .uploads import Upload
@@ -48,9 +49,9 @@ class Batcher:
     with more than one intra-op thread the cores are busier on a batch than on a single image.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int):
+    def __init__(self, run: Callable[[np.ndarray], Sequence[Any]], max_batch: int):
         self._run, self._max_batch = run, max_batch
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[float]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -62,9 +63,9 @@ class Batcher:
             with suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, prepared: np.ndarray) -> float:
-        """P(covid) for one prepared uint8 image ``(S, S)``."""
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    async def submit(self, prepared: np.ndarray) -> Any:
+        """The model's result for one prepared uint8 image ``(S, S)`` (`Service`: P(covid) and unfamiliarity)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((prepared, future))
         return await future
 
@@ -77,15 +78,15 @@ class Batcher:
             if not batch:
                 continue
             try:
-                probs = await anyio.to_thread.run_sync(self._run, np.stack([image for image, _ in batch]))
+                results = await anyio.to_thread.run_sync(self._run, np.stack([image for image, _ in batch]))
             except Exception as exc:  # handed to each waiting request, which answers 500 for it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
             else:
-                for (_, future), prob in zip(batch, probs, strict=True):
+                for (_, future), result in zip(batch, results, strict=True):
                     if not future.done():
-                        future.set_result(float(prob))
+                        future.set_result(result)
 
 
 class Service:
@@ -161,30 +162,37 @@ class Service:
         start = time.perf_counter()
         try:
             with anyio.fail_after(self.timeout_s):
-                image, prepared = await self._in_thread(self._decode, upload)
-                prob = await self.batcher.submit(prepared)
+                image, checked = await self._in_thread(self._decode, upload)
+                if isinstance(checked, Verdict):  # not a frontal chest X-ray: no answer, and nothing to explain
+                    answer = predictor.refuse(upload.name, checked)
+                    explain = False
+                else:
+                    answer = predictor.decide(upload.name, *await self.batcher.submit(checked))
                 extra = await self._in_thread(self._pictures, image, explain, preview) if explain or preview else {}
         except TimeoutError:
             raise ApiError(504, "timeout", f"{upload.name}: no answer within {self.timeout_s:g} s; try again later") from None
-        answer = predictor.decide(upload.name, prob)
-        return {"filename": upload.name, "label": answer.label, "probability": answer.probability,
-                "threshold": answer.threshold, "positive_class": POSITIVE_CLASS, "model": self.model_ref(),
+        return {"filename": upload.name, **{k: v for k, v in answer.to_dict().items() if k != "path"},
+                "positive_class": POSITIVE_CLASS, "model": self.model_ref(),
                 "timing_ms": round(1000 * (time.perf_counter() - start), 2), **extra, "disclaimer": DISCLAIMER}
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         # Abandoned on timeout: the request answers at once, the thread finishes in the background.
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._decoders, abandon_on_cancel=True)
 
-    def _decode(self, upload: Upload) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, upload: Upload) -> tuple[np.ndarray, np.ndarray | Verdict]:
+        """The decoded image, and its network input or the input gate's refusal."""
         try:
-            image = load_image(upload.data, name=upload.name)
+            image, info = read_image(upload.data, name=upload.name)
         except ImageError as exc:
             raise image_error(exc, upload.data) from None
-        return image, self._loaded().preprocess.prepare(image)
+        return image, self._loaded().check(image, info)
 
-    def _classify_batch(self, prepared: np.ndarray) -> np.ndarray:
+    def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
+        """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
         with self._model_lock:
-            return self._loaded().predict_prepared(torch.from_numpy(prepared), batch_size=len(prepared))
+            probs, unfamiliar = self._loaded().classify(torch.from_numpy(prepared), batch_size=len(prepared))
+        return [(float(p), None if unfamiliar is None else float(u))
+                for p, u in zip(probs, unfamiliar if unfamiliar is not None else [None] * len(probs))]
 
     def _pictures(self, image: np.ndarray, explain: bool, preview: bool) -> dict[str, str]:
         out = {}

@@ -37,23 +37,34 @@ async function loadModel() {
 }
 
 function showResult(answer) {
-  const positive = answer.label === "covid";
   const label = $("result-label");
-  label.textContent = positive ? "COVID-19 positive" : "COVID-19 negative";
-  label.className = `label ${positive ? "positive" : "negative"}`;
-  $("probability").textContent = answer.probability.toFixed(4);
+  // Not a frontal chest X-ray: no answer, in a neutral colour, with the reason; no score, no heat map.
+  const answered = answer.label !== "not_answered";
+  if (!answered) {
+    label.textContent = `No answer: ${answer.message}`;
+    label.className = "label none";
+  } else {
+    const positive = answer.label === "covid";
+    label.textContent = positive ? "COVID-19 positive" : "COVID-19 negative";
+    label.className = `label ${positive ? "positive" : "negative"}`;
+    $("probability").textContent = answer.probability.toFixed(4);
+  }
   $("threshold").textContent = answer.threshold.toFixed(4);
+  $("scores").hidden = !answered;
+  $("warning").textContent = answered && answer.message ? `Warning: ${answer.message}` : "";
+  $("warning").hidden = !(answered && answer.message);
   $("filename").textContent = answer.filename;
   $("timing").textContent = `${Math.round(answer.timing_ms)} ms`;
   // Server-rendered PNGs for both views: browsers cannot show DICOM, and both have the same size.
   $("xray").src = `data:image/png;base64,${answer.preview_png}`;
-  $("heatmap").src = `data:image/png;base64,${answer.heatmap_png}`;
+  $("heatmap").src = answer.heatmap_png ? `data:image/png;base64,${answer.heatmap_png}` : "";
+  $("heatmap-control").hidden = !answer.heatmap_png;
   applyToggle();
   $("result").hidden = false;
 }
 
 function applyToggle() {
-  const on = $("heatmap-toggle").checked;
+  const on = $("heatmap-toggle").checked && !$("heatmap-control").hidden;
   $("heatmap").hidden = !on;
   $("xray").hidden = on;
 }
