@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 
@@ -49,3 +54,67 @@ def write(path: Path, ds: Dataset) -> Path:
     """Write the dataset as a DICOM file at ``path``; returns ``path``."""
     path.write_bytes(to_bytes(ds))
     return path
+
+
+# --- Radiographs from the shared data set, as a PACS would send them -------------------------------------------
+
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+PATIENT_NAME, PATIENT_ID = "Doe^Jane", "PID-7731-XQ"  # what privacy tests look for in every output
+# Compressions pydicom cannot write; dcmtk's dcmcjpeg can (the option that selects each process).
+DCMCJPEG = {uid.JPEGLosslessSV1: "+e1", uid.JPEGLossless: "+el", uid.JPEGBaseline8Bit: "+eb",
+            uid.JPEGExtended12Bit: "+ee"}
+_LOSSY_OPTIONS = {uid.JPEGLSNearLossless: {"jls_error": 2}, uid.JPEG2000: {"j2k_psnr": [50]}}  # mild, like a clinical archive
+
+
+def xray_pixels(path: Path, size: int = 512, bits: int = 12) -> np.ndarray:
+    """A real X-ray (PNG/JPEG) as ``size x size`` unsigned integers of ``bits`` bits, like a CR detector's output."""
+    with Image.open(path) as img:
+        grey = np.asarray(img.convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    return np.round(grey / 255 * (2**bits - 1)).astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def cr(pixels: np.ndarray, bits: int = 12, sop_class: str = CR_IMAGE, **tags) -> Dataset:
+    """A CR (or, with ``sop_class``, another) chest film of one patient with fresh study, series and instance UIDs.
+
+    It carries a patient name and ID on purpose: nothing downstream may store or print them.
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID, ds.Modality = sop_class, "CR"
+    ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = (uid.generate_uid() for _ in range(3))
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "19600101", "F"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240301", "101500", "ACC4242", "1"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    ds.set_pixel_data(pixels, "MONOCHROME2", bits)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def compressed(ds: Dataset, syntax: str, workdir: Path) -> Dataset:
+    """A copy of ``ds`` in transfer syntax ``syntax``, compressed by pydicom's encoders, else by dcmtk's dcmcjpeg."""
+    if not uid.UID(syntax).is_compressed:
+        out = copy.deepcopy(ds)
+        out.file_meta.TransferSyntaxUID = syntax  # written in that encoding by to_bytes / write
+        return out
+    if syntax not in DCMCJPEG:
+        out = copy.deepcopy(ds)
+        out.compress(syntax, **_LOSSY_OPTIONS.get(syntax, {}))
+        return out
+    if shutil.which("dcmcjpeg") is None:
+        raise RuntimeError("dcmtk's dcmcjpeg is missing: install Debian's dcmtk (`make dicomtools` does)")
+    src, dst = workdir / f"{ds.SOPInstanceUID}.raw.dcm", workdir / f"{ds.SOPInstanceUID}.{syntax}.dcm"
+    write(src, ds)
+    subprocess.run(["dcmcjpeg", DCMCJPEG[syntax], str(src), str(dst)], check=True, capture_output=True, timeout=60)
+    return dcmread(dst)
+
+
+def without_preamble(ds: Dataset, implicit: bool = True) -> bytes:
+    """The data set alone, as old software and raw dumps store it: no preamble, no ``DICM``, no file meta."""
+    ds = copy.deepcopy(ds)
+    ds.file_meta = FileMetaDataset()
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    return buf.getvalue()
