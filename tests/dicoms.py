@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import io
 import shutil
 import subprocess
@@ -101,13 +102,13 @@ def compressed(ds: Dataset, syntax: str, workdir: Path) -> Dataset:
         return out
     if syntax not in DCMCJPEG:
         out = copy.deepcopy(ds)
-        out.compress(syntax, **_LOSSY_OPTIONS.get(syntax, {}))
+        out.compress(syntax, generate_instance_uid=False, **_LOSSY_OPTIONS.get(syntax, {}))  # the same instance
         return out
     if shutil.which("dcmcjpeg") is None:
         raise RuntimeError("dcmtk's dcmcjpeg is missing: install Debian's dcmtk (`make dicomtools` does)")
     src, dst = workdir / f"{ds.SOPInstanceUID}.raw.dcm", workdir / f"{ds.SOPInstanceUID}.{syntax}.dcm"
     write(src, ds)
-    subprocess.run(["dcmcjpeg", DCMCJPEG[syntax], str(src), str(dst)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["dcmcjpeg", DCMCJPEG[syntax], "+un", str(src), str(dst)], check=True, capture_output=True, timeout=60)
     return dcmread(dst)
 
 
@@ -118,3 +119,16 @@ def without_preamble(ds: Dataset, implicit: bool = True) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
     return buf.getvalue()
+
+
+def xray_files(manifest: Path, n: int) -> list[Path]:
+    """``n`` real X-rays of the shared data set, COVID-19 and normal in turn."""
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_label = {label: [manifest.parent / r["path"] for r in rows if r["label"] == label] for label in ("covid", "normal")}
+    return [by_label["covid" if i % 2 == 0 else "normal"][i // 2 * 7] for i in range(n)]  # spread over the sources
+
+
+def films(manifest: Path, n: int, size: int = 256) -> list[Dataset]:
+    """``n`` CR films (see `cr`) made from `xray_files`, each of its own patient's study."""
+    return [cr(xray_pixels(path, size)) for path in xray_files(manifest, n)]

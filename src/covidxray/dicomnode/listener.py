@@ -126,7 +126,8 @@ class Listener:
 
     def start(self) -> "Listener":
         """Load the model, queue what the spool still holds, start the threads, then open the port."""
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its info and debug lines name patients' tags
+        for noisy in ("pynetdicom", "highdicom"):  # their info and debug lines quote DICOM tags and UIDs
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         if self.predictor is None:
             self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
         leftovers = self.spool.pending()

@@ -131,10 +131,12 @@ def build_heatmap_capture(header: Dataset, overlay_png: bytes) -> Dataset:
     """A Secondary Capture (RGB) of the Grad-CAM overlay, in the instance's study, for viewers that show no SR."""
     with Image.open(io.BytesIO(overlay_png)) as img:
         pixels = np.asarray(img.convert("RGB"))
+    # The overlay keeps the film's geometry, so its orientation; a frontal chest film is displayed L\\F when unsaid.
+    given = tuple(header.get("PatientOrientation") or ())
     return hd.sc.SCImage.from_ref_dataset(
-        header, pixels, "RGB", 8, "PATIENT", series_instance_uid=_derived_uid("sc-series", header.StudyInstanceUID),
-        series_number=HEATMAP_SERIES_NUMBER, sop_instance_uid=_derived_uid("sc", header.SOPInstanceUID),
-        instance_number=1, manufacturer="covidxray", transfer_syntax_uid=ExplicitVRLittleEndian,
+        header, pixels, "RGB", 8, "PATIENT", patient_orientation=given if len(given) == 2 else ("L", "F"),
+        series_instance_uid=_derived_uid("sc-series", header.StudyInstanceUID), series_number=HEATMAP_SERIES_NUMBER,
+        sop_instance_uid=_derived_uid("sc", header.SOPInstanceUID), instance_number=1, manufacturer="covidxray", transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description="covidxray Grad-CAM heat map (research)",
     )
 
