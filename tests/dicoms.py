@@ -1,12 +1,15 @@
-"""DICOM files for tests, built with pydicom: one place for every test that needs a real DICOM file."""
+"""DICOM files for tests, built with pydicom: one place for every test that needs a real DICOM file (or a listener)."""
 
 from __future__ import annotations
 
 import copy
 import csv
 import io
+import re
 import shutil
 import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -132,3 +135,24 @@ def xray_files(manifest: Path, n: int) -> list[Path]:
 def films(manifest: Path, n: int, size: int = 256) -> list[Dataset]:
     """``n`` CR films (see `cr`) made from `xray_files`, each of its own patient's study."""
     return [cr(xray_pixels(path, size)) for path in xray_files(manifest, n)]
+
+
+def start_listen(db: Path, log: Path, *options: str, timeout_s: float = 180) -> tuple[subprocess.Popen, int]:
+    """``covidxray listen --port 0 --db DB OPTIONS`` in a subprocess; returns it and its port once it listens.
+
+    Raises:
+        RuntimeError: it exited, or did not listen within ``timeout_s`` (the message holds its log).
+    """
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "listen", "--port", "0", "--db", str(db), *options],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        if found := re.search(r"listening as \S+ on [0-9.]+:(\d+)", text):
+            return proc, int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"covidxray listen exited with {proc.returncode}:\n{text}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"covidxray listen did not start within {timeout_s} s:\n{log.read_text()}")

@@ -10,10 +10,8 @@ from __future__ import annotations
 import copy
 import io
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,12 +26,12 @@ import dicoms
 from covidxray.dicomnode import Listener, ListenerConfig, listener as listener_module
 from covidxray.dicomnode.spool import Spool
 from covidxray.dicomnode.sr import Destination, send_datasets
+from covidxray.dicomnode.worker import classify_batch
 from covidxray.errors import DicomNodeError
 from covidxray.predictor import Predictor
-from covidxray.results import open_results
+from covidxray.results import open_results, utc_now
 
 IDLE_TIMEOUT_S = 120  # everything sent is recorded well within this, even with other work on the two cores
-START_TIMEOUT_S = 180  # a subprocess loading the model while other tests run
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +163,15 @@ def test_patient_data_never_reaches_the_database_the_results_or_the_log(node, fi
 
 
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):
-    spool = Spool(tmp_path / "results.db.spool")
+    spool = Spool(tmp_path / "results.db.spool")  # where the listener below keeps its spool
     for ds in films[:3]:
         spool.put(ds.SOPInstanceUID, dicoms.to_bytes(ds))
-    done_before = open_results(tmp_path / "results.db")  # the first one was recorded just before a crash
-    first = Listener(ListenerConfig(db=str(tmp_path / "other.db"), port=0), predictor=predictor)
-    from covidxray.dicomnode.worker import classify_batch
-
-    row = classify_batch(predictor, [(films[0].SOPInstanceUID, spool.pending()[0], "2024-01-01T00:00:00.000+00:00")])[0].row
-    done_before.record([row])
-    first.stop()
+    # The first one was recorded just before a crash, which left its file behind.
+    row = classify_batch(predictor, [(films[0].SOPInstanceUID, spool.path_for(films[0].SOPInstanceUID), utc_now())])[0].row
+    open_results(tmp_path / "results.db").record([row])
     listener = node()
     assert listener.wait_idle(IDLE_TIMEOUT_S)
-    rows = listener.store.recent()
-    assert sorted(r.sop_instance_uid for r in rows) == sorted(ds.SOPInstanceUID for ds in films[:3])
+    assert sorted(r.sop_instance_uid for r in listener.store.recent()) == sorted(ds.SOPInstanceUID for ds in films[:3])
     assert listener.store.get(films[0].SOPInstanceUID) == row  # not classified twice
     assert listener.stats["recorded"] == 2 and spool.pending() == []
 
@@ -235,20 +228,7 @@ def test_bad_settings_are_refused_before_anything_starts(bad: dict, match: str, 
 
 
 def _start_listen(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, int]:
-    log = tmp_path / log_name
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "listen", "--port", "0", "--db", str(tmp_path / "r.db"),
-                                 "--batch-size", "8", "--threads", "1"], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        if found := re.search(r"listening as COVIDXRAY on 127\.0\.0\.1:(\d+)", text):
-            return proc, int(found.group(1))
-        if proc.poll() is not None:
-            pytest.fail(f"covidxray listen exited with {proc.returncode}:\n{text}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"covidxray listen did not start within {START_TIMEOUT_S} s:\n{log.read_text()}")
+    return dicoms.start_listen(tmp_path / "r.db", tmp_path / log_name, "--batch-size", "8", "--threads", "1")
 
 
 @pytest.mark.slow
