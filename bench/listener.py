@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,7 +24,6 @@ import time
 from pathlib import Path
 
 from pydicom import dcmread, uid
-from pynetdicom import AE
 
 from common import ROOT, save
 
@@ -52,24 +50,11 @@ def make_files(folder: Path, n: int, syntax: str) -> list[Path]:
     return paths
 
 
-def send(paths: list[Path], port: int, senders: int, acked: list[str]) -> list[threading.Thread]:
+def send(paths: list[Path], port: int, senders: int, acked: list) -> list[threading.Thread]:
     """Start ``senders`` threads, each sending its share of ``paths`` over one association (raw files, no re-encoding)."""
     syntax = str(dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
-
-    def one(share: list[Path]) -> None:
-        ae = AE(ae_title="BENCH")
-        ae.add_requested_context(dicoms.CR_IMAGE, syntax)
-        assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
-        for path in share:
-            if not assoc.is_established:
-                return
-            status = assoc.send_c_store(path)
-            if status and status.get("Status") == 0:
-                acked.append(path.stem)  # list.append is atomic under the GIL
-        if assoc.is_established:
-            assoc.release()
-
-    threads = [threading.Thread(target=one, args=(paths[k::senders],)) for k in range(senders)]
+    threads = [threading.Thread(target=dicoms.store_each, args=(paths[k::senders], port, syntax, acked, "BENCH"))
+               for k in range(senders)]
     for t in threads:
         t.start()
     return threads
@@ -90,30 +75,29 @@ def wait_recorded(db: Path, want: set[str]) -> float:
 
 
 def run(paths: list[Path], work: Path, senders: int, name: str) -> dict:
-    uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p.stem for p in paths}
+    uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     db = work / f"{name}.db"
     proc, port = dicoms.start_listen(db, work / f"{name}.log")
-    acked: list[str] = []
+    acked: list[Path] = []
     start = time.perf_counter()
     for t in send(paths, port, senders, acked):
         t.join()
     sent = time.perf_counter()
-    by_stem = {stem: sop for sop, stem in uids.items()}
-    done = wait_recorded(db, {by_stem[s] for s in acked})
+    done = wait_recorded(db, {uids[p] for p in acked})
     proc.terminate()
     proc.wait(60)
     rows = recorded(db)
     return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
-            "lost": len({by_stem[s] for s in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
+            "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
             "send_s": round(sent - start, 2), "end_to_end_s": round(done - start, 2),
             "instances_per_s": round(len(acked) / (done - start), 1)}
 
 
 def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
-    uids = {p.stem: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+    uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     db = work / "kill.db"
     proc, port = dicoms.start_listen(db, work / "kill-1.log")
-    acked: list[str] = []
+    acked: list[Path] = []
     threads = send(paths, port, senders, acked)
     while len(acked) < len(paths) // 2:
         time.sleep(0.001)
@@ -123,12 +107,12 @@ def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
         t.join(120)
     spooled = len(list((work / "kill.db.spool").glob("*.dcm")))
     proc, _ = dicoms.start_listen(db, work / "kill-2.log")
-    wait_recorded(db, {uids[s] for s in acked})
+    wait_recorded(db, {uids[p] for p in acked})
     proc.terminate()
     proc.wait(60)
     rows = recorded(db)
     return {"run": "kill -9 mid-stream, restart", "instances": len(paths), "acknowledged": len(acked),
-            "unprocessed_at_kill": spooled, "recorded": len(rows), "lost": len({uids[s] for s in acked} - set(rows)),
+            "unprocessed_at_kill": spooled, "recorded": len(rows), "lost": len({uids[p] for p in acked} - set(rows)),
             "duplicated": len(rows) - len(set(rows))}
 
 

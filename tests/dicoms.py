@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pynetdicom import AE
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -156,3 +157,20 @@ def start_listen(db: Path, log: Path, *options: str, timeout_s: float = 180) -> 
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"covidxray listen did not start within {timeout_s} s:\n{log.read_text()}")
+
+
+def store_each(items: list, port: int, syntax: str, acknowledged: list, calling_ae: str = "MODALITY") -> None:
+    """Send CR ``items`` (data sets or DICOM files) in ``syntax`` one after another over one association to
+    ``COVIDXRAY`` on 127.0.0.1:``port``, appending each item whose C-STORE was answered with success to
+    ``acknowledged`` as soon as the answer is back; returns when done or when the association is gone."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CR_IMAGE, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
+    for item in items:
+        if not assoc.is_established:
+            return
+        status = assoc.send_c_store(item)
+        if status and status.get("Status") == 0x0000:
+            acknowledged.append(item)  # list.append is atomic: other threads may read the list meanwhile
+    if assoc.is_established:
+        assoc.release()

@@ -8,7 +8,6 @@ sender) to a listener on a free loopback port: in this process where the test ne
 from __future__ import annotations
 
 import copy
-import io
 import os
 import signal
 import subprocess
@@ -76,7 +75,7 @@ def test_four_concurrent_senders_in_every_common_syntax(node, films, predictor, 
     listener = node()
     syntaxes = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.JPEGLosslessSV1, uid.JPEGLSLossless,
                 uid.JPEG2000Lossless, uid.RLELossless, uid.JPEGExtended12Bit, uid.JPEG2000]
-    sent = [dicoms.compressed(ds, syntax, tmp_path) for ds, syntax in zip(films, syntaxes)]
+    sent = [dicoms.compressed(ds, syntax, tmp_path) for ds, syntax in zip(films, syntaxes, strict=True)]
     statuses: list[list[int]] = [[] for _ in range(4)]
 
     def sender(k: int) -> None:  # each sender has two films and its own association
@@ -235,20 +234,8 @@ def _start_listen(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, int]
 def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path):
     stream = [_fresh(films[i % len(films)]) for i in range(80)]
     proc, port = _start_listen(tmp_path, "first.log")
-    acknowledged: list[str] = []
-
-    def sender() -> None:  # one instance after the other; an instance counts once its success status came back
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(sc.ComputedRadiographyImageStorage, uid.ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
-        for ds in stream:
-            if not assoc.is_established:
-                return
-            status = assoc.send_c_store(ds)
-            if status and status.get("Status") == 0x0000:
-                acknowledged.append(ds.SOPInstanceUID)
-
-    thread = threading.Thread(target=sender)
+    acknowledged: list = []  # data sets whose success status came back
+    thread = threading.Thread(target=dicoms.store_each, args=(stream, port, uid.ExplicitVRLittleEndian, acknowledged))
     thread.start()
     spool = tmp_path / "r.db.spool"
     deadline = time.monotonic() + 120
@@ -259,6 +246,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     thread.join(60)
     unprocessed_at_kill = len(list(spool.glob("*.dcm")))
     assert 30 <= len(acknowledged) < len(stream) and unprocessed_at_kill > 0
+    acknowledged = [ds.SOPInstanceUID for ds in acknowledged]
 
     proc, _ = _start_listen(tmp_path, "second.log")
     try:

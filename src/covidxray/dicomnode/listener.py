@@ -88,6 +88,27 @@ class ListenerConfig:
         return Path(self.db.removeprefix("sqlite:///") + ".spool")
 
 
+def _take(items: queue.Queue, limit: int | None = None) -> list | None:
+    """The next item (waiting for it) and whatever else is queued, up to ``limit``; None once told to stop.
+
+    No waiting window: under load, what queued while the last batch ran is the next batch.
+    """
+    first = items.get()
+    if first is None:
+        return None
+    batch = [first]
+    while limit is None or len(batch) < limit:
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            items.put(None)  # stop after this batch
+            break
+        batch.append(item)
+    return batch
+
+
 class Listener:
     """The DICOM node: `start` it, `stop` it; `port` is where it listens.
 
@@ -200,20 +221,7 @@ class Listener:
     # ------------------------------------------------------------------------------------ classifying
 
     def _work_loop(self) -> None:
-        while True:
-            first = self._work.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.config.batch_size:  # no waiting window: what queued while the model ran
-                try:
-                    item = self._work.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._work.put(None)  # stop after this batch
-                    break
-                batch.append(item)
+        while (batch := _take(self._work, self.config.batch_size)) is not None:
             try:
                 self._process(batch)
             except Exception:  # a database or disk failure: the files stay spooled and are tried again
@@ -251,20 +259,7 @@ class Listener:
     # ------------------------------------------------------------------------------------ answering back
 
     def _report_loop(self) -> None:
-        while True:
-            first = self._reports.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
-                try:
-                    item = self._reports.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._reports.put(None)
-                    break
-                batch.append(item)
+        while (batch := _take(self._reports)) is not None:
             self._send_reports(batch)
 
     def _send_reports(self, batch: list[tuple[Classified, int]]) -> None:
