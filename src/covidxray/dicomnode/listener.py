@@ -203,13 +203,13 @@ class Listener:
         except OSError as exc:
             log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
             return 0xA700  # out of resources: the sender keeps the instance and may retry
-        self.stats["received"] += 1
-        self._enqueue(sop_uid, path, utc_now())
+        self._enqueue(sop_uid, path, utc_now(), received=True)
         return 0x0000
 
-    def _enqueue(self, sop_uid: str, path: Path, received_at: str) -> None:
-        with self._idle:
+    def _enqueue(self, sop_uid: str, path: Path, received_at: str, received: bool = False) -> None:
+        with self._idle:  # association threads call this concurrently
             self._pending += 1
+            self.stats["received"] += received
         self._work.put((sop_uid, path, received_at))
 
     def _finished(self, n: int) -> None:
