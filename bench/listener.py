@@ -50,10 +50,10 @@ def make_files(folder: Path, n: int, syntax: str) -> list[Path]:
     return paths
 
 
-def send(paths: list[Path], port: int, senders: int, acked: list) -> list[threading.Thread]:
+def send(paths: list[Path], port: int, senders: int, acked: list, failures: list | None = None) -> list[threading.Thread]:
     """Start ``senders`` threads, each sending its share of ``paths`` over one association (raw files, no re-encoding)."""
     syntax = str(dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    threads = [threading.Thread(target=dicoms.store_each, args=(paths[k::senders], port, syntax, acked, "BENCH"))
+    threads = [threading.Thread(target=dicoms.store_each, args=(paths[k::senders], port, syntax, acked, "BENCH", failures))
                for k in range(senders)]
     for t in threads:
         t.start()
@@ -79,8 +79,9 @@ def run(paths: list[Path], work: Path, senders: int, name: str) -> dict:
     db = work / f"{name}.db"
     proc, port = dicoms.start_listen(db, work / f"{name}.log")
     acked: list[Path] = []
+    failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start = time.perf_counter()
-    for t in send(paths, port, senders, acked):
+    for t in send(paths, port, senders, acked, failures):
         t.join()
     sent = time.perf_counter()
     done = wait_recorded(db, {uids[p] for p in acked})
@@ -90,7 +91,8 @@ def run(paths: list[Path], work: Path, senders: int, name: str) -> dict:
     return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
             "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
             "send_s": round(sent - start, 2), "end_to_end_s": round(done - start, 2),
-            "instances_per_s": round(len(acked) / (done - start), 1)}
+            "instances_per_s": round(len(acked) / (done - start), 1), "not_acknowledged": failures,
+            **({"listener_log_tail": (work / f"{name}.log").read_text().splitlines()[-15:]} if failures else {})}
 
 
 def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
@@ -130,6 +132,7 @@ def main() -> None:
                 run(make_files(work / "jpegll", args.instances, uid.JPEGLosslessSV1), work, args.senders, "JPEG Lossless SV1"),
                 kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders)]
     table = ["| run | instances | acknowledged | lost | duplicated | end to end s | instances/s |", "|---|---|---|---|---|---|---|"]
+    # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
               f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} |" for r in rows]
     note = args.note or f"load average {load_before:.1f} at the start (other work shares the cores when it is above 0)"

@@ -159,18 +159,26 @@ def start_listen(db: Path, log: Path, *options: str, timeout_s: float = 180) -> 
     raise RuntimeError(f"covidxray listen did not start within {timeout_s} s:\n{log.read_text()}")
 
 
-def store_each(items: list, port: int, syntax: str, acknowledged: list, calling_ae: str = "MODALITY") -> None:
+def store_each(items: list, port: int, syntax: str, acknowledged: list, calling_ae: str = "MODALITY",
+               failures: list | None = None) -> None:
     """Send CR ``items`` (data sets or DICOM files) in ``syntax`` one after another over one association to
     ``COVIDXRAY`` on 127.0.0.1:``port``, appending each item whose C-STORE was answered with success to
-    ``acknowledged`` as soon as the answer is back; returns when done or when the association is gone."""
+    ``acknowledged`` as soon as the answer is back; returns when done or when the association is gone.
+    ``failures`` gets a line for each item that was not acknowledged, and why."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(CR_IMAGE, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
-    for item in items:
+    for n, item in enumerate(items):
         if not assoc.is_established:
+            if failures is not None:
+                failures.append(f"{len(items) - n} not sent: the association was {'aborted' if assoc.is_aborted else 'not established'}")
             return
+        start = time.monotonic()
         status = assoc.send_c_store(item)
         if status and status.get("Status") == 0x0000:
             acknowledged.append(item)  # list.append is atomic: other threads may read the list meanwhile
+        elif failures is not None:
+            failures.append(f"status {status.get('Status') if status else 'none (timeout or abort)'} "
+                            f"after {time.monotonic() - start:.1f} s")
     if assoc.is_established:
         assoc.release()

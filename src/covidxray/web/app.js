@@ -121,7 +121,7 @@ async function loadResults() {
     cell(tr, r.received_at.slice(0, 19).replace("T", " "));
     cell(tr, `…${r.study_instance_uid.slice(-12)}`).title = r.study_instance_uid;
     const answer = ANSWERS[r.label] || r.label;
-    cell(tr, r.reason ? `${answer}: ${r.reason}` : answer, `answer ${r.label}`);
+    cell(tr, r.reason ? `${answer}: ${r.reason}` : answer, `answer-${r.label}`); // not "error": that class styles alerts
     cell(tr, r.probability === null ? "—" : r.probability.toFixed(4));
     const link = cell(tr, "");
     if (r.heatmap) {
