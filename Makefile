@@ -7,7 +7,7 @@ export COVIDXRAY_DATA ?= $(abspath ../shared/datasets/covid-cxr)
 # On two cores, keep glibc from returning big activation buffers to the OS after every batch.
 export MALLOC_MMAP_MAX_ ?= 0
 
-.PHONY: run test install chromium model clean
+.PHONY: run test install chromium dicomtools model clean
 
 # Re-install only when the dependency list changes; the stamp makes repeated runs instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -23,7 +23,13 @@ chromium:
 	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(STAMP) chromium
+# tests/test_pacs.py runs a real PACS (Debian's Orthanc) and a second DICOM implementation (dcmtk's storescu,
+# echoscu, dcmcjpeg). The tests start their own Orthanc on free ports; a system service, if any, is not used.
+dicomtools:
+	@{ command -v storescu && test -x /usr/sbin/Orthanc; } >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk; }
+
+test: $(STAMP) chromium dicomtools
 	$(PY) -m pytest -ra
 
 # The web page and REST API on the bundled model; `covidxray demo` still classifies a few X-rays in the terminal.

@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 
+from covidxray.explain import overlay_png
 from covidxray.predictor import Predictor
+from covidxray.results import ResultRow, open_results
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +42,33 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a real uvicorn server on the bundled model, on a free loopback port."""
+def results_db(tmp_path_factory: pytest.TempPathFactory, covid_xray: Path) -> Path:
+    """A results database as `covidxray listen --heatmaps` leaves it: an answer with a heat map, a refusal, an error."""
+    path = tmp_path_factory.mktemp("results") / "results.db"
+    image = np.asarray(Image.open(covid_xray).convert("L").resize((256, 256)), dtype=np.float32) / 255
+    cam = np.outer(np.hanning(256), np.hanning(256)).astype(np.float32)
+    base = {"series_instance_uid": "1.2.9", "modality": "CR", "threshold": 0.2, "model": "tf_efficientnet_lite0@192px",
+            "weights_sha256": "ab" * 32}
+    rows = [ResultRow(sop_instance_uid=f"1.2.8.{i}", study_instance_uid=f"1.2.7.{i}", received_at=f"2024-03-01T10:0{i}:00.000+00:00",
+                      classified_at=f"2024-03-01T10:0{i}:01.000+00:00", **{**base, **extra})
+            for i, extra in enumerate([{"label": "covid", "probability": 0.9731},
+                                       {"label": "not_answered", "reason": "wrong_modality", "modality": "CT"},
+                                       {"label": "error", "reason": "no_pixel_data"}])]
+    store = open_results(path)
+    store.record(rows, {"1.2.8.0": overlay_png(image, cam)})
+    store.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, results_db: Path) -> Iterator[str]:
+    """Base URL of a real uvicorn server on the bundled model, on a free loopback port, with a results database."""
     port = _free_port()
     log_file = tmp_path_factory.mktemp("server") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                 "--db", str(results_db)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -170,3 +191,19 @@ def test_bad_file_shows_an_error_naming_it(page, tmp_path: Path):
     assert "notes.txt" in page.inner_text("#error")
     assert not page.is_visible("#result")
 
+
+
+def test_results_list_shows_what_the_listener_recorded(page):
+    page.wait_for_selector("#results-list:not([hidden])", timeout=30_000)
+    rows = page.locator("#results-rows tr")
+    assert rows.count() == 3
+    texts = [rows.nth(i).inner_text() for i in range(3)]  # newest first
+    assert "2024-03-01 10:02:00" in texts[0] and "not readable: no_pixel_data" in texts[0]
+    assert "not answered: wrong_modality" in texts[1] and "—" in texts[1]
+    assert "COVID-19 positive" in texts[2] and "0.9731" in texts[2] and "2024-03-01 10:00:00" in texts[2]
+    assert rows.nth(0).locator("button").count() == 0  # a heat map link only where one was stored
+    rows.nth(2).locator("button.heatmap-link").click()
+    page.wait_for_selector("#results-figure:not([hidden])", timeout=10_000)
+    page.wait_for_function("() => { const i = document.getElementById('results-heatmap'); return i.complete && i.naturalWidth > 0; }",
+                           timeout=10_000)
+    assert _natural_width(page, "#results-heatmap") == 256

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+import dicoms
 
 from covidxray.errors import ImageError
 from covidxray.imaging import _MAGIC, MIN_SIDE, load_image
@@ -71,10 +73,12 @@ def _dicom(gray: np.ndarray, syntax: str | None = None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def seeds(data_root: Path) -> dict[str, bytes]:
+def seeds(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Valid files of one real X-ray (64x64, so each example decodes in milliseconds)."""
     gray = _xray_64(data_root)
     img = Image.fromarray(gray)
+    cr = dicoms.cr(gray.astype(np.uint16) * 16)
+    workdir = tmp_path_factory.mktemp("fuzz-seeds")
     return {
         "png": _save(img, "PNG"),
         "png16": _save(Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
@@ -86,6 +90,10 @@ def seeds(data_root: Path) -> dict[str, bytes]:
         "dicom": _dicom(gray),
         "dicom-rle": _dicom(gray, RLELossless),
         "dicom-jpeg": _dicom(gray, JPEGBaseline8Bit),
+        # What PACS send most: each codec plug-in (C/C++ libraries) gets its own mutated streams.
+        "dicom-jpeg-lossless": dicoms.to_bytes(dicoms.compressed(cr, JPEGLosslessSV1, workdir)),
+        "dicom-jpeg-ls": dicoms.to_bytes(dicoms.compressed(cr, JPEGLSLossless, workdir)),
+        "dicom-j2k": dicoms.to_bytes(dicoms.compressed(cr, JPEG2000Lossless, workdir)),
     }
 
 
@@ -144,7 +152,7 @@ def test_random_bytes_behind_a_magic_number(magic: bytes, tail: bytes):
 
 
 @pytest.mark.parametrize("kind", ["png", "png16", "jpeg", "jpeg-progressive", "gif", "tiff", "bmp", "dicom",
-                                  "dicom-rle", "dicom-jpeg"])
+                                  "dicom-rle", "dicom-jpeg", "dicom-jpeg-lossless", "dicom-jpeg-ls", "dicom-j2k"])
 def test_mutated_files(kind: str, seeds: dict[str, bytes]):
     load_image(seeds[kind], name=kind)  # the seed itself is a valid X-ray
 

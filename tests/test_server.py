@@ -334,3 +334,39 @@ def test_web_page_uses_no_cdn_and_docs_exist(client: TestClient):
         assert client.get(asset).status_code == 200
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_results_need_a_database_and_say_so(client: TestClient):
+    for path in ("/v1/results", "/v1/results/heatmap?sop_instance_uid=1.2.3"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_results_database"
+        assert "covidxray serve --db" in r.json()["error"]["message"]
+
+
+def test_results_and_heatmaps_from_the_listener_database(reference: Predictor, tmp_path: Path, caplog):
+    from covidxray.results import ResultRow, open_results
+
+    caplog.set_level(logging.INFO)
+    rows = [ResultRow(f"1.2.3.{i}", "1.2.4", "1.2.5", "CR", f"2024-03-01T10:0{i}:00.000+00:00",
+                      f"2024-03-01T10:0{i}:01.000+00:00", label, probability=p, threshold=0.2, model="m")
+            for i, (label, p) in enumerate([("covid", 0.9), ("normal", 0.05), ("not_answered", None)])]
+    store = open_results(tmp_path / "r.db")
+    store.record(rows, {"1.2.3.0": b"\x89PNG\r\n\x1a\nheat map"})
+    with _client(reference, results_db=tmp_path / "r.db", api_key="k") as c:
+        assert c.get("/v1/results").status_code == 401  # behind the key like every /v1 route
+        key = {"X-API-Key": "k"}
+        body = c.get("/v1/results", headers=key).json()
+        assert [(r["sop_instance_uid"], r["label"], r["heatmap"]) for r in body["results"]] == [
+            ("1.2.3.2", "not_answered", False), ("1.2.3.1", "normal", False), ("1.2.3.0", "covid", True)]
+        assert "not a diagnosis" in body["disclaimer"]
+        newest = c.get("/v1/results?since=2024-03-01T10:01Z&limit=1", headers=key).json()["results"]
+        assert [r["sop_instance_uid"] for r in newest] == ["1.2.3.2"]
+        assert c.get("/v1/results?since=someday", headers=key).status_code == 400
+        store.record([ResultRow("1.2.3.9", "1.2.4", "1.2.5", "CR", "2024-03-02T00:00:00.000+00:00", "x", "normal")])
+        assert len(c.get("/v1/results", headers=key).json()["results"]) == 4  # the listener writes while we serve
+        png = c.get("/v1/results/heatmap?sop_instance_uid=1.2.3.0", headers=key)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content.endswith(b"heat map")
+        assert c.get("/v1/results/heatmap?sop_instance_uid=1.2.3.1", headers=key).json()["error"]["code"] == "no_heatmap"
+    server_log = [r.getMessage() for r in caplog.records if r.name.startswith("covidxray")]
+    assert server_log and not [line for line in server_log if "1.2.3.0" in line]  # UIDs travel in the query string,
+    # which the access log leaves out

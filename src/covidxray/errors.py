@@ -5,7 +5,7 @@ The CLI turns these into a one-line message and exit code 2; the API turns them 
 
 from __future__ import annotations
 
-__all__ = ["CovidXrayError", "ImageError", "DataError", "CheckpointError"]
+__all__ = ["CovidXrayError", "ImageError", "DataError", "CheckpointError", "ResultsError", "DicomNodeError"]
 
 
 class CovidXrayError(Exception):
@@ -35,3 +35,11 @@ class DataError(CovidXrayError):
 
 class CheckpointError(CovidXrayError):
     """A model checkpoint is missing, unsafe, or does not match what the code expects."""
+
+
+class ResultsError(CovidXrayError):
+    """The results database is missing, of another schema version, or its URL names no supported store."""
+
+
+class DicomNodeError(CovidXrayError):
+    """The DICOM listener or the answer to a PACS cannot be set up (a bad address, AE title, spool folder)."""

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from covidxray.errors import ImageError
 
@@ -43,6 +45,14 @@ _MAGIC = (  # (prefix, format); Pillow decodes all of these
     (b"MM\x00+", "tiff"),
     (b"BM", "bmp"),
 )
+# A DICOM data set stored without the 128-byte preamble and "DICM" (older software, raw network dumps)
+# starts with an element of the file meta group (0002) or the identifying group (0008), in either
+# byte order, followed by an explicit VR or (implicit VR) a 4-byte length.
+_BARE_DICOM_GROUPS = {0x0002, 0x0008}
+_BARE_DICOM_MAX_ELEMENT = 0x0100  # these files start with a low element: a length, version or character set
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
 _RGB_TO_GRAY = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, as Pillow's convert("L")
 _HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}  # scaled by their own range
 _GREY_MODES = {"1", "L", "LA", "La"}  # no colour to look at
@@ -76,7 +86,7 @@ def sniff_format(head: bytes) -> str | None:
 
     Returns:
         ``"dicom"``, ``"png"``, ``"jpeg"``, ``"bmp"``, ``"tiff"`` or ``"gif"``; ``None`` when
-        the bytes match none of them.
+        the bytes match none of them. A DICOM data set without the preamble is ``"dicom"`` too.
 
     Examples:
         >>> sniff_format(b"\\x89PNG\\r\\n\\x1a\\n")
@@ -85,7 +95,23 @@ def sniff_format(head: bytes) -> str | None:
     # DICOM is tested first: its free 128-byte preamble may itself look like a TIFF header.
     if head[128:132] == b"DICM":
         return "dicom"
-    return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+    fmt = next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), None)
+    return fmt or ("dicom" if _bare_dicom(head) else None)
+
+
+def _bare_dicom(head: bytes) -> bool:
+    """Whether ``head`` starts like a DICOM data set written without preamble and ``DICM`` prefix."""
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        group, element = struct.unpack(f"{order}HH", head[:4])
+        if group not in _BARE_DICOM_GROUPS or element >= _BARE_DICOM_MAX_ELEMENT:
+            continue
+        if head[4:6] in _VRS:  # explicit VR
+            return True
+        if order == "<" and struct.unpack("<I", head[4:8])[0] < 0x10000:  # implicit VR is little endian only
+            return True
+    return False
 
 
 def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
@@ -264,16 +290,29 @@ def _dicom_info(ds: pydicom.Dataset, colour_share: float = 0.0) -> ImageInfo:
                      sop_class_uid=str(ds.get("SOPClassUID", "")), colour_share=colour_share)
 
 
+def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
+    """The data set's transfer syntax; for a file without one in its meta (no preamble, or an old
+    writer), the uncompressed syntax it was actually parsed with."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax:
+        return syntax
+    implicit, little = ds.original_encoding
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = syntax  # pydicom's pixel decoding reads it from here
+    return syntax
+
+
 def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, ImageInfo]:
     # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
-    # pydicom decodes pixels only when pixel_array is read, after the checks below.
-    ds = pydicom.dcmread(io.BytesIO(data))
+    # pydicom decodes pixels only when pixel_array is read, after the checks below. force=True
+    # reads a data set without the preamble (sniff_format has already checked how it starts).
+    ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ImageError(label, "DICOM file has no pixel data")
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageError(label, "DICOM file has no Rows/Columns")
     _check_size(label, int(ds.Columns), int(ds.Rows))
-    syntax = ds.file_meta.TransferSyntaxUID
+    syntax = _transfer_syntax(ds)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:

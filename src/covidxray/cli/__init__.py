@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import CovidXrayError
-from . import data_commands, predict_commands, run_commands
+from . import data_commands, dicom_commands, predict_commands, run_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands.register(sub)
     run_commands.register(sub, run, data)
     predict_commands.register(sub)
+    dicom_commands.register(sub)
     return p
 
 

@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import DISCLAIMER, __version__
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
+from ..results import open_results
 from .api_errors import ApiError, error_body, error_response
 from .middleware import RequestContext
+from .results_routes import results_router
 from .schemas import ERRORS, BatchOut, PredictionOut, upload_body
 from .service import Service
 from .uploads import Upload, read_files
@@ -63,6 +65,7 @@ def create_app(
     max_batch: int = 8,
     max_batch_files: int = 16,
     threads: int | None = None,
+    results_db: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The covidxray web service as a FastAPI app (serve it with uvicorn).
 
@@ -82,6 +85,8 @@ def create_app(
             per image for the bundled model), so larger batches buy memory, not speed.
         max_batch_files: most files in one ``/v1/predict/batch`` request.
         threads: intra-op threads when the app loads the model (None: torch's or ONNX Runtime's default).
+        results_db: the results database ``covidxray listen`` writes (path or URL), for ``GET /v1/results``
+            and the page's results list; None: those answer 404 ``no_results_database``.
 
     Returns:
         The app. The model is loaded when the app starts, not here.
@@ -94,6 +99,7 @@ def create_app(
     api_key = api_key or None  # an empty key means no key, not a key that nobody can send
     path = Path(model) if model else (default_model_path() if predictor is None else None)
     service = Service(path, backend, predictor, timeout_s, max_batch, threads)
+    store = open_results(results_db) if results_db is not None else None  # a bad file fails here, before serving
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +108,8 @@ def create_app(
             yield
         finally:
             await service.stop()
+            if store is not None:
+                store.close()
 
     app = FastAPI(
         title="covidxray", version=__version__, lifespan=lifespan,
@@ -155,6 +163,7 @@ def create_app(
         """The model card: architecture, input size, threshold, temperature, metrics, classes."""
         return service.card()
 
+    api.include_router(results_router(store))
     app.include_router(api)
 
     @app.get("/healthz", include_in_schema=False)

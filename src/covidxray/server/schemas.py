@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field
 
 from .. import DISCLAIMER, POSITIVE_CLASS
 
-__all__ = ["ModelRef", "PredictionOut", "ErrorDetail", "ErrorOut", "BatchItemError", "BatchOut", "ERRORS", "upload_body"]
+__all__ = ["ModelRef", "PredictionOut", "ErrorDetail", "ErrorOut", "BatchItemError", "BatchOut", "ResultOut", "ResultsOut",
+           "ERRORS", "upload_body"]
 
 
 class ModelRef(BaseModel):
@@ -62,9 +63,36 @@ class BatchOut(BaseModel):
     disclaimer: str = DISCLAIMER
 
 
+class ResultOut(BaseModel):
+    """One instance the DICOM listener classified (see `covidxray.results.ResultRow`); no patient data."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    received_at: str = Field(description="ISO 8601, UTC")
+    classified_at: str = Field(description="ISO 8601, UTC")
+    label: str = Field(description="'covid' (COVID-19 positive), 'normal', 'not_answered' or 'error' (see reason)")
+    reason: str | None = Field(None, description="why not answered or not readable, in a word")
+    message: str | None = None
+    probability: float | None = Field(None, description="P(COVID-19); null when not answered")
+    threshold: float | None = None
+    model: str | None = None
+    weights_sha256: str | None = None
+    unfamiliarity: float | None = None
+    report_status: str | None = Field(None, description="the structured report sent back: sent, failed: ..., or null")
+    heatmap: bool = Field(description="a Grad-CAM overlay is at /v1/results/heatmap?sop_instance_uid=...")
+
+
+class ResultsOut(BaseModel):
+    results: list[ResultOut] = Field(description="newest first")
+    disclaimer: str = DISCLAIMER
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in (
-        (400, "malformed request or no file"), (401, "missing or wrong API key"), (413, "upload too large"),
+        (400, "malformed request or no file"), (401, "missing or wrong API key"), (404, "not found or not configured"),
+        (413, "upload too large"),
         (415, "not an image or DICOM file"), (422, "corrupt or unusable image"), (503, "model not ready"),
         (504, "inference took longer than the timeout"),
     )

@@ -90,6 +90,65 @@ async function classify(file) {
   }
 }
 
+// The results list: what `covidxray listen` recorded (shown only when the server has a results database).
+const ANSWERS = { covid: "COVID-19 positive", normal: "COVID-19 negative", not_answered: "not answered", error: "not readable" };
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+async function showResultHeatmap(uid) {
+  const response = await fetch(`/v1/results/heatmap?sop_instance_uid=${encodeURIComponent(uid)}`, { headers: headers() });
+  if (!response.ok) {
+    showError(await errorMessage(response));
+    return;
+  }
+  const old = $("results-heatmap").src;
+  $("results-heatmap").src = URL.createObjectURL(await response.blob());
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  $("results-figure").hidden = false;
+}
+
+async function loadResults() {
+  let response;
+  try {
+    response = await fetch("/v1/results?limit=50", { headers: headers() });
+  } catch (_) {
+    return;
+  }
+  if (!response.ok) { // 404: no results database on this server; 401: the key is still to come
+    $("results-list").hidden = true;
+    return;
+  }
+  const rows = (await response.json()).results;
+  const body = $("results-rows");
+  body.replaceChildren();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    cell(tr, r.received_at.slice(0, 19).replace("T", " "));
+    cell(tr, `…${r.study_instance_uid.slice(-12)}`).title = r.study_instance_uid;
+    const answer = ANSWERS[r.label] || r.label;
+    cell(tr, r.reason ? `${answer}: ${r.reason}` : answer, `answer-${r.label}`); // not "error": that class styles alerts
+    cell(tr, r.probability === null ? "—" : r.probability.toFixed(4));
+    const link = cell(tr, "");
+    if (r.heatmap) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "heatmap-link";
+      button.textContent = "show";
+      button.addEventListener("click", () => showResultHeatmap(r.sop_instance_uid));
+      link.appendChild(button);
+    }
+    body.appendChild(tr);
+  }
+  $("results-empty").hidden = rows.length > 0;
+  $("results-list").hidden = false;
+}
+
 function setUp() {
   const zone = $("drop-zone");
   $("file").addEventListener("change", () => {
@@ -105,8 +164,10 @@ function setUp() {
     zone.classList.remove("dragging");
     if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
   });
-  $("api-key").addEventListener("change", loadModel);
+  $("api-key").addEventListener("change", () => { loadModel(); loadResults(); });
+  $("results-refresh").addEventListener("click", loadResults);
   loadModel();
+  loadResults();
 }
 
 document.addEventListener("DOMContentLoaded", setUp);

@@ -1,0 +1,309 @@
+"""``covidxray listen``: a DICOM Storage SCP that classifies what it receives and records the results.
+
+Three kinds of threads, joined by two queues:
+
+1. pynetdicom's, one per association (several senders at once): each C-STORE is written to the
+   `Spool` (fsync, rename) and only then acknowledged with status 0x0000; nothing is decoded there.
+2. one worker: takes whatever is queued (up to ``batch_size``), skips instances already recorded
+   (a resend is recorded once), classifies the rest in one batched model call and commits the
+   rows in one transaction; then the files leave the spool.
+3. with ``send_to``, one reporter: sends each instance's structured report (and heat map capture)
+   back to the PACS over one association per batch, retries with back-off, records the outcome.
+
+At start-up the spool is processed before the port opens: instances acknowledged before a crash
+are classified (or, already recorded, only reported) now. Logs carry counts and reasons, never
+a DICOM tag, and pynetdicom's own log is kept at warnings for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000,
+    JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+    JPEGLSNearLossless, RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom import sop_class as sc
+
+from ..errors import DicomNodeError
+from ..predictor import Predictor
+from ..results import open_results, utc_now
+from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
+from .spool import Spool
+from .worker import Classified, classify_batch, read_header
+
+__all__ = ["ListenerConfig", "Listener", "STORAGE_CLASSES", "TRANSFER_SYNTAXES"]
+
+log = logging.getLogger(__name__)
+
+# Radiographs (CR; DX, which DR systems send), secondary captures (digitised films) and CT, which is
+# accepted only so that a misrouted CT is recorded as not answered instead of vanishing in a refused association.
+STORAGE_CLASSES = (
+    sc.ComputedRadiographyImageStorage, sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing, sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage, sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.CTImageStorage,
+)
+TRANSFER_SYNTAXES = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless,
+)
+_SENT = {0x0000, 0xB000, 0xB006, 0xB007}  # success, or success with a warning (coercion, elements discarded)
+_REPORT_TRIES = 5  # then the report is recorded as failed and the file leaves the spool
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """How ``covidxray listen`` runs (the CLI builds it from its flags)."""
+
+    db: str  # results database: a file path or sqlite:///PATH
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = 11112  # DICOM port (0: any free one; 104 needs root)
+    ae_title: str = "COVIDXRAY"  # this node's AE title; senders must call it
+    spool: str | None = None  # folder for received instances until recorded (default: DB path + ".spool")
+    model: str | None = None  # run folder or model.json (None: the bundled model)
+    backend: str = "torch"  # torch or onnx (heat maps need torch)
+    threads: int | None = None  # model intra-op threads (None: the library's default)
+    batch_size: int = 32  # most instances per model call
+    heatmaps: bool = False  # store a Grad-CAM overlay per answered instance (a backward pass each)
+    send_to: str | None = None  # AE@HOST:PORT that gets a structured report per instance
+    secondary_capture: bool = False  # with send_to: also send the heat map as a Secondary Capture
+    max_associations: int = 16  # concurrent senders
+    timeout_s: float = 60.0  # network, ACSE and DIMSE timeouts
+
+    def spool_folder(self) -> Path:
+        if self.spool:
+            return Path(self.spool)
+        if "://" in self.db and not self.db.startswith("sqlite://"):
+            raise DicomNodeError(f"--db {self.db}: give --spool FOLDER as well (it cannot go beside a server database)")
+        return Path(self.db.removeprefix("sqlite:///") + ".spool")
+
+
+def _take(items: queue.Queue, limit: int | None = None) -> list | None:
+    """The next item (waiting for it) and whatever else is queued, up to ``limit``; None once told to stop.
+
+    No waiting window: under load, what queued while the last batch ran is the next batch.
+    """
+    first = items.get()
+    if first is None:
+        return None
+    batch = [first]
+    while limit is None or len(batch) < limit:
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            items.put(None)  # stop after this batch
+            break
+        batch.append(item)
+    return batch
+
+
+class Listener:
+    """The DICOM node: `start` it, `stop` it; `port` is where it listens.
+
+    Args:
+        config: see `ListenerConfig`.
+        predictor: an already loaded model (tests, benchmarks); None loads ``config.model``.
+    """
+
+    def __init__(self, config: ListenerConfig, predictor: Predictor | None = None):
+        check_ae_title(config.ae_title, "--ae-title")
+        self.config = config
+        self.destination = Destination.parse(config.send_to) if config.send_to else None
+        if config.secondary_capture and not self.destination:
+            raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT")
+        self.heatmaps = config.heatmaps or config.secondary_capture
+        if self.heatmaps and config.backend != "torch":
+            raise DicomNodeError("heat maps (--heatmaps, --secondary-capture) need --backend torch: ONNX has no gradients")
+        self.predictor = predictor
+        self.spool = Spool(config.spool_folder())
+        self.store = open_results(config.db)
+        self.stats: Counter[str] = Counter()
+        self._work: queue.Queue[tuple[str, Path, str] | None] = queue.Queue()
+        self._reports: queue.Queue[tuple[Classified, int] | None] = queue.Queue()
+        self._pending = 0  # instances queued and not yet finished (recorded and, with send_to, reported)
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (the real one when the config said 0)."""
+        if self._server is None:
+            raise DicomNodeError("the listener is not started")
+        return self._server.server_address[1]
+
+    def start(self) -> "Listener":
+        """Load the model, queue what the spool still holds, start the threads, then open the port."""
+        for noisy in ("pynetdicom", "highdicom"):  # their info and debug lines quote DICOM tags and UIDs
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        if self.predictor is None:
+            self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
+        leftovers = self.spool.pending()
+        for path in leftovers:
+            self._enqueue(path.stem, path, Spool.received_at(path))
+        if leftovers:
+            log.info("resuming %d instances left in the spool", len(leftovers))
+        self._threads = [threading.Thread(target=self._work_loop, name="covidxray-worker", daemon=True)]
+        if self.destination:
+            self._threads.append(threading.Thread(target=self._report_loop, name="covidxray-reporter", daemon=True))
+        for thread in self._threads:
+            thread.start()
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.require_called_aet = True
+        ae.maximum_pdu_size = 0  # no limit: senders may use large PDUs, fewer round trips per film
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.config.timeout_s
+        for sop_class in STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(sc.Verification)  # C-ECHO, as PACS use to test a node
+        try:
+            self._server = ae.start_server((self.config.host, self.config.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        except OSError as exc:
+            self.stop()
+            raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.predictor.name)
+        return self
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Close the port, finish the batch in hand, and stop; what is still spooled waits for the next start."""
+        if self._server is not None:
+            self._server.shutdown()
+        self._stopping.set()
+        self._work.put(None)
+        self._reports.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)
+        self.store.close()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until everything received so far is recorded (and reported); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout_s)
+
+    # ------------------------------------------------------------------------------------ receiving
+
+    def _on_store(self, event: evt.Event) -> int:
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        try:
+            path = self.spool.put(sop_uid, event.encoded_dataset())
+        except OSError as exc:
+            log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
+            return 0xA700  # out of resources: the sender keeps the instance and may retry
+        self._enqueue(sop_uid, path, utc_now(), received=True)
+        return 0x0000
+
+    def _enqueue(self, sop_uid: str, path: Path, received_at: str, received: bool = False) -> None:
+        with self._idle:  # association threads call this concurrently
+            self._pending += 1
+            self.stats["received"] += received
+        self._work.put((sop_uid, path, received_at))
+
+    def _finished(self, n: int) -> None:
+        with self._idle:
+            self._pending -= n
+            if self._pending == 0:
+                self._idle.notify_all()
+
+    # ------------------------------------------------------------------------------------ classifying
+
+    def _work_loop(self) -> None:
+        while (batch := _take(self._work, self.config.batch_size)) is not None:
+            try:
+                self._process(batch)
+            except Exception:  # a database or disk failure: the files stay spooled and are tried again
+                log.exception("could not record a batch of %d instances; retrying in 5 s", len(batch))
+                if self._stopping.wait(5):
+                    return
+                for item in batch:
+                    self._work.put(item)
+
+    def _process(self, batch: list[tuple[str, Path, str]]) -> None:
+        start = time.perf_counter()
+        unique = {sop: (sop, path, received) for sop, path, received in batch}  # a resend queued twice
+        known = self.store.known(unique)
+        fresh = [item for sop, item in unique.items() if sop not in known]
+        done = classify_batch(self.predictor, fresh, heatmaps=self.heatmaps) if fresh else []
+        added = self.store.record([c.row for c in done], {c.row.sop_instance_uid: c.heatmap_png for c in done if c.heatmap_png})
+        for sop in known:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
+            row = self.store.get(sop)
+            path = unique[sop][1]
+            done.append(Classified(path, row, read_header(path) if row.report_status is None else None,
+                                   self.store.heatmap(sop)))
+        labels = Counter(c.row.reason or c.row.label for c in done[:len(fresh)])
+        self.stats.update(recorded=added, duplicates=len(batch) - added, **{f"label_{k}": v for k, v in labels.items()})
+        log.info("recorded %d instances (%s; %d already known) in %.2f s", added,
+                 ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "-", len(batch) - added,
+                 time.perf_counter() - start)
+        for c in done:
+            if self.destination and c.row.report_status is None:
+                self._reports.put((c, 0))
+            else:
+                self.spool.remove(c.path)
+                self._finished(1)
+        self._finished(len(batch) - len(unique))  # queued duplicates need no further work
+
+    # ------------------------------------------------------------------------------------ answering back
+
+    def _report_loop(self) -> None:
+        while (batch := _take(self._reports)) is not None:
+            self._send_reports(batch)
+
+    def _send_reports(self, batch: list[tuple[Classified, int]]) -> None:
+        datasets, owners, retry = [], [], []
+        for c, tries in batch:
+            if c.header is None or "StudyInstanceUID" not in c.header or "SOPClassUID" not in c.header:
+                self._report_done(c, "failed: no DICOM header to refer to")
+                continue
+            try:
+                made = [build_report(c.header, c.row)]
+                if self.config.secondary_capture and c.heatmap_png:
+                    made.append(build_heatmap_capture(c.header, c.heatmap_png))
+            except Exception as exc:  # noqa: BLE001 - a header highdicom refuses: recorded, the others go on
+                self._report_done(c, f"failed: report not built ({type(exc).__name__})")
+                continue
+            datasets += made
+            owners += [(c, tries)] * len(made)
+        if not datasets:
+            return
+        try:
+            statuses = send_datasets(datasets, self.destination, self.config.ae_title, self.config.timeout_s)
+        except DicomNodeError as exc:
+            statuses, error = [None] * len(datasets), str(exc)
+        else:
+            error = "the PACS answered with a failure status"
+        outcome: dict[str, tuple[Classified, int, bool]] = {}
+        for (c, tries), status in zip(owners, statuses, strict=True):
+            ok = status in _SENT and outcome.get(c.row.sop_instance_uid, (c, tries, True))[2]
+            outcome[c.row.sop_instance_uid] = (c, tries, ok)
+        for c, tries, ok in outcome.values():
+            if ok:
+                self._report_done(c, "sent")
+            elif tries + 1 >= _REPORT_TRIES:
+                self._report_done(c, f"failed: {error}")
+            else:
+                retry.append((c, tries + 1))
+        if retry:
+            log.warning("%d reports not delivered to %s (%s); retrying", len(retry), self.destination, error)
+            if not self._stopping.wait(2 ** retry[0][1]):  # 2, 4, 8, 16 s; on stop they stay spooled for next time
+                for item in retry:
+                    self._reports.put(item)
+
+    def _report_done(self, c: Classified, status: str) -> None:
+        self.store.set_report_status(c.row.sop_instance_uid, status)
+        self.stats["reports_sent" if status == "sent" else "reports_failed"] += 1
+        self.spool.remove(c.path)
+        self._finished(1)

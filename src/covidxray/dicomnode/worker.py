@@ -1,0 +1,120 @@
+"""From spooled files to result rows: headers, one batched model call, heat maps when asked.
+
+`classify_batch` is the pure part (files in, rows out) that the listener's worker thread calls;
+the threads, queues and the database live in `covidxray.dicomnode.listener`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom import Dataset
+
+from ..errors import ImageError
+from ..explain import explain, overlay_png
+from ..imaging import load_image
+from ..predictor import Prediction, Predictor
+from ..results import ResultRow, utc_now
+
+__all__ = ["Classified", "classify_batch", "error_reason", "read_header", "HEATMAP_SIDE"]
+
+log = logging.getLogger(__name__)
+
+HEATMAP_SIDE = 512  # longest side of a stored heat map PNG (about 0.3 MB; the list shows it small)
+# Words for why a file could not be read, from the reasons `covidxray.imaging` gives (first match wins).
+_ERROR_REASONS = (
+    ("no pixel data", "no_pixel_data"),
+    ("no Rows/Columns", "no_pixel_data"),
+    ("lateral view", "lateral_view"),
+    ("transfer syntax", "unsupported_syntax"),
+    ("blank", "blank_image"),
+    ("absurd size", "bad_size"),
+    ("too large", "bad_size"),
+    ("non-finite", "bad_values"),
+)
+
+
+@dataclass
+class Classified:
+    """One spooled file's outcome: the row to record and what answering back needs."""
+
+    path: Path
+    row: ResultRow
+    header: Dataset | None  # None when the file is not readable DICOM at all (no report can refer to it)
+    heatmap_png: bytes | None = field(default=None, repr=False)
+
+
+def error_reason(exc: ImageError) -> str:
+    """A machine word for why an instance could not be read (``undecodable`` when nothing more specific fits)."""
+    return next((word for text, word in _ERROR_REASONS if text in exc.reason), "undecodable")
+
+
+def read_header(path: Path) -> Dataset | None:
+    """The DICOM header without pixel data (None when the file is not DICOM pydicom can parse)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - any parse failure: the row then says why the pixels could not be read
+        return None
+
+
+def _uid(header: Dataset | None, keyword: str) -> str:
+    value = header.get(keyword, "") if header is not None else ""
+    return str(value).strip() if value else ""
+
+
+def classify_batch(predictor: Predictor, items: Sequence[tuple[str, Path, str]], heatmaps: bool = False) -> list[Classified]:
+    """Classify spooled instances in one batched model call.
+
+    Args:
+        predictor: the model.
+        items: ``(sop_instance_uid, spooled path, received_at)`` per instance.
+        heatmaps: also compute the Grad-CAM overlay of each answered instance (one backward pass each:
+            several times the cost of its share of the batched forward pass).
+
+    Returns:
+        One `Classified` per item, in order. Unreadable files are rows with label ``error`` and a
+        reason; answers that are not answers (the input gate) are rows with label ``not_answered``.
+    """
+    headers = [read_header(path) for _, path, _ in items]
+    outcomes = predictor.predict_paths([path for _, path, _ in items], batch_size=max(1, len(items)))
+    meta = {"model": predictor.name, "weights_sha256": predictor.meta.get("weights_sha256")}
+    done = []
+    for (sop_uid, path, received_at), header, outcome in zip(items, headers, outcomes, strict=True):
+        base = {"sop_instance_uid": sop_uid, "study_instance_uid": _uid(header, "StudyInstanceUID"),
+                "series_instance_uid": _uid(header, "SeriesInstanceUID"), "modality": _uid(header, "Modality"),
+                "received_at": received_at, "classified_at": utc_now(), **meta}
+        png = None
+        if isinstance(outcome, ImageError):
+            row = ResultRow(**base, label="error", reason=error_reason(outcome), message=outcome.reason,
+                            threshold=predictor.threshold)
+        else:
+            row = ResultRow(**base, **_answer(outcome))
+            if heatmaps and outcome.answered:
+                png = _heatmap(predictor, path)
+        done.append(Classified(path, row, header, png))
+    return done
+
+
+def _answer(p: Prediction) -> dict:
+    return {"label": p.label, "reason": p.reason, "message": p.message, "probability": p.probability,
+            "threshold": p.threshold, "unfamiliarity": p.unfamiliarity}
+
+
+def _heatmap(predictor: Predictor, path: Path) -> bytes | None:
+    """The Grad-CAM overlay PNG of one file, at most `HEATMAP_SIDE` px (None if it cannot be made)."""
+    try:
+        image = load_image(path)
+        _, cam = explain(predictor, image)
+    except ImageError:  # the file changed under us: the row is recorded, without a heat map
+        return None
+    scale = HEATMAP_SIDE / max(image.shape)
+    if scale < 1:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image, cam = (np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BILINEAR)) for a in (image, cam))
+    return overlay_png(np.clip(image, 0, 1), np.clip(cam, 0, 1))

@@ -1,0 +1,125 @@
+"""The results database (`covidxray.results`) and ``covidxray results``: one row per instance, WAL, versioned, no patient data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from dataclasses import fields, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from covidxray.cli import main
+from covidxray.errors import ResultsError
+from covidxray.results import SCHEMA_VERSION, ResultRow, iso_utc, open_results, parse_since
+
+
+def _row(n: int, label: str = "normal", hours_ago: float = 0.0, **extra) -> ResultRow:
+    when = iso_utc(datetime.now(timezone.utc) - timedelta(hours=hours_ago))
+    answered = label in ("covid", "normal")
+    return ResultRow(sop_instance_uid=f"1.2.3.{n}", study_instance_uid=f"1.2.4.{n}", series_instance_uid=f"1.2.5.{n}",
+                     modality="CR", received_at=when, classified_at=when, label=label,
+                     probability=0.9 if label == "covid" else 0.1 if answered else None, threshold=0.5,
+                     model="tf_efficientnet_lite0@192px", weights_sha256="ab" * 32, **extra)
+
+
+def test_rows_round_trip_and_a_resend_is_recorded_once(tmp_path: Path):
+    store = open_results(tmp_path / "r.db")
+    rows = [_row(1, "covid"), _row(2), _row(3, "not_answered", reason="wrong_modality", message="CT, not a radiograph"),
+            _row(4, "error", reason="no_pixel_data", message="DICOM file has no pixel data")]
+    assert store.record(rows, {"1.2.3.1": b"\x89PNG fake"}) == 4
+    assert store.record([replace(rows[0], label="normal", probability=0.2)]) == 0  # the first answer stays
+    assert store.get("1.2.3.1") == rows[0] and store.get("9.9") is None
+    assert store.known(["1.2.3.1", "1.2.3.4", "7.7.7"]) == {"1.2.3.1", "1.2.3.4"}
+    assert store.heatmap("1.2.3.1") == b"\x89PNG fake" and store.heatmap("1.2.3.2") is None
+    assert store.has_heatmaps(["1.2.3.1", "1.2.3.2"]) == {"1.2.3.1"}
+    store.set_report_status("1.2.3.2", "sent")
+    assert store.get("1.2.3.2").report_status == "sent"
+    store.close()
+    assert sorted(r.sop_instance_uid for r in open_results(tmp_path / "r.db").recent()) == [f"1.2.3.{i}" for i in range(1, 5)]
+
+
+def test_sqlite_file_is_wal_versioned_and_refuses_other_files(tmp_path: Path):
+    open_results(tmp_path / "r.db").close()
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(ResultsError, match=r"r\.db: results schema version 99; this covidxray reads version 1"):
+        open_results(tmp_path / "r.db")
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    with pytest.raises(ResultsError, match="other tables"):
+        open_results(tmp_path / "other.db")
+    (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(ResultsError, match=r"junk\.db: not a usable SQLite"):
+        open_results(tmp_path / "junk.db")
+
+
+def test_store_is_chosen_by_url(tmp_path: Path):
+    store = open_results(f"sqlite:///{tmp_path}/u.db")
+    assert store.path == tmp_path / "u.db"
+    store.close()
+    with pytest.raises(ResultsError, match=r"postgresql://.*ResultsStore"):
+        open_results("postgresql://pacs-db/results")
+    with pytest.raises(ResultsError, match="covidxray listen --db"):
+        open_results(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_a_second_connection_reads_while_the_first_writes(tmp_path: Path):
+    writer, reader = open_results(tmp_path / "r.db"), open_results(tmp_path / "r.db")
+    for n in range(5):
+        writer.record([_row(n)])
+        assert len(reader.recent()) == n + 1
+
+
+def test_recent_filters_by_time_and_limit(tmp_path: Path):
+    store = open_results(tmp_path / "r.db")
+    store.record([_row(1, hours_ago=50), _row(2, hours_ago=5), _row(3, hours_ago=0.1)])
+    assert [r.sop_instance_uid for r in store.recent()] == ["1.2.3.3", "1.2.3.2", "1.2.3.1"]  # newest first
+    assert [r.sop_instance_uid for r in store.recent(since="24h")] == ["1.2.3.3", "1.2.3.2"]
+    assert [r.sop_instance_uid for r in store.recent(since="30m")] == ["1.2.3.3"]
+    assert len(store.recent(since="2000-01-01")) == 3 and len(store.recent(limit=2)) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2024-03-01", "2024-03-01T00:00:00.000+00:00"),
+    ("2024-03-01T08:00Z", "2024-03-01T08:00:00.000+00:00"),
+    ("2024-03-01T10:00+02:00", "2024-03-01T08:00:00.000+00:00"),
+])
+def test_parse_since(text: str, expected: str):
+    assert parse_since(text) == expected
+
+
+def test_parse_since_refuses_nonsense():
+    with pytest.raises(ResultsError, match=r"--since 'yesterday'.*24h"):
+        parse_since("yesterday")
+
+
+def test_no_column_can_hold_patient_data(tmp_path: Path):
+    open_results(tmp_path / "r.db").close()
+    with sqlite3.connect(tmp_path / "r.db") as db:
+        columns = {c[1] for table in ("results", "heatmaps") for c in db.execute(f"PRAGMA table_info({table})")}
+    assert columns == {f.name for f in fields(ResultRow)} | {"png"}
+    assert not [c for c in columns if any(word in c for word in ("patient", "name", "birth", "accession", "sex"))]
+
+
+def test_results_command_in_every_format(tmp_path: Path, capsys: pytest.CaptureFixture):
+    store = open_results(tmp_path / "r.db")
+    store.record([_row(1, "covid"), _row(2, "not_answered", reason="lateral_view", hours_ago=3)])
+    store.close()
+    assert main(["results", "--db", str(tmp_path / "r.db"), "--format", "json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["label"] for line in lines] == ["covid", "not_answered"]  # one object per line
+    assert main(["results", "--db", str(tmp_path / "r.db"), "--format", "csv", "--since", "1h"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["sop_instance_uid"], r["label"], r["probability"]) for r in table] == [("1.2.3.1", "covid", "0.9")]
+    assert main(["results", "--db", str(tmp_path / "r.db")]) == 0
+    out = capsys.readouterr()
+    assert "covid" in out.out and "0.9000" in out.out and "lateral_view" in out.out and "not a diagnosis" in out.err
+    assert main(["results", "--db", str(tmp_path / "nope.db")]) == 2
+    assert "nope.db: no results database here" in capsys.readouterr().err
