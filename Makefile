@@ -7,7 +7,7 @@ export COVIDXRAY_DATA ?= $(abspath ../shared/datasets/covid-cxr)
 # On two cores, keep glibc from returning big activation buffers to the OS after every batch.
 export MALLOC_MMAP_MAX_ ?= 0
 
-.PHONY: run test install chromium dicomtools model clean
+.PHONY: run test install systemdeps model clean
 
 # Re-install only when the dependency list changes; the stamp makes repeated runs instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,18 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# tests/test_browser.py drives Debian's Chromium; Playwright's own browser download is never used.
-chromium:
-	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+# Debian programs the tests drive, installed once (one apt-get update): Chromium for tests/test_browser.py
+# (Playwright's own browser download is never used); a real PACS (Orthanc) and a second DICOM implementation
+# (dcmtk's storescu, echoscu, dcmcjpeg) for tests/test_pacs.py, which starts its own Orthanc on free ports.
+systemdeps:
+	@{ command -v chromium && command -v storescu && test -x /usr/sbin/Orthanc; } >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium orthanc dcmtk; }
 
-# tests/test_pacs.py runs a real PACS (Debian's Orthanc) and a second DICOM implementation (dcmtk's storescu,
-# echoscu, dcmcjpeg). The tests start their own Orthanc on free ports; a system service, if any, is not used.
-dicomtools:
-	@{ command -v storescu && test -x /usr/sbin/Orthanc; } >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk; }
-
-test: $(STAMP) chromium dicomtools
+test: $(STAMP) systemdeps
 	$(PY) -m pytest -ra
 
 # The web page and REST API on the bundled model; `covidxray demo` still classifies a few X-rays in the terminal.

@@ -109,7 +109,7 @@ def compressed(ds: Dataset, syntax: str, workdir: Path) -> Dataset:
         out.compress(syntax, generate_instance_uid=False, **_LOSSY_OPTIONS.get(syntax, {}))  # the same instance
         return out
     if shutil.which("dcmcjpeg") is None:
-        raise RuntimeError("dcmtk's dcmcjpeg is missing: install Debian's dcmtk (`make dicomtools` does)")
+        raise RuntimeError("dcmtk's dcmcjpeg is missing: install Debian's dcmtk (`make systemdeps` does)")
     src, dst = workdir / f"{ds.SOPInstanceUID}.raw.dcm", workdir / f"{ds.SOPInstanceUID}.{syntax}.dcm"
     write(src, ds)
     subprocess.run(["dcmcjpeg", DCMCJPEG[syntax], "+un", str(src), str(dst)], check=True, capture_output=True, timeout=60)

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+
+import dicoms
 
 from covidxray.explain import overlay_png
 from covidxray.predictor import Predictor
@@ -97,7 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, results_db: Path) -> Iterat
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file():
-        pytest.fail(f"Debian's Chromium is missing ({CHROMIUM}); install it with `make chromium` "
+        pytest.fail(f"Debian's Chromium is missing ({CHROMIUM}); install it with `make systemdeps` "
                     "(`make test` does it) or `apt-get install chromium`")
     from playwright.sync_api import sync_playwright
 
@@ -166,14 +167,8 @@ def test_upload_shows_answer_heatmap_and_disclaimer(page, covid_xray: Path, tmp_
 
 
 def test_dicom_is_previewed_by_the_server(page, covid_xray: Path, tmp_path: Path):
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
-    ds.Modality = "DX"
-    ds.PatientName = "Doe^Jane"
-    ds.set_pixel_data(np.asarray(Image.open(covid_xray).convert("L"), dtype=np.uint16) * 257, "MONOCHROME2", 16)
-    path = tmp_path / "chest.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    pixels = np.asarray(Image.open(covid_xray).convert("L"), dtype=np.uint16) * 257
+    path = dicoms.write(tmp_path / "chest.dcm", dicoms.dx(pixels, bits=16, PatientName="Doe^Jane"))
 
     page.set_input_files("#file", str(path))
     _wait_for_answer(page)
@@ -181,6 +176,17 @@ def test_dicom_is_previewed_by_the_server(page, covid_xray: Path, tmp_path: Path
     page.click("#heatmap-toggle")
     assert _natural_width(page, "#xray") > 0  # the browser cannot decode DICOM: this is the server's PNG
     assert "Doe" not in page.inner_text("body")  # the text; the base64 PNGs could hold any short string
+
+
+def test_not_a_chest_xray_gets_a_neutral_no_answer(page, data_root: Path):
+    ct = sorted((data_root.parent / "not-frontal-cxr" / "images" / "ct").glob("*.jpg"))[-1]
+    page.set_input_files("#file", str(ct))
+    page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+    label = page.locator("#result-label")
+    assert label.inner_text().startswith("No answer: ") and "chest" in label.inner_text()
+    assert label.get_attribute("class") == "label none"  # grey, neither the red of a positive nor the green of a negative
+    assert not page.is_visible("#scores") and not page.is_visible("#heatmap-control") and not page.is_visible("#heatmap")
+    assert page.is_visible("#xray") and _natural_width(page, "#xray") > 0  # the picture itself, so the user sees why
 
 
 def test_bad_file_shows_an_error_naming_it(page, tmp_path: Path):

@@ -133,7 +133,6 @@ def test_bad_instances_are_recorded_with_their_reason_and_the_listener_stays_up(
     assert listener.wait_idle(IDLE_TIMEOUT_S) and len(listener.store.recent()) == 5
 
 
-@pytest.mark.xfail(strict=True, reason="needs the input gate of issue 13: today a CT slice is classified like a film")
 def test_a_ct_slice_is_recorded_as_not_answered(node):
     listener = node()
     ct = dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")

@@ -5,7 +5,7 @@ loopback ports, with a Lua script that forwards every film it receives over DICO
 ``covidxray`` modality, as a hospital's auto-routing rule would. Films reach it from dcmtk's
 ``storescu`` (Debian's ``dcmtk``: a second, independent DICOM implementation) and through its REST
 API; the listener answers with an SR and a heat-map Secondary Capture per film, which are checked
-in Orthanc through its REST API. ``make test`` installs both packages (``make dicomtools``).
+in Orthanc through its REST API. ``make test`` installs both packages (``make systemdeps``).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Orthanc:
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     if not Path(ORTHANC).is_file() or not shutil.which("storescu"):
-        pytest.fail("Debian's orthanc and dcmtk are needed: `make dicomtools` (which `make test` runs) or "
+        pytest.fail("Debian's orthanc and dcmtk are needed: `make systemdeps` (which `make test` runs) or "
                     "`apt-get install orthanc dcmtk`")
     home = tmp_path_factory.mktemp("orthanc")
     (home / "route.lua").write_text(ROUTE_LUA)

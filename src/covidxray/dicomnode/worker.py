@@ -31,7 +31,6 @@ HEATMAP_SIDE = 512  # longest side of a stored heat map PNG (about 0.3 MB; the l
 _ERROR_REASONS = (
     ("no pixel data", "no_pixel_data"),
     ("no Rows/Columns", "no_pixel_data"),
-    ("lateral view", "lateral_view"),
     ("transfer syntax", "unsupported_syntax"),
     ("blank", "blank_image"),
     ("absurd size", "bad_size"),
