@@ -58,6 +58,8 @@ AUGMENTS = {
     # Stronger acquisition variety, so that sharpness, processing and compression cannot name a hospital.
     "acquisition": TrainAugment(resolution=(0.35, 1.0), gamma=(0.6, 1.6), contrast=0.25, noise=0.03, blur=0.5,
                                 window=0.3, jpeg=0.3),
+    # The cxr set, and half of the normal films made softer and flatter, as other detectors and film show them.
+    "soft-normals": TrainAugment(soften_normals=0.5),
     "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
                               gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
 }
@@ -122,7 +124,7 @@ def train_one_epoch(
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][dist.rank::dist.world_size]
         x = images[idx].unsqueeze(1).float() / 255.0
         if augment is not None:
-            x = augment(x, g)
+            x = augment(x, g, labels[idx])
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
         with autocast(device):

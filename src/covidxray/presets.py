@@ -225,10 +225,19 @@ class TrainAugment:
     blur: float = 0.0  # probability of a Gaussian blur or (as often) an unsharp-mask sharpening, per image
     window: float = 0.0  # probability of a random intensity window (a display window clipped at both ends)
     jpeg: float = 0.0  # probability of a JPEG re-compression at quality 30-90, per image
+    # Probability that a *normal* film gets a softer, flatter look (blur, lower contrast): when every
+    # normal of the training data comes from one crisp digital source, softness would otherwise say COVID-19.
+    soften_normals: float = 0.0
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, g: torch.Generator, labels: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731 - local shorthand
+        if self.soften_normals and labels is not None:
+            soft = (u(n) < self.soften_normals) & (labels == 0)
+            x = _blur_or_sharpen(x, soft, torch.zeros(n, dtype=torch.bool), 0.6 + u(n) * 1.6)
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            flat = torch.where(soft.view(n, 1, 1, 1), 0.55 + u(n, 1, 1, 1) * 0.35, torch.ones(n, 1, 1, 1))
+            x = ((x - mean) * flat + mean).clamp(0, 1)
         # Geometric: one affine grid per image, pixels outside the image become black (as film edges).
         ang = (u(n) * 2 - 1) * math.radians(self.rotate)
         s = self.scale[0] + u(n) * (self.scale[1] - self.scale[0])
