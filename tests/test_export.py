@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from covidxray.checkpoint import copy_model, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.inference import prepare_images
@@ -45,17 +46,36 @@ def test_onnx_matches_torch_on_real_xrays(onnx_dir: Path, xrays: list):
     assert len({round(float(p), 3) for p in p_torch}) > 3  # real, varied answers, not a constant
 
 
-def test_contract_json_carries_preprocessing_and_hash(onnx_dir: Path):
-    contract = json.loads((onnx_dir / "model.json").read_text())
+def _copy_exported(onnx_dir: Path, folder: Path) -> Path:
+    copy_model(onnx_dir, folder)
+    for name in ("model.onnx", "model.onnx.json", "segmenter.onnx"):
+        (folder / name).write_bytes((onnx_dir / name).read_bytes())
+    return folder
+
+
+def test_contract_names_the_model_and_its_hashes(onnx_dir: Path, tmp_path: Path):
+    contract = json.loads((onnx_dir / "model.onnx.json").read_text())
     meta = json.loads((default_model_path() / "model.json").read_text())
-    assert contract["preprocess"] == meta["preprocess"] and contract["threshold"] == meta["threshold"]
-    assert len(contract["onnx_sha256"]) == 64 and contract["class_names"] == ["normal", "covid"]
+    assert contract["model"] == "model.json" and contract["weights_sha256"] == meta["weights_sha256"]
+    assert len(contract["onnx_sha256"]) == 64 and len(contract["segmenter_onnx"]["sha256"]) == 64
+    # Threshold and preprocessing are the model.json's: recalibrating the model recalibrates the graph.
+    copy = _copy_exported(onnx_dir, tmp_path)
+    update_model_meta(copy, {"threshold": 0.4321})
+    assert Predictor(copy, backend="onnx").threshold == 0.4321
+
+
+def test_a_graph_of_other_weights_is_refused(onnx_dir: Path, tmp_path: Path):
+    _copy_exported(onnx_dir, tmp_path)
+    contract = json.loads((tmp_path / "model.onnx.json").read_text())
+    (tmp_path / "model.onnx.json").write_text(json.dumps({**contract, "weights_sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="other weights"):
+        Predictor(tmp_path, backend="onnx")
 
 
 def test_tampered_onnx_is_refused(onnx_dir: Path, tmp_path: Path):
+    _copy_exported(onnx_dir, tmp_path)
     bad = tmp_path / "model.onnx"
     bad.write_bytes((onnx_dir / "model.onnx").read_bytes()[:-10] + b"0123456789")
-    (tmp_path / "model.json").write_text((onnx_dir / "model.json").read_text())
     with pytest.raises(CheckpointError, match="SHA-256"):
         Predictor(bad, backend="onnx")
 
@@ -70,7 +90,7 @@ def test_backend_choice(onnx_dir: Path, tmp_path: Path):
 def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", str(default_model_path()), "--onnx", str(out)]) == 0
-    assert out.is_file() and out.with_suffix(".json").is_file()
+    assert out.is_file() and (tmp_path / "m.onnx.json").is_file() and (tmp_path / "model.json").is_file()
     capsys.readouterr()
     path = str(xrays[0].path)
     assert main(["predict", path, "--model", str(out), "--backend", "onnx", "--format", "json"]) == 0

@@ -215,7 +215,6 @@ def test_an_unreachable_pacs_is_recorded_as_a_failed_report(node, films, monkeyp
     ({"send_to": "A\\B@host:104"}, "not an AE title"),
     ({"ae_title": "THIS-TITLE-IS-TOO-LONG"}, "not an AE title"),
     ({"secondary_capture": True}, "needs --send-to"),
-    ({"heatmaps": True, "backend": "onnx"}, "need --backend torch"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(bad: dict, match: str, tmp_path: Path):
     with pytest.raises(DicomNodeError, match=match):

@@ -40,10 +40,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .calibration import covid_probability
-from .checkpoint import run_dir
+from .checkpoint import resolve_data, run_dir
 from .data import Sample, check_samples, load_samples
 from .errors import DataError
-from .evaluate import resolve_data
 from .cam_location import BORDER, CLASS_NAMES, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
 from .explain import grad_cam
 from .imaging import load_image
@@ -184,7 +183,7 @@ def audit_run(
     Returns:
         The dict written to audit.json.
     """
-    predictor = Predictor(run)
+    predictor = Predictor(run, backend="torch")
     if predictor.model is None:
         raise DataError("the audit needs the PyTorch model; load the run with backend='torch'")
     model, pre, arch = predictor.model, predictor.preprocess, predictor.meta["arch"]

@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .models import build_model
 from .presets import Preprocess
 from .segment import LungSegmenter
@@ -34,7 +34,8 @@ from .utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
-    "read_state_header", "resolve_model_path", "run_dir", "default_model_path", "load_preprocess", "model_files", "copy_model",
+    "read_state_header", "resolve_model_path", "run_dir", "default_model_path", "load_preprocess", "model_files", "copy_model", "resolve_data",
+    "ONNX_FORMAT", "contract_path", "read_onnx_contract",
 ]
 
 FORMAT = "covidxray-model/1"
@@ -48,6 +49,37 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
 def _tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses views that share storage; a contiguous copy is a few MB at most.
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+ONNX_FORMAT = "covidxray-onnx/1"
+
+
+def contract_path(onnx_file: str | os.PathLike) -> Path:
+    """The contract of an exported graph (`covidxray.export`): ``model.int8.onnx`` -> ``model.int8.onnx.json``."""
+    return Path(f"{onnx_file}.json")
+
+
+def read_onnx_contract(onnx_file: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """An exported graph's contract, its bytes checked, and the ``model.json`` it belongs to.
+
+    Returns:
+        ``(contract, meta, json_path)``.
+
+    Raises:
+        CheckpointError: no or a foreign contract, a graph whose bytes or source weights do not match.
+    """
+    onnx_file = Path(onnx_file)
+    cpath = contract_path(onnx_file)
+    try:
+        contract = json.loads(cpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cpath}: no readable contract beside {onnx_file.name} ({e}); export again") from e
+    if not isinstance(contract, dict) or contract.get("format") != ONNX_FORMAT:
+        raise CheckpointError(f"{cpath}: not a covidxray ONNX contract (expected format {ONNX_FORMAT})")
+    meta, json_path = read_model_meta(onnx_file.parent / Path(str(contract.get("model", "model.json"))).name)
+    if contract.get("weights_sha256") != meta["weights_sha256"]:
+        raise CheckpointError(f"{onnx_file}: exported from other weights than {json_path.name}'s; export again")
+    return contract, meta, json_path
 
 
 def default_model_path() -> Path:
@@ -74,6 +106,21 @@ def load_preprocess(meta: dict[str, Any], json_path: Path) -> Preprocess:
     if seg.sha256 != pre.segmenter_sha256:
         raise CheckpointError(f"{seg_json}: not the segmenter this model was trained with (SHA-256 differs)")
     return replace(pre, segmenter=seg)
+
+
+def resolve_data(
+    run: str | os.PathLike, meta: dict[str, Any], data: str | None = None, splits: str | None = None,
+) -> tuple[str, str | None]:
+    """``(data, splits)``: the given data, else the run's training data and split file (from ``meta``)."""
+    if data is None:
+        cfg = meta.get("train_config", {})
+        data = cfg.get("data")
+        if not data:
+            raise DataError(f"{run}: the checkpoint does not say which data it was trained on; pass --data")
+        if splits is None:
+            folder = run_dir(run)
+            splits = cfg.get("splits") or (str(folder / "splits.csv") if (folder / "splits.csv").is_file() else None)
+    return str(data), splits
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:

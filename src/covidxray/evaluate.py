@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .calibration import Calibration, calibrate, covid_probability
-from .checkpoint import run_dir, update_model_meta
+from .checkpoint import resolve_data, run_dir, update_model_meta
 from .batch import expand_inputs
 from .data import Sample, load_samples
 from .errors import DataError, ImageError
@@ -35,21 +35,6 @@ from .report import json_safe, write_report
 __all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "predict_split", "resolve_data", "screen"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_data(
-    run: str | os.PathLike, meta: dict[str, Any], data: str | None = None, splits: str | None = None,
-) -> tuple[str, str | None]:
-    """``(data, splits)``: the given data, else the run's training data and split file (from ``meta``)."""
-    if data is None:
-        cfg = meta.get("train_config", {})
-        data = cfg.get("data")
-        if not data:
-            raise DataError(f"{run}: the checkpoint does not say which data it was trained on; pass --data")
-        if splits is None:
-            folder = run_dir(run)
-            splits = cfg.get("splits") or (str(folder / "splits.csv") if (folder / "splits.csv").is_file() else None)
-    return str(data), splits
 
 
 def predict_split(
@@ -151,7 +136,7 @@ def evaluate_run(
     Returns:
         The report dict (also written as report.json).
     """
-    predictor = Predictor(run)
+    predictor = Predictor(run, backend="torch")
     folder = run_dir(run)
     title = f"covidxray evaluation — {predictor.name} on {split} split"
     if external is not None:
@@ -212,7 +197,7 @@ def calibrate_run(
     Returns:
         The new `Calibration`.
     """
-    predictor = Predictor(run)
+    predictor = Predictor(run, backend="torch")
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
@@ -239,7 +224,7 @@ def calibrate_site(
     """
     if not 0.5 <= target_specificity < 1.0:
         raise DataError(f"the target specificity must be in [0.5, 1), got {target_specificity}")
-    predictor = Predictor(run)
+    predictor = Predictor(run, backend="torch")
     files = expand_inputs([str(site_normals)]) if Path(site_normals).is_dir() else [s.path for s in load_samples(site_normals)]
     results = [r for r in predictor.predict_paths(files) if not isinstance(r, ImageError)]
     probs = np.sort([r.probability for r in results if r.answered])

@@ -14,7 +14,7 @@ Example:
     >>> from covidxray.predictor import Predictor
     >>> from covidxray.imaging import load_image
     >>> image = load_image("chest.png")
-    >>> prob, cam = explain(Predictor(), image)          # cam: H x W in [0, 1]
+    >>> prob, cam = explain(Predictor(backend="torch"), image)   # cam: H x W in [0, 1]
     >>> png = overlay_png(image, cam, title=f"P(covid)={prob:.2f}")
 """
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import default_model_path, load_model, load_preprocess, read_model_meta, resolve_model_path
+from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
 from .familiarity import Familiarity, warning
@@ -74,12 +74,13 @@ class Predictor:
         model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         threads: torch intra-op threads for CPU inference (None: leave torch's default).
-        backend: ``torch``, ``onnx`` or ``auto`` (ONNX when the file is there).
+        backend: ``auto`` (the fastest exported graph there: ``model.int8.onnx``, then ``model.onnx``; else
+            PyTorch), ``onnx`` or ``torch`` (needed for Grad-CAM, evaluation and the audit).
         gate: refuse what is not a frontal chest X-ray (False: answer everything, for research).
     """
 
     def __init__(
-        self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "torch",
+        self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "auto",
         gate: bool = True,
     ):
         path = Path(model) if model else default_model_path()
@@ -97,9 +98,10 @@ class Predictor:
         self.device = default_device(device)
         self.model: torch.nn.Module | None = None
         self.session = None
+        self.onnx_contract: dict | None = None
         if onnx_file is not None:
-            self.session, self.meta = _onnx_session(onnx_file, threads)
-            self.backend, contract = "onnx", onnx_file.with_suffix(".json")
+            self.session, self.meta, self.onnx_contract, contract = _onnx_session(onnx_file, threads)
+            self.backend = "onnx"
         else:
             model_, self.meta = load_model(path)
             self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
@@ -112,6 +114,10 @@ class Predictor:
         self.segmenter: LungSegmenter | None = self.preprocess.segmenter
         if self.segmenter is None and (contract.parent / "segmenter.json").is_file():
             self.segmenter = LungSegmenter(contract.parent / "segmenter.json")
+        if self.session is not None and self.segmenter is not None:  # the whole path in ONNX Runtime, when exported
+            seg_session = _segmenter_session(self.onnx_contract, contract.parent, threads)
+            if seg_session is not None and self.onnx_contract["segmenter_onnx"].get("segmenter_sha256") == self.segmenter.sha256:
+                self.segmenter.use_onnx(seg_session)
         self.gate = gate
         self.pixel_gate = gate and self.segmenter is not None and self.segmenter.gate is not None
         fam = self.meta.get("familiarity")
@@ -282,20 +288,45 @@ class _PreparedFiles(Dataset):
 
 
 def _onnx_file(path: Path) -> Path | None:
-    """The ONNX file for a run folder, ``model.json`` or ``.onnx`` path; None when there is none."""
-    candidate = path if path.suffix == ".onnx" else (path / "model.onnx" if path.is_dir() else path.with_suffix(".onnx"))
-    return candidate if candidate.is_file() else None
+    """The ONNX file for a run folder (int8 first, the fastest), ``model.json`` or ``.onnx`` path; None when there is none."""
+    if path.suffix == ".onnx":
+        candidates = [path]
+    elif path.is_dir():
+        candidates = [path / "model.int8.onnx", path / "model.onnx"]
+    else:
+        candidates = [path.with_suffix(".onnx")]
+    return next((c for c in candidates if c.is_file()), None)
 
 
-def _onnx_session(onnx_file: Path, threads: int | None):
-    """An ONNX Runtime session for ``onnx_file`` and its validated JSON contract (hash checked)."""
+def _session(blob: bytes, threads: int | None):
     import onnxruntime as ort  # heavy and only needed for the ONNX backend
 
-    meta, _ = read_model_meta(onnx_file.with_suffix(".json"))
-    blob = onnx_file.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("onnx_sha256"):
-        raise CheckpointError(f"{onnx_file}: does not match {onnx_file.with_suffix('.json').name} (SHA-256 differs); export again")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"]), meta
+    return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _checked(path: Path, sha256: str | None) -> bytes:
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise CheckpointError(f"{path}: does not match its contract {contract_path(path).name} (SHA-256 differs); export again")
+    return blob
+
+
+def _onnx_session(onnx_file: Path, threads: int | None):
+    """``(session, model meta, contract, model.json path)`` for an exported graph, every hash checked."""
+    contract, meta, json_path = read_onnx_contract(onnx_file)
+    return _session(_checked(onnx_file, contract.get("onnx_sha256")), threads), meta, contract, json_path
+
+
+def _segmenter_session(contract: dict, folder: Path, threads: int | None):
+    """The exported segmenter's session, or None when the contract names none."""
+    entry = contract.get("segmenter_onnx")
+    if not entry:
+        return None
+    path = folder / Path(entry["file"]).name
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"{path}: does not match the contract that names it (SHA-256 differs); export again")
+    return _session(blob, threads)

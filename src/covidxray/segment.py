@@ -169,10 +169,15 @@ class LungSegmenter:
             self.gate_threshold = float(gate["threshold"])
             self._files[Path(gate["weights_file"]).name] = gate_blob
         self.device = torch.device(device)
+        self.session = None  # an ONNX Runtime session of the same network, when `use_onnx` attached one
         self.net.to(self.device).eval()
         self.preprocess = Preprocess(**self.meta["preprocess"])
         self.size = self.preprocess.size
         self.sha256 = self.meta["weights_sha256"]
+
+    def use_onnx(self, session: Any) -> None:
+        """Run `analyse` through an ONNX Runtime session of this segmenter (`covidxray.export`; hash checked there)."""
+        self.session = session
 
     def copy_to(self, folder: str | os.PathLike) -> None:
         """Write this segmenter's weights (and its gate's) and JSON into ``folder`` (atomically), e.g. into a run."""
@@ -181,27 +186,25 @@ class LungSegmenter:
             atomic_write_bytes(folder / name, blob)
         atomic_write_json(folder / "segmenter.json", self.meta)  # last: it names the files above
 
-    @torch.no_grad()
-    def predict_prepared(self, prepared: torch.Tensor | np.ndarray) -> np.ndarray:
-        """P(lung) maps ``(N, S, S)`` float32 for prepared uint8 images ``(N, S, S)``."""
-        x = self.preprocess.to_tensor(torch.as_tensor(prepared)).to(self.device)
-        return torch.sigmoid(self.net(x)).float().cpu().numpy()[:, 0]
-
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """P(lung) per pixel of one decoded image (float in [0, 1]), at the network's ``size x size``."""
-        return self.predict_prepared(self.preprocess.prepare(image)[None])[0]
+        return self.analyse([image], [None])[0].lungs
 
     @torch.no_grad()
     def analyse(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Analysis]:
         """Lung maps and, with a gate, the gate's probabilities and verdict for decoded images, in one batch."""
         prepared = np.stack([self.preprocess.prepare(im) for im in images])
-        x = self.preprocess.to_tensor(torch.from_numpy(prepared)).to(self.device)
-        logits, feats = self.net.forward_features(x)
-        lungs = torch.sigmoid(logits).float().cpu().numpy()[:, 0]
-        if self.gate is None:
+        x = self.preprocess.to_tensor(torch.from_numpy(prepared))
+        extra = torch.from_numpy(np.stack([extras(im.shape, info) for im, info in zip(images, infos)]))
+        if self.session is not None:  # the exported graph (covidxray.export): same network, ONNX Runtime
+            outputs = self.session.run(None, {"image": x.numpy(), "extras": extra.numpy()})
+            lungs, probs = outputs[0][:, 0], (outputs[1] if self.gate is not None else None)
+        else:
+            logits, feats = self.net.forward_features(x.to(self.device))
+            lungs = torch.sigmoid(logits).float().cpu().numpy()[:, 0]
+            probs = torch.softmax(self.gate(feats, extra.to(self.device)), dim=1).float().cpu().numpy() if self.gate else None
+        if probs is None:
             return [Analysis(lung, None, None) for lung in lungs]
-        extra = torch.from_numpy(np.stack([extras(im.shape, info) for im, info in zip(images, infos)])).to(self.device)
-        probs = torch.softmax(self.gate(feats, extra), dim=1).float().cpu().numpy()
         return [Analysis(lung, p, pixel_verdict(p, self.gate_threshold)) for lung, p in zip(lungs, probs)]
 
 

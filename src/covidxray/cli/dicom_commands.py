@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--db", required=True, help="results database: a file path or sqlite:///PATH (created when missing)")
     li.add_argument("--spool", metavar="DIR", help="received instances wait here until recorded (default: DB.spool)")
     li.add_argument("--model", help="run folder or model.json (default: the bundled model)")
-    li.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="torch (default) or onnx")
+    li.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                    help="auto (default: the fastest exported ONNX graph beside the model, else PyTorch), onnx or torch; "
+                         "heat maps always come from the PyTorch weights")
     li.add_argument("--threads", type=int, help="model intra-op threads (default: the library's)")
     li.add_argument("--batch-size", type=int, default=32, help="most instances per model call (default 32)")
     li.add_argument("--heatmaps", action="store_true",

@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--out", help="also write predictions to this CSV")
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    pr.add_argument("--backend", default="torch", choices=["torch", "onnx", "auto"],
-                    help="torch (default), onnx (needs `covidxray export`), auto (onnx when the file exists)")
+    pr.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
+                    help="auto (default: the fastest exported ONNX graph beside the model, int8 first; else PyTorch), "
+                         "onnx or torch")
     pr.add_argument("--workers", type=int, default=0,
                     help="DataLoader processes decoding images (default 0: two threads in this process)")
     pr.add_argument("--resume", action="store_true",
@@ -151,7 +152,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
-    results = explain_files(Predictor(args.model, device=args.device), paths, args.out)
+    results = explain_files(Predictor(args.model, device=args.device, backend="torch"), paths, args.out)
     failed = refused = 0
     for r in results:
         if "error" in r:

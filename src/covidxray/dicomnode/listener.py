@@ -71,7 +71,7 @@ class ListenerConfig:
     ae_title: str = "COVIDXRAY"  # this node's AE title; senders must call it
     spool: str | None = None  # folder for received instances until recorded (default: DB path + ".spool")
     model: str | None = None  # run folder or model.json (None: the bundled model)
-    backend: str = "torch"  # torch or onnx (heat maps need torch)
+    backend: str = "auto"  # auto (the fastest exported graph), onnx or torch; heat maps always use the PyTorch weights
     threads: int | None = None  # model intra-op threads (None: the library's default)
     batch_size: int = 32  # most instances per model call
     heatmaps: bool = False  # store a Grad-CAM overlay per answered instance (a backward pass each)
@@ -124,9 +124,8 @@ class Listener:
         if config.secondary_capture and not self.destination:
             raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT")
         self.heatmaps = config.heatmaps or config.secondary_capture
-        if self.heatmaps and config.backend != "torch":
-            raise DicomNodeError("heat maps (--heatmaps, --secondary-capture) need --backend torch: ONNX has no gradients")
         self.predictor = predictor
+        self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
         self.spool = Spool(config.spool_folder())
         self.store = open_results(config.db)
         self.stats: Counter[str] = Counter()
@@ -151,6 +150,9 @@ class Listener:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if self.predictor is None:
             self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
+        if self.heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
+            self.explainer = self.predictor if self.predictor.model is not None else Predictor(
+                self.config.model, backend="torch", threads=self.config.threads)
         leftovers = self.spool.pending()
         for path in leftovers:
             self._enqueue(path.stem, path, Spool.received_at(path))
@@ -236,7 +238,7 @@ class Listener:
         unique = {sop: (sop, path, received) for sop, path, received in batch}  # a resend queued twice
         known = self.store.known(unique)
         fresh = [item for sop, item in unique.items() if sop not in known]
-        done = classify_batch(self.predictor, fresh, heatmaps=self.heatmaps) if fresh else []
+        done = classify_batch(self.predictor, fresh, explainer=self.explainer) if fresh else []
         added = self.store.record([c.row for c in done], {c.row.sop_instance_uid: c.heatmap_png for c in done if c.heatmap_png})
         for sop in known:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
             row = self.store.get(sop)

@@ -67,14 +67,16 @@ def _uid(header: Dataset | None, keyword: str) -> str:
     return str(value).strip() if value else ""
 
 
-def classify_batch(predictor: Predictor, items: Sequence[tuple[str, Path, str]], heatmaps: bool = False) -> list[Classified]:
+def classify_batch(
+    predictor: Predictor, items: Sequence[tuple[str, Path, str]], explainer: Predictor | None = None,
+) -> list[Classified]:
     """Classify spooled instances in one batched model call.
 
     Args:
         predictor: the model.
         items: ``(sop_instance_uid, spooled path, received_at)`` per instance.
-        heatmaps: also compute the Grad-CAM overlay of each answered instance (one backward pass each:
-            several times the cost of its share of the batched forward pass).
+        explainer: a PyTorch `Predictor` of the same model: also compute the Grad-CAM overlay of each answered
+            instance with it (one backward pass each: several times the cost of its share of the batched forward pass).
 
     Returns:
         One `Classified` per item, in order. Unreadable files are rows with label ``error`` and a
@@ -94,8 +96,8 @@ def classify_batch(predictor: Predictor, items: Sequence[tuple[str, Path, str]],
                             threshold=predictor.threshold)
         else:
             row = ResultRow(**base, **_answer(outcome))
-            if heatmaps and outcome.answered:
-                png = _heatmap(predictor, path)
+            if explainer is not None and outcome.answered:
+                png = _heatmap(explainer, path)
         done.append(Classified(path, row, header, png))
     return done
 

@@ -220,7 +220,7 @@ class Service:
                     raise ApiError(503, "explain_unavailable", "Grad-CAM needs the PyTorch weights and the server "
                                                                "was started without a model path")
                 if path.suffix == ".onnx":
-                    path = path.with_suffix(".json")
+                    path = path.parent  # the exported graph's folder holds the PyTorch weights too
                 try:
                     self._explainer = (Predictor(path, backend="torch"), threading.Lock())
                 except CovidXrayError as exc:
