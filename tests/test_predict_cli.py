@@ -129,7 +129,40 @@ def test_card_states_positive_class_metrics_and_limits(trained_run: Path, tmp_pa
     assert "radiography-db" in card and "Source confounding" in card
 
 
-def test_demo_classifies_held_out_images(trained_run: Path, capsys):
+def test_demo_classifies_held_out_images(trained_run: Path, data_root: Path, split_file: Path, tmp_path: Path,
+                                         monkeypatch, capsys):
+    monkeypatch.setenv("COVIDXRAY_DATA", str(data_root))
+    monkeypatch.chdir(tmp_path)  # no ../shared here: the data comes from $COVIDXRAY_DATA
     assert main(["demo", "--model", str(trained_run), "-n", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.count("truth ") == 4 and "correct on held-out test images" in out
+    shown = [line.split()[0] for line in out.splitlines() if " truth " in line]
+    test_split = {s.key for s in load_samples(data_root / "manifest.csv", split_file) if s.split == "test"}
+    assert len(shown) == 4 and set(shown) <= test_split
+    assert "correct on held-out test images" in out and "warning" not in out
+
+
+def test_demo_warns_when_the_training_split_is_not_at_hand(trained_run: Path, manifest: Path, tmp_path: Path,
+                                                           monkeypatch, capsys):
+    # Another manifest of the same films (absolute paths, 4 per class): its fingerprint is not the model's.
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r["label"] == "covid"][:4] + [r for r in rows if r["label"] == "normal"][:4]
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "label", "source"])
+        w.writeheader()
+        w.writerows({"path": str(manifest.parent / r["path"]), "label": r["label"], "source": r["source"]} for r in rows)
+    monkeypatch.setenv("COVIDXRAY_DATA", str(tmp_path / "data"))
+    assert main(["demo", "--model", str(trained_run), "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "may include training images" in out and "correct on these images" in out and "held-out" not in out
+    assert out.count(" truth ") == 2
+
+
+def test_demo_without_data_says_how_to_point_it_there(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.delenv("COVIDXRAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default is ../shared/datasets/covid-cxr from the current folder: not here
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path.parent.resolve() / "shared" / "datasets" / "covid-cxr" / "manifest.csv") in err
+    assert "COVIDXRAY_DATA" in err and "covidxray predict" in err
