@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from covidxray.cli import main
 from covidxray.data import load_samples
@@ -141,22 +142,25 @@ def test_demo_classifies_held_out_images(trained_run: Path, data_root: Path, spl
     assert "correct on held-out test images" in out and "warning" not in out
 
 
-def test_demo_warns_when_the_training_split_is_not_at_hand(trained_run: Path, manifest: Path, tmp_path: Path,
-                                                           monkeypatch, capsys):
-    # Another manifest of the same films (absolute paths, 4 per class): its fingerprint is not the model's.
+def test_demo_warns_when_the_training_split_is_not_at_hand(manifest: Path, tmp_path: Path, monkeypatch, capsys):
+    # Another manifest (absolute paths): its fingerprint is not the bundled model's, so nothing is known to be
+    # held out. Its one "normal" film is noise, which the input gate refuses: shown as no answer.
     with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    rows = [r for r in rows if r["label"] == "covid"][:4] + [r for r in rows if r["label"] == "normal"][:4]
-    (tmp_path / "data").mkdir()
-    with open(tmp_path / "data" / "manifest.csv", "w", newline="") as f:
+        covid = [r for r in csv.DictReader(f) if r["label"] == "covid"][:2]
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8)).save(data / "noise.png")
+    with open(data / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["path", "label", "source"])
         w.writeheader()
-        w.writerows({"path": str(manifest.parent / r["path"]), "label": r["label"], "source": r["source"]} for r in rows)
-    monkeypatch.setenv("COVIDXRAY_DATA", str(tmp_path / "data"))
-    assert main(["demo", "--model", str(trained_run), "-n", "2"]) == 0
+        w.writerows({"path": str(manifest.parent / r["path"]), "label": "covid", "source": r["source"]} for r in covid)
+        w.writerow({"path": "noise.png", "label": "normal", "source": "noise"})
+    monkeypatch.setenv("COVIDXRAY_DATA", str(data))
+    monkeypatch.delenv("COVIDXRAY_MODEL", raising=False)
+    assert main(["demo", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert "may include training images" in out and "correct on these images" in out and "held-out" not in out
-    assert out.count(" truth ") == 2
+    assert out.count(" truth ") == 2 and "noise.png" in out and "-> no answer (" in out
 
 
 def test_demo_without_data_says_how_to_point_it_there(tmp_path: Path, monkeypatch, capsys):

@@ -201,6 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if isinstance(r, ImageError):
             print(f"error: {r}")
             continue
+        if not r.answered:  # refused by the input gate: no probability to show
+            print(f"{s.key:45s} truth {s.label_name:6s} -> no answer ({r.reason})")
+            continue
         right += r.label == s.label_name
         print(f"{s.key:45s} truth {s.label_name:6s} -> {r.label:6s} P(covid)={r.probability:.3f}")
     print(f"{right}/{len(picks)} correct on {'held-out test' if held_out else 'these'} images. {DISCLAIMER}")
