@@ -40,4 +40,4 @@ model: $(STAMP)
 	bash bench/train_default.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

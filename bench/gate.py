@@ -8,7 +8,7 @@ frontal films turned by 90/180/270 degrees. Answered (target >= 99.5 %): every f
 test split and of JSRT. Time: per-image inference of the bundled model with and without the gate,
 one image at a time (decode excluded), on an otherwise idle machine.
 
-    .venv/bin/python bench/gate.py [--model models/default]
+    .venv/bin/python bench/gate.py [--model RUN (default: the bundled model)]
 
 Writes bench/results/gate.json and the table in docs/benchmarks.md.
 """

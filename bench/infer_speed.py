@@ -1,6 +1,6 @@
 """Inference speed on CPU, PyTorch eager vs ONNX Runtime: batch-32 throughput, batch-1 latency, peak memory.
 
-    .venv/bin/python bench/infer_speed.py [--model models/default] [--seconds 10]
+    .venv/bin/python bench/infer_speed.py [--model RUN (default: the bundled model)] [--seconds 10]
 
 The model is exported to ONNX in a temporary folder first. Rows without decode use prepared
 tensors; `--with-decode` (default) adds rows that decode and preprocess real JPEGs from the

@@ -38,7 +38,7 @@ def run_recipe(recipe: str, out: Path, args: argparse.Namespace, **overrides) ->
 
 
 def _history(run: Path) -> list[dict]:
-    """Per-epoch history; models/default ships only history.csv."""
+    """Per-epoch history; the bundled model ships only history.csv."""
     if (run / "history.json").is_file():
         return json.loads((run / "history.json").read_text())
     with open(run / "history.csv", newline="") as f:

@@ -5,7 +5,7 @@ JSRT (where it learned) holds adult PA films without consolidation; covid-cxr ho
 source x label (and every pediatric and AP-supine film) it reports the share of the image called
 lung, flags implausible maps, and draws the films with their lung outline and crop box.
 
-    .venv/bin/python bench/segmenter_check.py [--segmenter models/default] [--per-group 40]
+    .venv/bin/python bench/segmenter_check.py [--segmenter DIR (default: the bundled model)] [--per-group 40]
 
 Writes bench/results/segmenter_check.json and docs/segmenter_contact_sheet.png.
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from covidxray.checkpoint import default_model_path
 from covidxray.imaging import load_image
 from covidxray.presets import lung_box
 from covidxray.segment import LungSegmenter
@@ -32,7 +33,7 @@ PLAUSIBLE = (0.12, 0.55)  # share of a frontal chest film covered by the lungs (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--segmenter", default=str(ROOT / "models" / "default"))
+    ap.add_argument("--segmenter", default=str(default_model_path()))
     ap.add_argument("--data", default=os.environ.get("COVIDXRAY_DATA", str(ROOT.parent / "shared" / "datasets" / "covid-cxr")))
     ap.add_argument("--per-group", type=int, default=40)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "segmenter_check.json"))

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Retrain the bundled model from scratch on the committed split (temperature and threshold are fitted on
 # validation at the end of training), evaluate it on validation and test, audit it for shortcuts,
-# copy it to models/default and regenerate its model card (Markdown + HTML). Wall time goes to bench/results/train_default.json.
+# copy it into the package (src/covidxray/bundled, what `pip install .` ships) and regenerate its model card
+# (models/MODEL_CARD.md + .html). Wall time goes to bench/results/train_default.json.
 #   bash bench/train_default.sh            (about 15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${COVIDXRAY_DATA:-../shared/datasets/covid-cxr}
 RUN=${RUN:-runs/default}
+BUNDLED=src/covidxray/bundled
 CX=.venv/bin/covidxray
 export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0}
 rm -rf "$RUN"
@@ -16,19 +18,23 @@ end=$(date +%s.%N)
 $CX evaluate "$RUN" --split val
 $CX evaluate "$RUN" --split test
 $CX audit "$RUN"
-rm -rf models/default && mkdir -p models/default
-cp "$RUN"/{model.json,model.safetensors,history.csv,curves.png,splits.csv} models/default/ 2>/dev/null || \
-  cp "$RUN"/{model.json,model.safetensors,history.csv,curves.png} models/default/
+# The wheel carries every file model_files() names (weights, segmenter, gate, familiarity, ...) and the split the
+# model was trained on (`covidxray demo` shows its test images); the history, curves, reports and audit stay
+# beside them in the source tree only, for the card (pyproject.toml's package-data says which is which).
+rm -rf "$BUNDLED"
+.venv/bin/python -c 'import sys; from covidxray.checkpoint import copy_model; copy_model(*sys.argv[1:])' "$RUN" "$BUNDLED"
+cp splits/covid-cxr.csv "$BUNDLED/splits.csv"
+cp "$RUN"/{history.csv,curves.png} "$BUNDLED/"
 for s in val test; do
-  mkdir -p "models/default/eval-$s"
-  cp "$RUN/eval-$s"/{report.json,report.md,roc.png,pr.png,confusion_matrix.png,reliability.png} "models/default/eval-$s/"
+  mkdir -p "$BUNDLED/eval-$s"
+  cp "$RUN/eval-$s"/{report.json,report.md,roc.png,pr.png,confusion_matrix.png,reliability.png} "$BUNDLED/eval-$s/"
 done
-cp -r "$RUN/audit" models/default/
-$CX card models/default --out models/MODEL_CARD.md
+cp -r "$RUN/audit" "$BUNDLED/"
+$CX card "$BUNDLED" --out models/MODEL_CARD.md
 .venv/bin/python - "$start" "$end" <<'PY'
 import json, os, platform, sys
 start, end = map(float, sys.argv[1:3])
-r = json.load(open("models/default/eval-test/report.json"))
+r = json.load(open("src/covidxray/bundled/eval-test/report.json"))
 out = {"wall_seconds": round(end - start, 1), "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
        "test": {k: v for k, v in r["metrics"].items()}, "command": "bash bench/train_default.sh"}
 os.makedirs("bench/results", exist_ok=True)

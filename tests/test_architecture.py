@@ -38,7 +38,7 @@ def test_layers_contract_is_kept():
 ])
 def test_an_import_that_closes_a_cycle_fails(tmp_path: Path, module: str, cycle: str):
     src = tmp_path / "src"
-    shutil.copytree(PACKAGE, src / "covidxray", ignore=shutil.ignore_patterns("__pycache__", "web"))
+    shutil.copytree(PACKAGE, src / "covidxray", ignore=shutil.ignore_patterns("__pycache__", "web", "bundled"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     with open(src / "covidxray" / module, "a") as f:
         f.write(cycle)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from covidxray.cli import main
 from covidxray.data import load_samples
@@ -129,7 +130,43 @@ def test_card_states_positive_class_metrics_and_limits(trained_run: Path, tmp_pa
     assert "radiography-db" in card and "Source confounding" in card
 
 
-def test_demo_classifies_held_out_images(trained_run: Path, capsys):
+def test_demo_classifies_held_out_images(trained_run: Path, data_root: Path, split_file: Path, tmp_path: Path,
+                                         monkeypatch, capsys):
+    monkeypatch.setenv("COVIDXRAY_DATA", str(data_root))
+    monkeypatch.chdir(tmp_path)  # no ../shared here: the data comes from $COVIDXRAY_DATA
     assert main(["demo", "--model", str(trained_run), "-n", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.count("truth ") == 4 and "correct on held-out test images" in out
+    shown = [line.split()[0] for line in out.splitlines() if " truth " in line]
+    test_split = {s.key for s in load_samples(data_root / "manifest.csv", split_file) if s.split == "test"}
+    assert len(shown) == 4 and set(shown) <= test_split
+    assert "correct on held-out test images" in out and "warning" not in out
+
+
+def test_demo_warns_when_the_training_split_is_not_at_hand(manifest: Path, tmp_path: Path, monkeypatch, capsys):
+    # Another manifest (absolute paths): its fingerprint is not the bundled model's, so nothing is known to be
+    # held out. Its one "normal" film is noise, which the input gate refuses: shown as no answer.
+    with open(manifest, newline="") as f:
+        covid = [r for r in csv.DictReader(f) if r["label"] == "covid"][:2]
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8)).save(data / "noise.png")
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["path", "label", "source"])
+        w.writeheader()
+        w.writerows({"path": str(manifest.parent / r["path"]), "label": "covid", "source": r["source"]} for r in covid)
+        w.writerow({"path": "noise.png", "label": "normal", "source": "noise"})
+    monkeypatch.setenv("COVIDXRAY_DATA", str(data))
+    monkeypatch.delenv("COVIDXRAY_MODEL", raising=False)
+    assert main(["demo", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "may include training images" in out and "correct on these images" in out and "held-out" not in out
+    assert out.count(" truth ") == 2 and "noise.png" in out and "-> no answer (" in out
+
+
+def test_demo_without_data_says_how_to_point_it_there(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.delenv("COVIDXRAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default is ../shared/datasets/covid-cxr from the current folder: not here
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path.parent.resolve() / "shared" / "datasets" / "covid-cxr" / "manifest.csv") in err
+    assert "COVIDXRAY_DATA" in err and "covidxray predict" in err

@@ -17,6 +17,7 @@ import json
 import math
 import os
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -83,11 +84,11 @@ def read_onnx_contract(onnx_file: str | os.PathLike) -> tuple[dict[str, Any], di
 
 
 def default_model_path() -> Path:
-    """``$COVIDXRAY_MODEL`` if set, else the model bundled in the repository's ``models/`` folder."""
+    """``$COVIDXRAY_MODEL`` if set, else the model shipped inside the package (``covidxray/bundled/``)."""
     env = os.environ.get("COVIDXRAY_MODEL")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "default"
+    return Path(str(resources.files(__package__) / "bundled"))  # package data: wheels are installed unzipped
 
 
 def load_preprocess(meta: dict[str, Any], json_path: Path) -> Preprocess:

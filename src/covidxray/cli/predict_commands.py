@@ -167,19 +167,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Classify a few held-out X-rays of the shared data set with the bundled model."""
+    """Classify a few X-rays of the shared data set that the model did not train on."""
+    from ..checkpoint import default_model_path, run_dir
     from ..data import load_samples
     from ..errors import ImageError
     from ..predictor import Predictor
 
+    # $COVIDXRAY_DATA, else where the data set sits beside a clone of the repository (`make run` starts there).
+    root = Path(os.environ.get("COVIDXRAY_DATA") or Path("..", "shared", "datasets", "covid-cxr"))
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise CovidXrayError(f"no demo images: {manifest.resolve()} does not exist. Set COVIDXRAY_DATA to the covid-cxr "
+                             "data set (the folder holding manifest.csv), or run from a folder that has it at "
+                             "../shared/datasets/covid-cxr; to classify your own X-ray: covidxray predict YOUR_XRAY.png")
     predictor = Predictor(args.model)
-    root = Path(os.environ.get("COVIDXRAY_DATA", Path(__file__).resolve().parents[4] / "shared" / "datasets" / "covid-cxr"))
     print(f"model: {predictor.name}, threshold {predictor.threshold:.3f} (positive class: COVID-19)")
-    if not (root / "manifest.csv").is_file():
-        print(f"no demo images ({root}/manifest.csv missing); try: covidxray predict YOUR_XRAY.png")
-        return 0
-    split_file = Path(__file__).resolve().parents[3] / "splits" / "covid-cxr.csv"
-    samples = [s for s in load_samples(root / "manifest.csv", split_file if split_file.is_file() else None) if s.split in ("test", "")]
+    held_out = _held_out(manifest, run_dir(args.model or default_model_path()), predictor.meta)
+    if not held_out:
+        print("warning: the split this model was trained on is not at hand for this data, so these images may include "
+              "training images")
+    samples = held_out or load_samples(manifest)
+
     def round_robin(label: int, n: int) -> list:  # alternate sources so one collection does not fill the demo
         by_source: dict[str, list] = {}
         for s in samples:
@@ -194,11 +202,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if isinstance(r, ImageError):
             print(f"error: {r}")
             continue
+        if not r.answered:  # refused by the input gate: no probability to show
+            print(f"{s.key:45s} truth {s.label_name:6s} -> no answer ({r.reason})")
+            continue
         right += r.label == s.label_name
         print(f"{s.key:45s} truth {s.label_name:6s} -> {r.label:6s} P(covid)={r.probability:.3f}")
-    print(f"{right}/{len(picks)} correct on held-out test images. {DISCLAIMER}")
+    print(f"{right}/{len(picks)} correct on {'held-out test' if held_out else 'these'} images. {DISCLAIMER}")
     print("Next: covidxray predict IMAGE.png | covidxray evaluate RUN | covidxray train --data DATA --out RUN")
     return 0
+
+
+def _held_out(manifest: Path, folder: Path, meta: dict) -> list:
+    """The test split's samples, if the split file the model was trained with is at hand for this data (else []).
+
+    Training records the SHA-256 of manifest + split file (``data_fingerprint``); only when it
+    matches is the test split known to be held out.
+    """
+    from ..data import data_fingerprint, load_samples
+
+    named = (meta.get("train_config") or {}).get("splits")
+    # splits.csv beside model.json travels with the model (the bundled one has it); the recorded path works in the
+    # repository; None is the manifest's own split column.
+    for splits in (folder / "splits.csv", Path(named) if named else None):
+        if (splits is None or splits.is_file()) and data_fingerprint(manifest, splits) == meta.get("data_fingerprint"):
+            return [s for s in load_samples(manifest, splits) if s.split == "test"]
+    return []
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

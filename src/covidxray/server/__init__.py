@@ -20,7 +20,7 @@ one batch, the next requests queue up and become the next batch (see `covidxray.
 
 Example:
     >>> import uvicorn
-    >>> uvicorn.run(create_app("models/default"), host="127.0.0.1", port=8000)  # doctest: +SKIP
+    >>> uvicorn.run(create_app()  # the bundled model; or create_app("runs/mine"), host="127.0.0.1", port=8000)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import os
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
@@ -28,7 +29,7 @@ from .uploads import Upload, read_files
 
 __all__ = ["create_app", "limit_malloc_arenas", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
 
-WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+WEB_DIR = Path(str(resources.files("covidxray") / "web"))  # package data, installed with the wheel
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 # The page may load nothing but its own files (no CDN); results are data: URLs, the picked file a blob: URL.
 _PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
