@@ -28,7 +28,7 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor()  # models/default: tf_efficientnet_lite0 at 192 px
+    return Predictor(backend="torch")  # the bundled model, in PyTorch: Grad-CAM needs gradients
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_explain_a_predictor_and_cli(tmp_path, manifest):
 
     root = manifest.parent
     covid = next(root.glob("images/radiography-db/covid/*.jpg"))
-    pred = Predictor()
+    pred = Predictor(backend="torch")
     prob, cam = explain(pred, load_image(covid))
     answer = pred.decide(str(covid), prob)
     assert answer == pred.predict(covid) and cam.shape == load_image(covid).shape
