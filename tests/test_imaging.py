@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
 import dicoms

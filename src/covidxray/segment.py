@@ -16,7 +16,7 @@ Training is in `covidxray.segment_training`; the input gate's head rides on the 
 (`covidxray.gate`, `Analysis`).
 
 Example:
-    >>> seg = LungSegmenter("models/default")    # a folder holding segmenter.json
+    >>> seg = LungSegmenter(default_model_path())    # a folder holding segmenter.json
     >>> prob = seg(load_image("chest.png"))      # P(lung) per pixel, seg.size x seg.size
 """
 
