@@ -150,6 +150,8 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
         "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "unexpected": unexpected,
         "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss), "rss_mb_each_second": [round(x) for x in rss],
         "rss_growth_pct": 100 * (rss[-1] - rss[0]) / rss[0],
+        # A soak asks whether memory still grows once the server has settled: the second half of the run.
+        "rss_growth_second_half_pct": 100 * (rss[-1] - rss[len(rss) // 2]) / rss[len(rss) // 2],
         # CPU the server spent per request: unlike latency, hardly changed by other work on the machine.
         "server_cpu_ms_per_request": 1000 * server_cpu / max(total, 1), "server_cpu_share": server_cpu / elapsed,
     }
@@ -159,7 +161,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8, help=f"concurrent clients (at most {MAX_CLIENTS})")
     ap.add_argument("--seconds", type=float, default=30.0, help=f"duration (at most {MAX_SECONDS})")
-    ap.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    ap.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                    help="auto (default, as `make run`: the bundled int8 graph), onnx (exported here if missing) or torch")
     ap.add_argument("--bad-fraction", type=float, default=0.0, help="share of uploads that are broken files")
     ap.add_argument("--explain", action="store_true", help="ask for the Grad-CAM overlay on every request")
     ap.add_argument("--threads", type=int, help="model intra-op threads of the server (default: the library's)")
@@ -176,7 +179,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = copy_model(default_model_path(), Path(tmp) / "model")  # a copy: the export does not touch the shipped model
-        if args.backend == "onnx":
+        if args.backend == "onnx" and not (model / "model.onnx").is_file():
             export_onnx(model, model / "model.onnx")
         proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log")
         try:
@@ -193,14 +196,14 @@ def main() -> None:
     r = result
     table = [
         "| Clients | Seconds | Backend | Bad uploads | Requests/s | p50 ms | p90 ms | p99 ms | OK | Expected 4xx "
-        "| Unexpected errors | Server RSS start → end (MB) | Server CPU ms/request |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| Unexpected errors | Server RSS start → end (MB) | RSS growth, second half | Server CPU ms/request |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         f"| {args.clients} | {args.seconds:g} | {args.backend}{f', {args.threads} thread(s)' if args.threads else ''}"
         f"{' + Grad-CAM' if args.explain else ''} | "
         f"{args.bad_fraction:.0%} | "
         f"{r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ok']} | "
         f"{r['expected_errors']} | {r['unexpected_errors']} | {r['rss_start_mb']:.0f} → {r['rss_end_mb']:.0f} "
-        f"({r['rss_growth_pct']:+.1f} %) | {r['server_cpu_ms_per_request']:.1f} |",
+        f"({r['rss_growth_pct']:+.1f} %) | {r['rss_growth_second_half_pct']:+.1f} % | {r['server_cpu_ms_per_request']:.1f} |",
         "",
         f"Model {model_name}; latencies of the successful requests, measured by the client (asyncio + httpx) on the same "
         f"machine. Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs: "

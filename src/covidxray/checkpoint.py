@@ -125,7 +125,8 @@ def resolve_data(
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
-    """Every file a model needs, beside its ``model.json``: weights, familiarity statistics, segmenter and gate."""
+    """Every file a model needs, beside its ``model.json``: weights, familiarity statistics, segmenter and gate,
+    and the exported ONNX graphs with their contracts (`covidxray.export`) when there are any."""
     meta, p = read_model_meta(path)
     names = ["model.json", meta.get("weights_file", "model.safetensors")]
     if "familiarity" in meta:
@@ -134,7 +135,10 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     if seg.is_file():
         seg_meta = json.loads(seg.read_text())
         names += ["segmenter.json", seg_meta["weights_file"]] + ([seg_meta["gate"]["weights_file"]] if "gate" in seg_meta else [])
-    return [p.parent / Path(n).name for n in names]
+    for contract in sorted(p.parent.glob("*.onnx.json")):
+        entry = json.loads(contract.read_text()).get("segmenter_onnx")
+        names += [contract.name, contract.name.removesuffix(".json")] + ([entry["file"]] if entry else [])
+    return list(dict.fromkeys(p.parent / Path(n).name for n in names))
 
 
 def copy_model(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
