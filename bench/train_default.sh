@@ -34,6 +34,9 @@ for s in val test; do
   cp "$RUN/eval-$s"/{report.json,report.md,roc.png,pr.png,confusion_matrix.png,reliability.png} "$BUNDLED/eval-$s/"
 done
 cp -r "$RUN/audit" "$BUNDLED/"
+# The recipe's leave-one-source-out results (bench/loso.py with the default recipe's flags), for the card.
+LOSO=${LOSO:-bench/results/loso-crop160-out07-soft.json}
+if [ -f "$LOSO" ]; then cp "$LOSO" "$BUNDLED/loso.json"; fi
 $CX card "$BUNDLED" --out models/MODEL_CARD.md
 .venv/bin/python - "$start" "$end" <<'PY'
 import json, os, platform, sys

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray.checkpoint import copy_model, update_model_meta
+from covidxray.checkpoint import copy_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.inference import prepare_images
@@ -81,10 +81,18 @@ def test_tampered_onnx_is_refused(onnx_dir: Path, tmp_path: Path):
 
 
 def test_backend_choice(onnx_dir: Path, tmp_path: Path):
+    bare = tmp_path / "bare"  # the bundled model without its ONNX graphs
+    bare.mkdir()
+    for f in model_files(default_model_path()):
+        if ".onnx" not in f.name:
+            (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(CheckpointError, match="no ONNX model"):
-        Predictor(default_model_path(), backend="onnx")
-    assert Predictor(default_model_path(), backend="auto").backend == "torch"  # no model.onnx beside it
+        Predictor(bare, backend="onnx")
+    assert Predictor(bare, backend="auto").backend == "torch"
     assert Predictor(onnx_dir, backend="auto").backend == "onnx"
+    assert "int8" not in Predictor(onnx_dir).onnx_contract
+    shipped = Predictor()  # the package ships float and int8 graphs; auto takes the faster int8 one
+    assert shipped.backend == "onnx" and shipped.onnx_contract["int8"]["agreement"] >= 0.98
 
 
 def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
