@@ -87,7 +87,7 @@ def main() -> None:
     suffix = f"-{args.name}" if args.name else ""
     save(f"pipeline-probe{suffix}", {"title": f"Same films, other files{': ' + args.name if args.name else ''}",
                                       "table": table, "results": results,
-                                      "command": f"python bench/pipeline_probe.py" + (f" --model {args.model} --name {args.name}" if args.name else "")})
+                                      "command": "python bench/pipeline_probe.py" + (f" --model {args.model} --name {args.name}" if args.name else "")})
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ def leakage(train: Sequence[Sample], evaluated: Sequence[Sample], max_distance: 
             "patients": [p for p, _ in found.patient_leaks], "near_duplicates": dups}
 
 
+def _section(title: str, text: str, header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown lines: a heading, a paragraph and a table whose first column is left-aligned, the rest right."""
+    return ["", f"## {title}", "", text, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|",
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def _per_source(y: np.ndarray, p: np.ndarray, src: np.ndarray, threshold: float) -> dict[str, Any]:
     rows = {}
     for name in ["(all)", *sorted(set(src))]:
@@ -272,6 +278,10 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _per_source(shares: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_f(v, '.1%')}" for k, v in shares.items())
+
+
 def _leakage_sentence(leak: dict[str, Any]) -> str:
     return (f"{leak['train_images']} training vs {leak['evaluated_images']} evaluated images: "
             f"{len(leak['patients'])} shared patients, {len(leak['near_duplicates'])} near-duplicate pairs "
@@ -344,21 +354,21 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"- patient {p}" for p in leak["patients"][:20]]
     g = r["gradcam"]
     if g.get("lung_area_share") is not None:
-        lines += ["", "## Grad-CAM inside the lungs", "",
-                  f"Share of each map's mass inside the lungs as the network input frames them (the lung segmenter's "
-                  f"mask, dilated by {g['lung_dilation']:.0%} of the side), averaged per class over {g['n']} images. The "
-                  f"lungs cover {g['lung_area_share']:.1%} of the input: a map that ignored them would score about that.", "",
-                  "| Class | Images | Mass inside the lungs | By source |", "|---|---:|---:|---|"]
-        for c, cls in g["by_class"].items():
-            per = ", ".join(f"{k} {_f(v, '.1%')}" for k, v in cls["lung_mass_by_source"].items())
-            lines.append(f"| {c} | {cls['n']} | **{_f(cls['lung_mass'], '.1%')}** | {per} |")
-    lines += ["", "## Grad-CAM location", "",
-              f"Share of each map's mass (layer `{g['layer']}`, {g['explained_class']}) in the outer {g['frame']:.1%} frame "
-              f"and the four corner squares, averaged per class over {g['n']} images. A map spread evenly scores the "
-              f"area share: frame {g['area_share']['border']:.1%}, corners {g['area_share']['corners']:.1%}.", "",
-              "| Class | Images (no evidence) | Frame mass | Corner mass | Frame mass by source |", "|---|---:|---:|---:|---|"]
-    for c, s in g["by_class"].items():
-        per = ", ".join(f"{k} {_f(v, '.1%')}" for k, v in s["by_source"].items())
-        lines.append(f"| {c} | {s['n']} ({s['n_empty']}) | {_f(s['border_mass'], '.1%')} | {_f(s['corner_mass'], '.1%')} | {per} |")
+        lines += _section(
+            "Grad-CAM inside the lungs",
+            f"Share of each map's mass inside the lungs as the network input frames them (the lung segmenter's mask, "
+            f"dilated by {g['lung_dilation']:.0%} of the side), averaged per class over {g['n']} images. The lungs cover "
+            f"{g['lung_area_share']:.1%} of the input: a map that ignored them would score about that.",
+            ["Class", "Images", "Mass inside the lungs", "By source"],
+            [[c, cls["n"], f"**{_f(cls['lung_mass'], '.1%')}**", _per_source(cls["lung_mass_by_source"])]
+             for c, cls in g["by_class"].items()])
+    lines += _section(
+        "Grad-CAM location",
+        f"Share of each map's mass (layer `{g['layer']}`, {g['explained_class']}) in the outer {g['frame']:.1%} frame and "
+        f"the four corner squares, averaged per class over {g['n']} images. A map spread evenly scores the area share: "
+        f"frame {g['area_share']['border']:.1%}, corners {g['area_share']['corners']:.1%}.",
+        ["Class", "Images (no evidence)", "Frame mass", "Corner mass", "Frame mass by source"],
+        [[c, f"{s['n']} ({s['n_empty']})", _f(s["border_mass"], ".1%"), _f(s["corner_mass"], ".1%"), _per_source(s["by_source"])]
+         for c, s in g["by_class"].items()])
     lines += ["", "![Mean Grad-CAM per class](gradcam_mean.png)", "", "![Grad-CAM examples](gradcam_examples.png)", ""]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from .errors import CheckpointError, DataError
 from .models import build_model
 from .presets import Preprocess
 from .segment import LungSegmenter
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text, read_json_object
 
 __all__ = [
     "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
@@ -71,12 +71,9 @@ def read_onnx_contract(onnx_file: str | os.PathLike) -> tuple[dict[str, Any], di
     """
     onnx_file = Path(onnx_file)
     cpath = contract_path(onnx_file)
-    try:
-        contract = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cpath}: no readable contract beside {onnx_file.name} ({e}); export again") from e
-    if not isinstance(contract, dict) or contract.get("format") != ONNX_FORMAT:
-        raise CheckpointError(f"{cpath}: not a covidxray ONNX contract (expected format {ONNX_FORMAT})")
+    if not cpath.is_file():
+        raise CheckpointError(f"{cpath}: no contract beside {onnx_file.name}; export again")
+    contract = read_json_object(cpath, ONNX_FORMAT, "ONNX contract", CheckpointError)
     meta, json_path = read_model_meta(onnx_file.parent / Path(str(contract.get("model", "model.json"))).name)
     if contract.get("weights_sha256") != meta["weights_sha256"]:
         raise CheckpointError(f"{onnx_file}: exported from other weights than {json_path.name}'s; export again")

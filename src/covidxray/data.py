@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import CLASS_NAMES
 from .errors import DataError, ImageError
 from .imaging import load_image
-from .utils import atomic_write_bytes, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text, read_csv_rows
 
 __all__ = [
     "Sample", "parse_label", "read_folder", "read_manifest", "load_samples", "data_fingerprint",
@@ -156,13 +156,7 @@ def read_manifest(csv_path: str | os.PathLike) -> list[Sample]:
 
 
 def _apply_split_file(samples: list[Sample], splits_csv: Path) -> list[Sample]:
-    try:
-        with open(splits_csv, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{splits_csv}: cannot read split file: {e}") from e
-    if not rows or not {"path", "split"} <= set(rows[0]):
-        raise DataError(f"{splits_csv}: a split file needs the columns 'path' and 'split'")
+    rows = read_csv_rows(splits_csv, {"path", "split"}, "split file")
     mapping = {}
     for i, r in enumerate(rows, start=2):
         split = SPLIT_ALIASES.get((r["split"] or "").strip().lower())

@@ -131,28 +131,17 @@ def predict_probs(
     return torch.softmax(logits / temperature, dim=1)[:, 1].numpy()
 
 
-@torch.no_grad()
 def logits_and_features(
     model: nn.Module, arch: str, images: torch.Tensor, pre: Preprocess, batch_size: int = 128,
     device: torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits ``(N, 2)`` and pre-logit features ``(N, D)`` from one pass (the head's input, captured by a hook)."""
-    device = device or next(model.parameters()).device
     head = model.get_submodule(get_spec(arch).head)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().flatten(1).cpu()))
-    was_training = model.training
-    model.eval()
-    logits = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = pre.to_tensor(images[start:start + batch_size]).to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                logits.append(model(x).float().cpu())
+        logits = predict_logits(model, images, pre, batch_size, device)
     finally:
         handle.remove()
-        model.train(was_training)
-    if not logits:
-        return np.zeros((0, 2), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(logits).numpy(), torch.cat(captured).numpy()
+    return logits, torch.cat(captured).numpy() if captured else np.zeros((0, 0), dtype=np.float32)
 

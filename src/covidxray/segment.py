@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from .gate import GateHead, Verdict, extras, pixel_verdict
 from .imaging import ImageInfo, load_image
 from .models import build_model
 from .presets import Preprocess, lung_box
-from .utils import atomic_write_bytes, atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_json, read_json_object
 
 __all__ = [
     "LungNet", "LungSegmenter", "Analysis", "dice", "full_mask", "lung_box", "overlay_png", "segment_files", "SEGMENTER_FORMAT",
@@ -209,12 +208,7 @@ class LungSegmenter:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable segmenter JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != SEGMENTER_FORMAT:
-        raise CheckpointError(f"{path}: not a covidxray segmenter (expected format {SEGMENTER_FORMAT})")
+    meta = read_json_object(path, SEGMENTER_FORMAT, "segmenter", CheckpointError)
     name = meta.get("weights_file", "")
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise CheckpointError(f"{path}: field 'weights_file' must be a file name beside it")

@@ -8,7 +8,6 @@ The Dice overlap on held-out patients is measured at the masks' own resolution.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import math
@@ -25,11 +24,10 @@ from PIL import Image
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
-from .errors import DataError
 from .imaging import load_image
 from .presets import Preprocess
 from .segment import SEGMENTER_FORMAT, LungNet, dice
-from .utils import atomic_write_bytes, atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_json, read_csv_rows
 
 __all__ = ["SegConfig", "train_segmenter"]
 
@@ -54,13 +52,7 @@ class SegConfig:
 
 def _jsrt_pairs(manifest: str | os.PathLike) -> list[dict[str, str]]:
     manifest = Path(manifest)
-    try:
-        with open(manifest, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{manifest}: cannot read the segmentation manifest: {e}") from e
-    if not rows or not {"path", "mask"} <= set(rows[0]):
-        raise DataError(f"{manifest}: a segmentation manifest needs the columns 'path' and 'mask'")
+    rows = read_csv_rows(manifest, {"path", "mask"}, "segmentation manifest")
     base = manifest.resolve().parent
     return [{**r, "path": str(base / r["path"]), "mask": str(base / r["mask"])} for r in rows]
 

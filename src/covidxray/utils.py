@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -50,3 +51,28 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_csv_rows(path: str | os.PathLike, columns: set[str], what: str) -> list[dict[str, str]]:
+    """The rows of a CSV file (a UTF-8 BOM is fine) that must have ``columns``; `DataError` naming the file otherwise."""
+    from .errors import DataError
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what}: {e}") from e
+    if not rows or not columns <= set(rows[0]):
+        raise DataError(f"{path}: a {what} needs the columns {' and '.join(map(repr, sorted(columns)))}")
+    return rows
+
+
+def read_json_object(path: str | os.PathLike, fmt: str, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A JSON object whose ``format`` field is ``fmt``; ``error`` naming the file when it is unreadable or foreign."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not a readable {what} ({e})") from e
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        raise error(f"{path}: not a covidxray {what} (expected format {fmt})")
+    return obj
