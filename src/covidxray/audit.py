@@ -278,7 +278,7 @@ def _f(x: Any, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _per_source(shares: dict[str, Any]) -> str:
+def _shares_by_source(shares: dict[str, Any]) -> str:
     return ", ".join(f"{k} {_f(v, '.1%')}" for k, v in shares.items())
 
 
@@ -360,7 +360,7 @@ def _markdown(r: dict[str, Any]) -> str:
             f"dilated by {g['lung_dilation']:.0%} of the side), averaged per class over {g['n']} images. The lungs cover "
             f"{g['lung_area_share']:.1%} of the input: a map that ignored them would score about that.",
             ["Class", "Images", "Mass inside the lungs", "By source"],
-            [[c, cls["n"], f"**{_f(cls['lung_mass'], '.1%')}**", _per_source(cls["lung_mass_by_source"])]
+            [[c, cls["n"], f"**{_f(cls['lung_mass'], '.1%')}**", _shares_by_source(cls["lung_mass_by_source"])]
              for c, cls in g["by_class"].items()])
     lines += _section(
         "Grad-CAM location",
@@ -368,7 +368,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"the four corner squares, averaged per class over {g['n']} images. A map spread evenly scores the area share: "
         f"frame {g['area_share']['border']:.1%}, corners {g['area_share']['corners']:.1%}.",
         ["Class", "Images (no evidence)", "Frame mass", "Corner mass", "Frame mass by source"],
-        [[c, f"{s['n']} ({s['n_empty']})", _f(s["border_mass"], ".1%"), _f(s["corner_mass"], ".1%"), _per_source(s["by_source"])]
+        [[c, f"{s['n']} ({s['n_empty']})", _f(s["border_mass"], ".1%"), _f(s["corner_mass"], ".1%"), _shares_by_source(s["by_source"])]
          for c, s in g["by_class"].items()])
     lines += ["", "![Mean Grad-CAM per class](gradcam_mean.png)", "", "![Grad-CAM examples](gradcam_examples.png)", ""]
     return "\n".join(lines)

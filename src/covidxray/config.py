@@ -81,6 +81,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the crop darkened by 70%) with augmentation that softens normal films (so sharpness and contrast, which
     # differ by hospital, stop predicting the label). Needs the lung segmenter ('bundled' by default).
     "default": dict(lung_crop=True, size=160, outside=0.7, augment="soft-normals"),
+    # The default until the lung crop: the whole film at 192 px (the base the screened lung recipes override).
+    "whole-film": {},
     # The project this grew from: ResNet18, 224 px, Adam 1e-3, StepLR(3, 0.1), 15 epochs, flips/rotation.
     "reference": dict(
         arch="resnet18", weights="imagenet", size=224, equalize=False, epochs=15, optimizer="adam", lr=1e-3,

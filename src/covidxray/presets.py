@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -139,8 +139,8 @@ class Preprocess:
         return self.to_tensor(self.prepare(image, lungs))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        del d["segmenter"]
+        # Field by field, not asdict(): that would deep-copy the attached segmenter (an ONNX Runtime session cannot be).
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "segmenter"}
         # Options left at their defaults are left out: older checkpoints, ONNX contracts and
         # decoded-image cache keys stay byte-identical, and older readers can still read new ones.
         for name, default in _OPTIONAL.items():
