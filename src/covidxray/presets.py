@@ -200,10 +200,12 @@ def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, 
 def _darken_outside(u8: np.ndarray, lungs: np.ndarray, strength: float) -> np.ndarray:
     """Blend the pixels outside the dilated lung map toward black by ``strength`` (soft edge)."""
     size = u8.shape[0]
-    m = torch.from_numpy(_resize(lungs, size).copy())[None, None]
+    m = _resize(lungs, size).astype(np.float64)
     k = max(3, int(round(size * 0.04)) | 1)  # dilate by ~2 % of the side: keep the pleura and the lung edge
-    m = F.max_pool2d(m, k, stride=1, padding=k // 2)
-    m = F.avg_pool2d(m, k, stride=1, padding=k // 2, count_include_pad=False)[0, 0].clamp(0, 1).numpy()
+    m = ndimage.maximum_filter(m, k, mode="nearest")  # a k x k max over the pixels inside the image
+    # k x k mean over the pixels inside the image (the window's share of the image divides it out)
+    m = ndimage.uniform_filter(m, k, mode="constant") / ndimage.uniform_filter(np.ones_like(m), k, mode="constant")
+    m = np.clip(m, 0, 1)
     keep = 1.0 - strength * (1.0 - m)
     return np.clip(np.round(u8 * keep), 0, 255).astype(np.uint8)
 
