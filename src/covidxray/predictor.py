@@ -107,6 +107,7 @@ class Predictor:
             self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
             self.backend, contract = "torch", resolve_model_path(path)
         self.preprocess = load_preprocess(self.meta, contract)
+        self.folder = contract.parent  # the model's folder (PyTorch weights, segmenter, ONNX graphs)
         self.threshold = float(self.meta["threshold"])
         self.temperature = float(self.meta.get("temperature", 1.0))
         self.name = f"{self.meta['arch']}@{self.preprocess.size}px"

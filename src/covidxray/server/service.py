@@ -215,12 +215,7 @@ class Service:
             return predictor, self._model_lock
         with self._explainer_init:
             if self._explainer is None:
-                path = self.model_path
-                if path is None:
-                    raise ApiError(503, "explain_unavailable", "Grad-CAM needs the PyTorch weights and the server "
-                                                               "was started without a model path")
-                if path.suffix == ".onnx":
-                    path = path.parent  # the exported graph's folder holds the PyTorch weights too
+                path = predictor.folder  # the serving graph's folder holds the PyTorch weights too
                 try:
                     self._explainer = (Predictor(path, backend="torch"), threading.Lock())
                 except CovidXrayError as exc:
