@@ -8,6 +8,7 @@ X-rays. Run as a script under torchrun, this file is also the worker of the trai
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -282,9 +283,11 @@ def test_sharded_prediction_equals_unsharded(predict_manifest: Path, unsharded: 
 def test_predict_resume_skips_done_rows(predict_manifest: Path, unsharded: list[dict[str, str]], capsys):
     """After a crash (3 rows on disk, the 4th torn mid-write), --resume predicts only the other 4 images."""
     out = predict_manifest.with_name("resumed.csv")
-    header = "path,label,probability,threshold\r\n"
-    done = "".join(f"{r['path']},{r['label']},{r['probability']},{r['threshold']}\r\n" for r in unsharded[:3])
-    part_file(out, 0).write_text(header + done + unsharded[3]["path"][:20])
+    buf = io.StringIO()  # the rows as predict writes them (every column it has), then a torn line
+    writer = csv.DictWriter(buf, fieldnames=list(unsharded[0]))
+    writer.writeheader()
+    writer.writerows(unsharded[:3])
+    part_file(out, 0).write_text(buf.getvalue() + unsharded[3]["path"][:20])
     capsys.readouterr()
     assert main(["predict", "--manifest", str(predict_manifest), "--out", str(out), "--resume", "--format", "json"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
