@@ -33,7 +33,7 @@ def xrays(manifest: Path, split_file: Path) -> list:
 
 
 def test_onnx_matches_torch_on_real_xrays(onnx_dir: Path, xrays: list):
-    torch_pred = Predictor(default_model_path())
+    torch_pred = Predictor(default_model_path(), backend="torch")
     onnx_pred = Predictor(onnx_dir / "model.onnx", backend="onnx")
     assert onnx_pred.backend == "onnx" and torch_pred.backend == "torch"
     images, failed = prepare_images(xrays, torch_pred.preprocess, cache_dir="")
