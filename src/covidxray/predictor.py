@@ -311,17 +311,19 @@ def _session(blob: bytes, threads: int | None):
     return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _checked(path: Path, sha256: str | None) -> bytes:
+def _checked(path: Path, sha256: str | None, contract: str) -> bytes:
+    """The bytes of an exported graph, if their SHA-256 is the one its ``contract`` (a file name) records."""
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != sha256:
-        raise CheckpointError(f"{path}: does not match its contract {contract_path(path).name} (SHA-256 differs); export again")
+        raise CheckpointError(f"{path}: does not match its contract {contract} (SHA-256 differs); export again")
     return blob
 
 
 def _onnx_session(onnx_file: Path, threads: int | None):
     """``(session, model meta, contract, model.json path)`` for an exported graph, every hash checked."""
     contract, meta, json_path = read_onnx_contract(onnx_file)
-    return _session(_checked(onnx_file, contract.get("onnx_sha256")), threads), meta, contract, json_path
+    blob = _checked(onnx_file, contract.get("onnx_sha256"), contract_path(onnx_file).name)
+    return _session(blob, threads), meta, contract, json_path
 
 
 def _segmenter_session(contract: dict, folder: Path, threads: int | None):
@@ -329,8 +331,4 @@ def _segmenter_session(contract: dict, folder: Path, threads: int | None):
     entry = contract.get("segmenter_onnx")
     if not entry:
         return None
-    path = folder / Path(entry["file"]).name
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path}: does not match the contract that names it (SHA-256 differs); export again")
-    return _session(blob, threads)
+    return _session(_checked(folder / Path(entry["file"]).name, entry["sha256"], "the contract that names it"), threads)
