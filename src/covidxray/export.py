@@ -47,7 +47,7 @@ from .predictor import Predictor
 from .segment import LungSegmenter
 from .utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["export_onnx", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT"]
+__all__ = ["export_onnx", "quantise", "calibration_inputs", "int8_parity", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -136,17 +136,38 @@ def _export_segmenter(seg: LungSegmenter, path: Path, opset: int) -> dict[str, s
 
 def _quantise(blob: bytes, run: str | os.PathLike, meta: dict[str, Any], n_calibration: int) -> tuple[bytes, dict[str, Any]]:
     """Static QDQ int8 with per-channel weights, calibrated on training films; refuses a model that drifts."""
+    predictor = Predictor(run, backend="torch", gate=False)
+    samples = load_samples(*resolve_data(run, meta))
+    x = calibration_inputs(predictor, samples, n_calibration)
+    # Symmetric int8 activations: with asymmetric uint8 ones, 3 % of the bundled model's test decisions
+    # flipped; symmetric ones kept 99.2 % (the bundled model's test split, same calibration films).
+    quantised = quantise(blob, x, activation_type="QInt8", extra_options={"ActivationSymmetric": True})
+    parity = int8_parity(predictor, quantised, samples)
+    if parity["roc_auc_drop"] > INT8_MAX_AUC_DROP or parity["agreement"] < INT8_MIN_AGREEMENT:
+        raise CheckpointError(
+            f"int8 quantisation changed the model too much on the test split (ROC-AUC {parity['roc_auc_torch']:.4f} -> "
+            f"{parity['roc_auc_int8']:.4f}, {parity['agreement']:.2%} of decisions unchanged; limits "
+            f"{INT8_MAX_AUC_DROP} and {INT8_MIN_AGREEMENT:.0%}): use the float ONNX file (export without --int8)")
+    return quantised, {**parity, "calibration_images": len(x), "format": "QDQ, per-channel int8 weights, symmetric int8 activations"}
+
+
+def calibration_inputs(predictor: Predictor, samples: list, n: int) -> np.ndarray:
+    """Network inputs ``(n, 1, S, S)`` of ``n`` training films (a fixed random pick) for int8 calibration."""
+    train = [s for s in samples if s.split == "train"]
+    picks = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:n]]
+    _, images, _ = readable_images(picks, predictor.preprocess, desc="int8 calibration")
+    return predictor.preprocess.to_tensor(images).numpy()
+
+
+def quantise(blob: bytes, x: np.ndarray, activation_type: str = "QInt8", calibrate_method: str = "MinMax",
+             **options: Any) -> bytes:
+    """The classifier graph ``blob`` quantised statically (QDQ, per-channel int8 weights) with activations
+    calibrated on ``x``; ``activation_type`` and ``calibrate_method`` name ONNX Runtime's enums, ``options``
+    go to ``quantize_static`` as they are (e.g. ``extra_options``, ``nodes_to_exclude``)."""
     import onnxruntime as ort  # the int8 path only
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     ort.set_default_logger_severity(3)  # the quantiser's per-initializer notices are not for users
-    predictor = Predictor(run, backend="torch", gate=False)
-    data, splits = resolve_data(run, meta)
-    samples = load_samples(data, splits)
-    train = [s for s in samples if s.split == "train"]
-    picks = [train[i] for i in np.random.default_rng(0).permutation(len(train))[:n_calibration]]
-    _, images, _ = readable_images(picks, predictor.preprocess, desc="int8 calibration")
-    x = predictor.preprocess.to_tensor(images).numpy()
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -158,22 +179,13 @@ def _quantise(blob: bytes, run: str | os.PathLike, meta: dict[str, Any], n_calib
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(blob)
-        # Symmetric int8 activations: with asymmetric uint8 ones, 3 % of the bundled model's test decisions
-        # flipped; symmetric ones kept 99.2 % (the bundled model's test split, same calibration films).
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": True})
-        quantised = dst.read_bytes()
-    parity = _parity(predictor, quantised, samples)
-    if parity["roc_auc_drop"] > INT8_MAX_AUC_DROP or parity["agreement"] < INT8_MIN_AGREEMENT:
-        raise CheckpointError(
-            f"int8 quantisation changed the model too much on the test split (ROC-AUC {parity['roc_auc_torch']:.4f} -> "
-            f"{parity['roc_auc_int8']:.4f}, {parity['agreement']:.2%} of decisions unchanged; limits "
-            f"{INT8_MAX_AUC_DROP} and {INT8_MIN_AGREEMENT:.0%}): use the float ONNX file (export without --int8)")
-    return quantised, {**parity, "calibration_images": len(x), "format": "QDQ, per-channel int8 weights, symmetric int8 activations"}
+                        activation_type=QuantType[activation_type], weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod[calibrate_method], **options)
+        return dst.read_bytes()
 
 
-def _parity(predictor: Predictor, quantised: bytes, samples: list) -> dict[str, Any]:
+def int8_parity(predictor: Predictor, quantised: bytes, samples: list) -> dict[str, Any]:
     """PyTorch vs the int8 graph on the run's test split: ROC-AUC of each and the share of equal decisions."""
     import onnxruntime as ort  # the int8 path only
 
