@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray.checkpoint import copy_model, model_files, update_model_meta
+from covidxray.checkpoint import contract_path, copy_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.inference import prepare_images
@@ -111,3 +111,30 @@ def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
     torch_row = json.loads(capsys.readouterr().out)
     assert onnx_row["label"] == torch_row["label"]
     assert abs(onnx_row["probability"] - torch_row["probability"]) < 1e-4
+
+
+def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: list, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    from covidxray import export
+
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # no graph can keep more than all decisions: refused
+    refused = tmp_path / "refused" / "model.int8.onnx"
+    with pytest.raises(CheckpointError, match=r"int8 quantisation changed the model too much .* use the float ONNX file"):
+        export_onnx(trained_run, refused, int8=True, calibration_images=32)
+    assert not refused.exists() and not contract_path(refused).exists()  # nothing half-written to be picked up
+
+    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(export, "INT8_MAX_AUC_DROP", 1.0)
+    out = tmp_path / "ok" / "model.int8.onnx"
+    export_onnx(trained_run, out, int8=True, calibration_images=32)
+    int8 = Predictor(out.parent)  # auto takes the int8 graph
+    parity = int8.onnx_contract["int8"]
+    assert int8.backend == "onnx" and parity["calibration_images"] == 32 and 0.0 <= parity["agreement"] <= 1.0
+    assert parity["roc_auc_drop"] == pytest.approx(parity["roc_auc_torch"] - parity["roc_auc_int8"])
+    export_onnx(trained_run, out.with_name("model.onnx"))
+    assert out.stat().st_size < 0.5 * out.with_name("model.onnx").stat().st_size  # int8 weights, not float
+    torch_pred = Predictor(out.parent, backend="torch")
+    images, failed = prepare_images(xrays, torch_pred.preprocess, cache_dir="")
+    assert failed == []
+    p_int8, p_torch = int8.predict_prepared(images), torch_pred.predict_prepared(images)
+    assert p_int8.shape == p_torch.shape == (len(xrays),) and ((0 <= p_int8) & (p_int8 <= 1)).all()
