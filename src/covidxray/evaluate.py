@@ -231,9 +231,9 @@ def calibrate_site(
     if len(probs) < 20:
         raise DataError(f"{site_normals}: {len(probs)} answered normal films; at least 20 are needed to set a threshold "
                         f"(read {len(files)} files, {len(results)} readable)")
-    # The k-th smallest probability is the last one that must stay under the threshold.
+    # The k-th smallest probability (k <= len(probs): the target is below 1) is the last one that must stay under it.
     k = int(np.ceil(target_specificity * len(probs)))
-    threshold = float(np.nextafter(probs[k - 1], np.inf)) if k <= len(probs) else 1.0
+    threshold = float(np.nextafter(probs[k - 1], np.inf))
     data, splits = resolve_data(run, predictor.meta)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     y, p = [s.label for s in samples], covid_probability(logits, predictor.temperature)
