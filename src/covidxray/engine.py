@@ -13,19 +13,16 @@ so a run resumed after a crash replays exactly what the uninterrupted run would 
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -42,9 +39,8 @@ from .familiarity import WARN_ABOVE, Familiarity
 from .inference import autocast, logits_and_features, predict_probs, readable_images
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
-from .report import save_predictions_csv
+from .report import save_predictions_csv, write_history
 from .segment import LungSegmenter
-from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["AUGMENTS", "train", "train_one_epoch"]
 
@@ -190,28 +186,6 @@ def _split(samples: list[Sample], name: str, limit: int | None, seed: int) -> li
     return part
 
 
-def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_json(run / "history.json", history)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(run / "history.csv", buf.getvalue())
-    ep = [h["epoch"] for h in history]
-    fig = Figure(figsize=(10, 3.6), dpi=110)
-    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
-    ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation loss")
-    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
-    ax2.plot(ep, [h["val_auc"] for h in history], "o-", color="firebrick", label="validation ROC-AUC")
-    ax2.plot(ep, [h["val_acc"] for h in history], "o-", color="gray", label="validation accuracy @0.5")
-    ax2.set_xlabel("epoch"), ax2.set_title("validation (positive class: COVID-19)"), ax2.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write_bytes(run / "curves.png", png.getvalue())
-
-
 def _model_meta(cfg: TrainConfig, pre: Preprocess, fingerprint: str, epoch: int, val_auc: float) -> dict[str, Any]:
     return {
         "arch": cfg.arch, "in_chans": 1, "num_classes": 2, "class_names": list(CLASS_NAMES), "positive_class": "covid",
@@ -235,35 +209,20 @@ def _segmenter(cfg: TrainConfig) -> LungSegmenter | None:
     return LungSegmenter(found) if found is not None else None
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the run directory.
-
-    Raises:
-        DataError: when the data has no training or validation images.
-    """
-    run = Path(cfg.out)
+def _resumed_config(cfg: TrainConfig, run: Path) -> TrainConfig:
+    """The configuration a run was started with (from its resumable state), with ``cfg.epochs`` if larger."""
     state_path = run / "last.safetensors"
-    header: dict[str, Any] | None = None
-    if resume:
-        if not state_path.is_file():
-            raise DataError(f"{run}: nothing to resume (no last.safetensors); start the run without --resume")
-        try:
-            saved = TrainConfig(**read_state_header(state_path)["config"])
-        except (KeyError, TypeError) as e:  # no config, or one from another covidxray version
-            raise CheckpointError(f"{state_path}: its training config does not fit this covidxray ({e})") from e
-        cfg = replace(saved, out=str(run), epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs)
-    run.mkdir(parents=True, exist_ok=True)
-    distributed.seed_everything(cfg.seed, cfg.deterministic)
-    dist, device = distributed.setup(cfg.device)  # rank 0 of 1 on default_device(cfg.device) unless started by torchrun
-    if cfg.batch_size % dist.world_size:
-        raise DataError(f"the batch size ({cfg.batch_size}) is the global batch and must split evenly over "
-                        f"{dist.world_size} processes; use a multiple of {dist.world_size} or another process count")
+    if not state_path.is_file():
+        raise DataError(f"{run}: nothing to resume (no last.safetensors); start the run without --resume")
+    try:
+        saved = TrainConfig(**read_state_header(state_path)["config"])
+    except (KeyError, TypeError) as e:  # no config, or one from another covidxray version
+        raise CheckpointError(f"{state_path}: its training config does not fit this covidxray ({e})") from e
+    return replace(saved, out=str(run), epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs)
 
-    samples = load_samples(cfg.data, cfg.splits)
-    if not any(s.split for s in samples):
-        samples = make_splits(samples, seed=cfg.seed)
-        write_splits(run / "splits.csv", samples)
-        log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
+
+def _preprocess(cfg: TrainConfig, run: Path, dist: distributed.DistEnv) -> Preprocess:
+    """The run's `Preprocess`; the run gets a copy of its segmenter and input gate, which the lung crop uses."""
     spec = get_spec(cfg.arch)
     pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std, mask_border=cfg.mask_border,
                      lung_crop=cfg.lung_crop, lung_margin=cfg.lung_margin, outside=cfg.outside, smooth=cfg.smooth)
@@ -273,33 +232,116 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             segmenter.copy_to(run)  # the run carries its segmenter and input gate
         if cfg.lung_crop:
             pre = replace(pre, segmenter_sha256=segmenter.sha256, segmenter=segmenter)
-    parts = {}
+    return pre
+
+
+@dataclass
+class _Data:
+    """Decoded training and validation images with their labels and samples."""
+
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    train_samples: list[Sample]
+    xva: torch.Tensor
+    yva: torch.Tensor
+    val_samples: list[Sample]
+
+    @property
+    def source_index(self) -> torch.Tensor:
+        names = sorted({s.source for s in self.train_samples})
+        return torch.tensor([names.index(s.source) for s in self.train_samples])
+
+
+def _load_data(cfg: TrainConfig, run: Path, pre: Preprocess) -> _Data:
+    """Read the data (making a patient-grouped split when it has none) and decode train and validation once."""
+    samples = load_samples(cfg.data, cfg.splits)
+    if not any(s.split for s in samples):
+        samples = make_splits(samples, seed=cfg.seed)
+        write_splits(run / "splits.csv", samples)
+        log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
+    parts = []
     for name in ("train", "val"):
         part = _split(samples, name, cfg.limit, cfg.seed)
         if not part or len({s.label for s in part}) < 2:
             raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
         with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
             kept, images, _ = readable_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
-        parts[name] = (images, torch.tensor([s.label for s in kept]), kept)
-    (xtr, ytr, train_samples), (xva, yva, val_samples) = parts["train"], parts["val"]
-    names = sorted({s.source for s in train_samples})
-    source_index = torch.tensor([names.index(s.source) for s in train_samples])
-    log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
-             cfg.arch, len(ytr), int(ytr.sum()), len(yva), int(yva.sum()))
-    if dist.enabled:
-        log.info("DDP on %d processes (%s): %d images per process per step; rank 0 validates and writes",
-                 dist.world_size, device.type, cfg.batch_size // dist.world_size)
+        parts += [images, torch.tensor([s.label for s in kept]), kept]
+    return _Data(*parts)
 
+
+def _build(cfg: TrainConfig, resume: bool, device: torch.device, steps_per_epoch: int):
+    """Model (frozen layers marked), optimiser, scheduler and the weight average that is validated and saved."""
     model = build_model(cfg.arch, in_chans=1, num_classes=2, weights=None if resume else cfg.weights)
-    frozen = spec.freezable if cfg.freeze else ()
+    frozen = get_spec(cfg.arch).freezable if cfg.freeze else ()
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     model = model.to(device).to(memory_format=torch.channels_last)
-    steps_per_epoch = math.ceil(len(ytr) / cfg.batch_size)
     optimizer, scheduler = _make_optimizer(model, cfg, steps_per_epoch)
     # An exponential moving average of the weights is what gets validated and shipped: on small,
     # noisy data it is steadier from epoch to epoch than the raw weights.
     ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
+    return model, frozen, optimizer, scheduler, ema
+
+
+def _validate(scored: nn.Module, data: _Data, pre: Preprocess, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    t0 = time.perf_counter()
+    p = predict_probs(scored, data.xva, pre, cfg.eval_batch_size, device=device)
+    y = data.yva.numpy()
+    val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), data.yva))
+    return {"val_loss": val_loss, "val_auc": float(roc_auc_score(y, p)), "val_acc": float(((p >= 0.5) == y).mean()),
+            "val_seconds": time.perf_counter() - t0}
+
+
+def _finish(run: Path, cfg: TrainConfig, pre: Preprocess, data: _Data, device: torch.device, t_start: float,
+            best_auc: float, best_epoch: int) -> None:
+    """Temperature, then operating threshold on the calibrated probabilities (both fitted on validation
+    predictions of the best model, never on test data), and the familiarity statistics."""
+    best, meta = load_model(run)
+    best = best.to(device)
+    logits, val_feats = logits_and_features(best, cfg.arch, data.xva, pre, cfg.eval_batch_size, device)
+    cal = calibrate(data.yva.numpy(), logits, cfg.target_sensitivity)
+    p = covid_probability(logits, cal.temperature)
+    # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
+    sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(data.xtr))[:FAMILIARITY_SAMPLE])
+    _, train_feats = logits_and_features(best, cfg.arch, data.xtr[sample], pre, cfg.eval_batch_size, device)
+    familiarity = Familiarity.fit(train_feats, val_feats)
+    meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start,
+                familiarity={"file": FAMILIARITY_FILE, "sha256": familiarity.save(run), "warn_above": WARN_ABOVE,
+                             "train_images": len(sample), "val_images": len(val_feats)})
+    for k in ("format", "weights_file", "weights_sha256"):
+        meta.pop(k)
+    save_model(run, best, meta)
+    save_predictions_csv(run / "val_predictions.csv", [s.key for s in data.val_samples], data.yva.numpy(), p,
+                         meta["threshold"], sources=[s.source for s in data.val_samples])
+    log.info("best validation AUC %.4f at epoch %d; temperature %.3f (validation ECE %.4f -> %.4f); threshold %.4f (%s); "
+             "run in %s", best_auc, best_epoch + 1, cal.temperature, cal.ece_before, cal.ece_after, meta["threshold"],
+             cal.threshold_rule, run)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or with ``resume`` continue) the run in ``cfg.out``; returns the run directory.
+
+    Raises:
+        DataError: when the data has no training or validation images.
+    """
+    run = Path(cfg.out)
+    state_path = run / "last.safetensors"
+    cfg = _resumed_config(cfg, run) if resume else cfg
+    run.mkdir(parents=True, exist_ok=True)
+    distributed.seed_everything(cfg.seed, cfg.deterministic)
+    dist, device = distributed.setup(cfg.device)  # rank 0 of 1 on default_device(cfg.device) unless started by torchrun
+    if cfg.batch_size % dist.world_size:
+        raise DataError(f"the batch size ({cfg.batch_size}) is the global batch and must split evenly over "
+                        f"{dist.world_size} processes; use a multiple of {dist.world_size} or another process count")
+    pre = _preprocess(cfg, run, dist)
+    data = _load_data(cfg, run, pre)
+    log.info("training %s on %d images (%d COVID-19), validating on %d (%d COVID-19)",
+             cfg.arch, len(data.ytr), int(data.ytr.sum()), len(data.yva), int(data.yva.sum()))
+    if dist.enabled:
+        log.info("DDP on %d processes (%s): %d images per process per step; rank 0 validates and writes",
+                 dist.world_size, device.type, cfg.batch_size // dist.world_size)
+    model, frozen, optimizer, scheduler, ema = _build(cfg, resume, device, math.ceil(len(data.ytr) / cfg.batch_size))
     scored = ema.module if ema is not None else model
     modules = {"model": model, **({"ema": ema} if ema is not None else {})}
     fingerprint = data_fingerprint(cfg.data, cfg.splits)
@@ -313,62 +355,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     # Only the module that trains is wrapped (DDP, torch.compile): `model` is what gets saved, so
     # state dicts carry no `module.` prefix and a run resumes under any number of processes.
     trained = distributed.wrap(model, dist, device, cfg.compile)
-
     t_start = time.perf_counter() - sum(h["train_seconds"] + h["val_seconds"] for h in history)
     for epoch in range(start, cfg.epochs):
         if cfg.patience and best_epoch >= 0 and epoch - best_epoch > cfg.patience:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
-        stats = train_one_epoch(trained, optimizer, scheduler, xtr, ytr, cfg, pre, epoch, frozen, device, ema, dist=dist,
-                                sources=source_index)
-        row = None
-        if dist.is_main:  # rank 0 validates; its numbers decide best epoch and early stop on every rank
-            t0 = time.perf_counter()
-            p = predict_probs(scored, xva, pre, cfg.eval_batch_size, device=device)
-            y = yva.numpy()
-            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(np.stack([1 - p, p], 1)).clamp(min=1e-7)), yva))
-            auc = float(roc_auc_score(y, p))
-            row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_auc": auc, "val_acc": float(((p >= 0.5) == y).mean()),
-                   "val_seconds": time.perf_counter() - t0, "lr": optimizer.param_groups[0]["lr"]}
+        stats = train_one_epoch(trained, optimizer, scheduler, data.xtr, data.ytr, cfg, pre, epoch, frozen, device, ema,
+                                dist=dist, sources=data.source_index)
+        # rank 0 validates; its numbers decide best epoch and early stop on every rank
+        row = {"epoch": epoch + 1, **stats, **_validate(scored, data, pre, cfg, device),
+               "lr": optimizer.param_groups[0]["lr"]} if dist.is_main else None
         row = distributed.broadcast_object(row)
-        val_loss, auc = row["val_loss"], row["val_auc"]
         history.append(row)
         log.info("epoch %d/%d  loss %.4f  val loss %.4f  val AUC %.4f  %.1f img/s", epoch + 1, cfg.epochs,
-                 stats["train_loss"], val_loss, auc, stats["img_per_s"])
-        if auc > best_auc:
-            best_auc, best_epoch = auc, epoch
+                 stats["train_loss"], row["val_loss"], row["val_auc"], stats["img_per_s"])
+        if row["val_auc"] > best_auc:
+            best_auc, best_epoch = row["val_auc"], epoch
             if dist.is_main:
-                save_model(run, scored, _model_meta(cfg, pre, fingerprint, epoch + 1, auc))
-        if not dist.is_main:
-            continue  # one writer: the other ranks keep the same history and best epoch in memory only
-        save_state(state_path, modules, optimizer, {
-            "config": asdict(cfg), "epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
-            "best_auc": best_auc, "best_epoch": best_epoch,
-        })
-        _write_history(run, history)
-
-    if not dist.is_main:
-        return run  # what follows is rank 0's alone; distributed.teardown() makes the others wait for it
-    # Temperature, then operating threshold on the calibrated probabilities: both fitted on validation
-    # predictions of the best model, never on test data.
-    best, meta = load_model(run)
-    best = best.to(device)
-    logits, val_feats = logits_and_features(best, cfg.arch, xva, pre, cfg.eval_batch_size, device)
-    cal = calibrate(yva.numpy(), logits, cfg.target_sensitivity)
-    p = covid_probability(logits, cal.temperature)
-    # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
-    sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(xtr))[:FAMILIARITY_SAMPLE])
-    _, train_feats = logits_and_features(best, cfg.arch, xtr[sample], pre, cfg.eval_batch_size, device)
-    familiarity = Familiarity.fit(train_feats, val_feats)
-    meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start,
-                familiarity={"file": FAMILIARITY_FILE, "sha256": familiarity.save(run), "warn_above": WARN_ABOVE,
-                             "train_images": len(sample), "val_images": len(val_feats)})
-    for k in ("format", "weights_file", "weights_sha256"):
-        meta.pop(k)
-    save_model(run, best, meta)
-    save_predictions_csv(run / "val_predictions.csv", [s.key for s in val_samples], yva.numpy(), p, meta["threshold"],
-                         sources=[s.source for s in val_samples])
-    log.info("best validation AUC %.4f at epoch %d; temperature %.3f (validation ECE %.4f -> %.4f); threshold %.4f (%s); "
-             "run in %s", best_auc, best_epoch + 1, cal.temperature, cal.ece_before, cal.ece_after, meta["threshold"],
-             cal.threshold_rule, run)
+                save_model(run, scored, _model_meta(cfg, pre, fingerprint, epoch + 1, best_auc))
+        if dist.is_main:  # one writer: the other ranks keep the same history and best epoch in memory only
+            save_state(state_path, modules, optimizer, {
+                "config": asdict(cfg), "epoch": epoch, "scheduler": scheduler.state_dict(), "history": history,
+                "best_auc": best_auc, "best_epoch": best_epoch,
+            })
+            write_history(run, history)
+    if dist.is_main:  # what follows is rank 0's alone; distributed.teardown() makes the others wait for it
+        _finish(run, cfg, pre, data, device, t_start, best_auc, best_epoch)
     return run

@@ -25,7 +25,7 @@ from .calibration import reliability
 from .metrics import COUNTS, METRICS, bootstrap_metrics, format_ci, operating_points
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["write_report", "save_predictions_csv", "json_safe"]
+__all__ = ["write_report", "save_predictions_csv", "json_safe", "write_history"]
 
 logger = logging.getLogger(__name__)
 
@@ -334,3 +334,26 @@ def write_report(
     logger.info("wrote evaluation report to %s (sensitivity %s, specificity %s, ROC AUC %s)", out,
                 *(_fmt(report["metrics"][k]["value"]) for k in ("sensitivity", "specificity", "roc_auc")))
     return report
+
+
+def write_history(run: Path, history: list[dict[str, Any]]) -> None:
+    """history.json, history.csv and curves.png (loss; validation ROC-AUC and accuracy) of a training run."""
+    atomic_write_json(run / "history.json", history)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(run / "history.csv", buf.getvalue())
+    ep = [h["epoch"] for h in history]
+    fig = Figure(figsize=(10, 3.6), dpi=110)
+    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax1.plot(ep, [h["val_loss"] for h in history], "o-", label="validation loss")
+    ax1.set_xlabel("epoch"), ax1.set_title("loss"), ax1.legend()
+    ax2.plot(ep, [h["val_auc"] for h in history], "o-", color="firebrick", label="validation ROC-AUC")
+    ax2.plot(ep, [h["val_acc"] for h in history], "o-", color="gray", label="validation accuracy @0.5")
+    ax2.set_xlabel("epoch"), ax2.set_title("validation (positive class: COVID-19)"), ax2.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(run / "curves.png", png.getvalue())
