@@ -87,6 +87,7 @@ def test_read_manifest_first_row_is_resolved_against_manifest_folder(samples: li
 
 @pytest.mark.parametrize("text,label", [
     ("COVID-19", 1), ("Covid19", 1), ("covid", 1), (" NORMAL ", 0), ("healthy", 0), ("No Finding", 0), ("pneumonia", None),
+    ("other", 0), (" Other ", 0),  # another finding (tuberculosis, a nodule): the negative class of the COVID-19 question
 ])
 def test_parse_label_aliases(text: str, label: int | None):
     assert parse_label(text) == label
@@ -101,7 +102,7 @@ def test_manifest_unknown_label_names_file_and_line(tmp_path: Path, real_images)
     with pytest.raises(DataError) as e:
         read_manifest(m)
     msg = str(e.value)
-    assert str(m) in msg and "line 4" in msg and "'pneumonia'" in msg
+    assert str(m) in msg and "line 4" in msg and "'pneumonia'" in msg and "covid, normal or other" in msg
 
 
 def test_manifest_unknown_split_names_line(tmp_path: Path, real_images):

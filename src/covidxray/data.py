@@ -49,6 +49,8 @@ SPLITS = ("train", "val", "test")
 LABEL_ALIASES = {
     "covid": 1, "covid19": 1, "covid-19": 1, "covid_19": 1, "covid 19": 1, "sars-cov-2": 1, "positive": 1, "1": 1,
     "normal": 0, "healthy": 0, "negative": 0, "no finding": 0, "no_finding": 0, "non-covid": 0, "noncovid": 0, "0": 0,
+    # Another finding (tuberculosis, a nodule, ...): not COVID-19, so the negative class of the COVID-19 question.
+    "other": 0,
 }
 SPLIT_ALIASES = {
     "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -60,7 +62,8 @@ NOT_IMAGES = {".csv", ".txt", ".json", ".md", ".xlsx", ".xls", ".db", ".ini", ".
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled X-ray. ``label`` is 1 for COVID-19 (the positive class), 0 for normal."""
+    """One labelled X-ray. ``label`` is 1 for COVID-19 (the positive class), 0 for not COVID-19 (normal, or a
+    film labelled ``other``: another finding, which is not COVID-19 either)."""
 
     path: Path  # absolute path of the image file
     label: int  # 1 = covid, 0 = normal
@@ -142,7 +145,7 @@ def read_manifest(csv_path: str | os.PathLike) -> list[Sample]:
     for i, row in enumerate(rows, start=2):
         label = parse_label(row["label"] or "")
         if label is None:
-            raise DataError(f"{csv_path}, line {i}: unknown label {row['label']!r} (expected covid or normal)")
+            raise DataError(f"{csv_path}, line {i}: unknown label {row['label']!r} (expected covid, normal or other)")
         split = (row.get("split") or "").strip().lower()
         if split and split not in SPLIT_ALIASES:
             raise DataError(f"{csv_path}, line {i}: unknown split {row['split']!r} (expected train, val or test)")
