@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object",
+           "unique_stem"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -76,3 +77,13 @@ def read_json_object(path: str | os.PathLike, fmt: str, what: str, error: type[E
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise error(f"{path}: not a covidxray {what} (expected format {fmt})")
     return obj
+
+
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... the first not in ``used`` (which it joins): one output name per input."""
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name

@@ -184,7 +184,7 @@ class Service:
         try:
             image, info = read_image(upload.data, name=upload.name)
         except ImageError as exc:
-            raise image_error(exc, upload.data) from None
+            raise image_error(exc) from None
         return image, self._loaded().check(image, info)
 
     def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
