@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from itertools import zip_longest
 from pathlib import Path
 
 from .. import DISCLAIMER
+from ..config import settings
 from ..errors import CovidXrayError, ImageError
 
 __all__ = ["register", "EXIT_UNREADABLE", "EXIT_NOT_ANSWERED"]
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..predictor import Predictor
 
     # $COVIDXRAY_DATA, else where the data set sits beside a clone of the repository (`make run` starts there).
-    root = Path(os.environ.get("COVIDXRAY_DATA") or Path("..", "shared", "datasets", "covid-cxr"))
+    root = Path(settings().data or Path("..", "shared", "datasets", "covid-cxr"))
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise CovidXrayError(f"no demo images: {manifest.resolve()} does not exist. Set COVIDXRAY_DATA to the covid-cxr "
