@@ -39,11 +39,12 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from . import CLASS_NAMES
 from .calibration import covid_probability
 from .checkpoint import resolve_data, run_dir
 from .data import Sample, check_samples, load_samples
 from .errors import DataError
-from .cam_location import BORDER, CLASS_NAMES, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
+from .cam_location import BORDER, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
 from .explain import grad_cam
 from .imaging import load_image
 from .inference import logits_and_features, readable_images
@@ -56,8 +57,6 @@ from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 __all__ = ["BORDER", "area_shares", "border_mass", "source_probe", "leakage", "audit_run", "summary"]
 
 log = logging.getLogger(__name__)
-
-_CLASS = CLASS_NAMES
 
 
 def source_probe(
@@ -88,7 +87,7 @@ def source_probe(
     scopes = {"all": np.ones(len(src), dtype=bool)}
     if labels is not None:
         y = np.asarray(labels).ravel()
-        scopes.update({_CLASS[c]: y == c for c in (1, 0)})
+        scopes.update({CLASS_NAMES[c]: y == c for c in (1, 0)})
     out: dict[str, Any] = {}
     for scope, mask in scopes.items():
         counts = Counter(src[mask])
@@ -255,7 +254,7 @@ def audit_run(
     for c in (1, 0):
         sel = ycam == c
         b, k, where, lm = mass["border"][sel], mass["corners"][sel], src[cam_idx][sel], inside[sel]
-        by_class[_CLASS[c]] = {"n": int(sel.sum()), "n_empty": int(np.isnan(b).sum()),
+        by_class[CLASS_NAMES[c]] = {"n": int(sel.sum()), "n_empty": int(np.isnan(b).sum()),
                                "lung_mass": mean_of(lm), "border_mass": mean_of(b), "corner_mass": mean_of(k),
                                "lung_mass_by_source": {s: mean_of(lm[where == s]) for s in sorted(set(where))},
                                "by_source": {s: mean_of(b[where == s]) for s in sorted(set(where))}}

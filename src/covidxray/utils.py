@@ -14,11 +14,15 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha2
            "unique_stem"]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it.
 
-    The bytes go to a temporary file in the same directory (same filesystem), are fsynced,
-    and then renamed over the target with `os.replace`, which is atomic on POSIX.
+    The bytes go to a temporary file in the same directory (same filesystem, named ``.NAME.*.tmp``),
+    are fsynced, and then renamed over the target with `os.replace`, which is atomic on POSIX.
+
+    Args:
+        durable: also fsync the directory after the rename, so the new name itself survives a power
+            cut (what a file acknowledged to someone else needs, e.g. a spooled DICOM instance).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +37,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself is now on disk
+        finally:
+            os.close(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
