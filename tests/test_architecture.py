@@ -75,6 +75,17 @@ def test_the_environment_is_read_in_one_place():
     assert "COVIDXRAY_" not in (PACKAGE / "distributed.py").read_text()
 
 
+def test_settings_read_the_environment_given():
+    from covidxray.config import Settings, settings
+
+    assert settings({}) == Settings(None, None, None, None, None)
+    env = {"COVIDXRAY_DATA": "/d", "COVIDXRAY_MODEL": "/m", "COVIDXRAY_CACHE": "", "COVIDXRAY_API_KEY": "k",
+           "COVIDXRAY_MAX_UPLOAD_MB": "2.5"}
+    assert settings(env) == Settings(data="/d", model="/m", cache=None, api_key="k", max_upload_mb=2.5)  # empty is unset
+    with pytest.raises(DataError, match="COVIDXRAY_MAX_UPLOAD_MB='lots' is not a number"):
+        settings({"COVIDXRAY_MAX_UPLOAD_MB": "lots"})
+
+
 def test_help_does_not_import_torch():
     code = ("import sys; from covidxray.cli import build_parser; p = build_parser(); "
             "p.format_help(); [a.choices[c].format_help() for a in p._subparsers._group_actions for c in a.choices]; "

@@ -50,6 +50,15 @@ log = logging.getLogger(__name__)
 COVID = 1  # class index of COVID-19, the positive class
 
 
+@dataclass(frozen=True)
+class Explained:
+    """One explained image: the answer, and the files `explain_files` wrote for it."""
+
+    prediction: Prediction
+    overlay: Path  # the captioned Grad-CAM overlay PNG
+    npy: Path  # the float32 map at the image's size
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, class_index: int = COVID) -> torch.Tensor:
     """Grad-CAM maps of ``class_index`` for a batch, at the input's size.
 
@@ -144,15 +153,6 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str | None = None, al
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
-
-
-@dataclass(frozen=True)
-class Explained:
-    """One explained image: the answer, and the files `explain_files` wrote for it."""
-
-    prediction: Prediction
-    overlay: Path  # the captioned Grad-CAM overlay PNG
-    npy: Path  # the float32 map at the image's size
 
 
 def explain_files(
