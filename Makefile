@@ -36,6 +36,7 @@ run: $(STAMP)
 	@echo "covidxray: open http://$(HOST):$(PORT)/ (API docs: http://$(HOST):$(PORT)/docs); Ctrl-C stops"
 	$(VENV)/bin/covidxray serve --host $(HOST) --port $(PORT)
 
+# Rebuild every shipped artefact in order: lung segmenter, input gate, classifier (bench/train_default.sh).
 model: $(STAMP)
 	bash bench/train_default.sh
 

@@ -29,7 +29,7 @@ from PIL import Image
 from common import ROOT, save
 from covidxray.checkpoint import default_model_path
 from covidxray.errors import ImageError
-from covidxray.gate_training import _nf_split, _rotate
+from covidxray.gate_training import not_frontal_split, rotate_quarter
 from covidxray.imaging import read_image
 from covidxray.negatives import HELD_OUT, generated, package_images, pydicom_images
 from covidxray.predictor import Predictor
@@ -76,7 +76,7 @@ def main() -> None:
     split = {r["path"]: r["split"] for r in csv.DictReader(open(ROOT / "splits" / "covid-cxr.csv"))}
     test_films = [(r["path"], cxr / r["path"]) for r in csv.DictReader(open(cxr / "manifest.csv")) if split[r["path"]] == "test"]
     jsrt = [(p.name, p) for p in sorted((SHARED / "jsrt" / "images").rglob("*.jpg"))]
-    _, held = _nf_split(str(SHARED / "not-frontal-cxr" / "manifest.csv"), 0.4, 0)
+    _, held = not_frontal_split(str(SHARED / "not-frontal-cxr" / "manifest.csv"), 0.4, 0)
     dicom = _decoded((n, s) for n, _, s in pydicom_images())
     photos = [(n, s) for n, _, s in package_images() if n in HELD_OUT]
     grey = [(f"{n} (grey)", _png(np.asarray(Image.open(s).convert("L")) / 255)) for n, s in photos if isinstance(s, str)]
@@ -89,7 +89,7 @@ def main() -> None:
         "the same, pixels only (PNG)": (_decoded((n, _png(im)) for n, im, _ in dicom), False, 0.99),
         "photographs and drawings never trained on (colour and grey)": (_decoded(photos + grey), False, 0.99),
         "generated documents, charts, noise (unseen seed)": (_decoded((n, s) for n, _, s in generated(90, 777)), False, 0.99),
-        "covid-cxr test films turned 90/180/270 degrees": ([(n, _rotate(im, rng), i) for n, im, i in front[::3]], False, 0.99),
+        "covid-cxr test films turned 90/180/270 degrees": ([(n, rotate_quarter(im, rng), i) for n, im, i in front[::3]], False, 0.99),
         "covid-cxr test split (frontal)": (front, True, 0.995),
         "JSRT (frontal; 70 % of its patients trained the gate)": (_decoded(jsrt), True, 0.995),
     }

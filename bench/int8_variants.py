@@ -16,14 +16,12 @@ import argparse
 import logging
 
 import onnx
-import torch
 
 from common import save
 from covidxray.checkpoint import default_model_path, load_model, resolve_data
 from covidxray.data import load_samples
-from covidxray.export import (INT8_MAX_AUC_DROP, INT8_MIN_AGREEMENT, _onnx_bytes, _WithFeatures, calibration_inputs,
-                              int8_parity, quantise)
-from covidxray.models import get_spec
+from covidxray.export import (INT8_MAX_AUC_DROP, INT8_MIN_AGREEMENT, calibration_inputs, classifier_onnx, int8_parity,
+                              quantise)
 from covidxray.predictor import Predictor
 
 
@@ -34,9 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     model, meta = load_model(args.run)
-    size = meta["preprocess"]["size"]
-    blob = _onnx_bytes(_WithFeatures(model, get_spec(meta["arch"]).head), (torch.zeros(1, 1, size, size),),
-                       ["image"], ["logits", "features"], 17)
+    blob = classifier_onnx(model, meta, 17)
     pred = Predictor(args.run, backend="torch", gate=False)
     samples = load_samples(*resolve_data(args.run, meta))
     x = calibration_inputs(pred, samples, args.calibration)

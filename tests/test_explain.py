@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from covidxray.errors import CheckpointError
-from covidxray.explain import explain, explain_files, grad_cam, overlay_png
+from covidxray.errors import CheckpointError, ImageError
+from covidxray.explain import Explained, explain, explain_files, grad_cam, overlay_png
 from covidxray.imaging import load_image
 from covidxray.models import REGISTRY, build_model, get_spec
 from covidxray.predictor import Predictor
@@ -269,23 +269,25 @@ def test_explain_files_writes_maps_and_reports_bad_files(predictor: Predictor, x
     covid, normal = xray_paths["covid"][0], xray_paths["normal"][0]
     assert covid.stem == normal.stem  # both are 00001.jpg: the second must not overwrite the first
     out = tmp_path / "out"
-    results = explain_files(predictor, [covid, bad, normal], out)
-    assert [r["path"] for r in results] == [str(covid), str(bad), str(normal)]
-    assert "error" in results[1] and "notes.png" in results[1]["error"]
-    assert results[0]["overlay"] != results[2]["overlay"]
+    results = list(explain_files(predictor, [covid, bad, normal], out))
+    assert isinstance(results[1], ImageError) and results[1].code == "not_an_image" and results[1].source == str(bad)
+    assert all(isinstance(results[i], Explained) for i in (0, 2))
+    assert [r.prediction.path for r in (results[0], results[2])] == [str(covid), str(normal)]
+    assert results[0].overlay != results[2].overlay
     for r, path in ((results[0], covid), (results[2], normal)):
         image = load_image(path)
-        assert r["probability"] == pytest.approx(predictor.predict_path(path).probability, abs=1e-5)
-        assert r["label"] == ("covid" if r["probability"] >= predictor.threshold else "normal")
-        assert r["threshold"] == predictor.threshold
-        with Image.open(r["overlay"]) as png:
+        p = r.prediction
+        assert p.probability == pytest.approx(predictor.predict_path(path).probability, abs=1e-5)
+        assert p.label == ("covid" if p.probability >= predictor.threshold else "normal")
+        assert p.threshold == predictor.threshold
+        with Image.open(r.overlay) as png:
             assert png.format == "PNG" and png.size == image.shape[::-1]
-        cam = np.load(r["npy"])
+        cam = np.load(r.npy)
         assert cam.shape == image.shape
         _check_maps(cam)
-    assert results[0]["label"] == "covid"
+    assert results[0].prediction.label == "covid"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        Path(r[k]).name for r in (results[0], results[2]) for k in ("overlay", "npy")
+        f.name for r in (results[0], results[2]) for f in (r.overlay, r.npy)
     )  # nothing else, no temporary files left behind
 
 

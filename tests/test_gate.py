@@ -19,7 +19,7 @@ from PIL import Image
 import dicoms
 from covidxray.cli import main
 from covidxray.gate import header_verdict
-from covidxray.gate_training import _nf_split
+from covidxray.gate_training import not_frontal_split
 from covidxray.imaging import ImageInfo, read_image
 from covidxray.negatives import HELD_OUT, generated, package_images, pydicom_images
 from covidxray.predictor import NOT_ANSWERED, Predictor
@@ -83,7 +83,7 @@ def test_other_modalities_from_pydicom_get_no_answer(predictor: Predictor):
 
 
 def test_held_out_not_frontal_patients_get_no_answer(predictor: Predictor, shared: Path):
-    _, held = _nf_split(str(shared / "not-frontal-cxr" / "manifest.csv"), 0.4, 0)
+    _, held = not_frontal_split(str(shared / "not-frontal-cxr" / "manifest.csv"), 0.4, 0)
     assert held["lateral"] and held["other_modality"]
     for kind, minimum in (("lateral", 0.9), ("other_modality", 1.0)):
         answers = [predictor.predict_path(p) for p in held[kind]]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
 import struct
 import subprocess
@@ -40,7 +41,7 @@ from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
 import dicoms
 from covidxray.cli import main
-from covidxray.errors import ImageError
+from covidxray.errors import IMAGE_ERROR_CODES, ImageError
 from covidxray.imaging import load_image
 
 XRAY_KEY = "images/covid-cxnet/covid/00001.jpg"  # a real frontal chest film from the shared data
@@ -376,6 +377,46 @@ def test_load_image_bytes_agree_with_the_file(case: Case, corpus: dict[str, Path
         with pytest.raises(ImageError, match=r"^upload: ") as err:
             load_image(case.data(source), name="upload")
         assert message in err.value.reason
+
+
+# The machine word each refused case carries: what the listener's database and the API's status are decided by.
+CODES = {
+    "unreadable": "unreadable", "zero-byte": "empty", "truncated-png": "undecodable", "truncated-jpeg": "undecodable",
+    **{k: "not_an_image" for k in ("text-as-png", "text-as-dcm", "html", "zip", "pdf", "svg", "webp")},
+    **{k: "too_large" for k in ("png-decompression-bomb", "jpeg-huge-declared", "gif-huge-declared", "bmp-huge-declared",
+                                "tiff-huge-declared", "dicom-huge-declared")},
+    "png-1x1": "absurd_size", "png-100000x10": "absurd_size", "png-blank": "blank", "tiff-float-nan": "non_finite",
+    "dicom-no-pixel-data": "no_pixel_data",
+    "dicom-undecodable-syntax": "unsupported_compression" if _SYNTAX_REASON == "no decoder installed" else "undecodable",
+    "dicom-corrupt-jpeg": "undecodable", "dicom-truncated-pixels": "undecodable", "dicom-nan-rescale": "non_finite",
+    "dicom-inf-rescale": "non_finite", "directory": "unreadable", "symlink-loop": "unreadable",
+    "dangling-symlink": "unreadable", "fifo": "unreadable", "missing": "unreadable", "name-too-long": "unreadable",
+}
+
+
+def test_every_refused_case_has_a_code():
+    assert set(CODES) == {c.id for c in CASES if c.outcome == "error"}
+    assert set(CODES.values()) <= IMAGE_ERROR_CODES
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.outcome == "error"], ids=lambda c: c.id)
+def test_load_image_error_code_survives_pickling(case: Case, corpus: dict[str, Path]):
+    """The code is set where the error is raised, and crosses process boundaries (DataLoader workers) intact."""
+    path = corpus[case.id]
+    if expected(case, path)[0] != "error":  # root reads the mode-000 file: nothing refused, no code
+        assert load_image(path).ndim == 2
+        return
+    with pytest.raises(ImageError) as err:
+        load_image(path)
+    assert err.value.code == CODES[case.id]
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert (type(copy), copy.source, copy.reason, copy.code, str(copy)) == (
+        ImageError, err.value.source, err.value.reason, err.value.code, str(err.value))
+
+
+def test_an_unknown_code_is_a_programming_error():
+    with pytest.raises(ValueError, match="unknown ImageError code"):
+        ImageError("x.png", "broken", "broken")
 
 
 def test_the_lateral_dicom_is_the_frontal_one_but_for_its_tag(source: Source, predictor):

@@ -39,11 +39,12 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from . import CLASS_NAMES
 from .calibration import covid_probability
 from .checkpoint import resolve_data, run_dir
 from .data import Sample, check_samples, load_samples
 from .errors import DataError
-from .cam_location import BORDER, CLASS_NAMES, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
+from .cam_location import BORDER, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
 from .explain import grad_cam
 from .imaging import load_image
 from .inference import logits_and_features, readable_images
@@ -56,8 +57,6 @@ from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 __all__ = ["BORDER", "area_shares", "border_mass", "source_probe", "leakage", "audit_run", "summary"]
 
 log = logging.getLogger(__name__)
-
-_CLASS = CLASS_NAMES
 
 
 def source_probe(
@@ -88,7 +87,7 @@ def source_probe(
     scopes = {"all": np.ones(len(src), dtype=bool)}
     if labels is not None:
         y = np.asarray(labels).ravel()
-        scopes.update({_CLASS[c]: y == c for c in (1, 0)})
+        scopes.update({CLASS_NAMES[c]: y == c for c in (1, 0)})
     out: dict[str, Any] = {}
     for scope, mask in scopes.items():
         counts = Counter(src[mask])
@@ -220,51 +219,16 @@ def audit_run(
         "source_probe": source_probe(feats_np, src, y, seed=seed),
     }
 
-    # Leakage: the run's training images against every evaluated image (not just the sampled ones).
-    if own_data and split in ("train", "all"):
-        report["leakage"] = {"skipped": f"the audited split {split!r} contains the training images"}
-    else:
-        try:
-            tdata, tsplits = resolve_data(run, predictor.meta)
-            train = [s for s in load_samples(tdata, tsplits) if s.split == "train"]
-            report["leakage"] = leakage(train, evaluated)
-        except DataError as e:
-            report["leakage"] = {"skipped": f"the training data is not available ({e})"}
+    report["leakage"] = _leakage_section(run, predictor.meta, evaluated, split, own_data)
 
     # Grad-CAM on a stratified subset, each image explained for its own class.
     cam_idx = _stratified(np.arange(len(part)), y, limit, rng)
-    layer = get_spec(arch).cam_layer
-    cams = []
-    for start in range(0, len(cam_idx), batch_size):
-        idx = cam_idx[start:start + batch_size]
-        x = pre.to_tensor(images[torch.from_numpy(idx)]).to(predictor.device).contiguous(memory_format=torch.channels_last)
-        # Two calls, one per class, keep grad_cam's single-class contract; each batch is one class's rows.
-        batch = torch.zeros(len(idx), pre.size, pre.size)
-        for c in (0, 1):
-            rows = np.flatnonzero(y[idx] == c)
-            if len(rows):
-                batch[torch.from_numpy(rows)] = grad_cam(model, x[torch.from_numpy(rows)], layer, class_index=c).cpu()
-        cams.append(batch)
-    cam = torch.cat(cams) if cams else torch.zeros(0, pre.size, pre.size)
+    cam = _true_class_cams(predictor, images[torch.from_numpy(cam_idx)], y[cam_idx], batch_size)
     mass = border_mass(cam)
-    ycam = y[cam_idx]
-    shares = area_shares(pre.size)
-    lungs = _input_lungs(predictor, [part[i] for i in cam_idx])
-    inside = lung_mass(cam.numpy(), lungs) if lungs is not None else np.full(len(cam_idx), np.nan)
-    by_class = {}
-    for c in (1, 0):
-        sel = ycam == c
-        b, k, where, lm = mass["border"][sel], mass["corners"][sel], src[cam_idx][sel], inside[sel]
-        by_class[_CLASS[c]] = {"n": int(sel.sum()), "n_empty": int(np.isnan(b).sum()),
-                               "lung_mass": mean_of(lm), "border_mass": mean_of(b), "corner_mass": mean_of(k),
-                               "lung_mass_by_source": {s: mean_of(lm[where == s]) for s in sorted(set(where))},
-                               "by_source": {s: mean_of(b[where == s]) for s in sorted(set(where))}}
-    report["gradcam"] = {"frame": BORDER, "area_share": shares, "n": len(cam_idx), "by_class": by_class,
-                         "explained_class": "each image's true class", "layer": layer,
-                         "lung_area_share": None if lungs is None else float(lungs.mean()), "lung_dilation": DILATE}
+    report["gradcam"] = _gradcam_section(predictor, [part[i] for i in cam_idx], cam, mass, y[cam_idx], src[cam_idx])
     report = json_safe(report)
 
-    examples, mean_maps = gradcam_pngs(images[torch.from_numpy(cam_idx)], cam.numpy(), ycam, p[cam_idx],
+    examples, mean_maps = gradcam_pngs(images[torch.from_numpy(cam_idx)], cam.numpy(), y[cam_idx], p[cam_idx],
                                         mass["border"], BORDER)
     atomic_write_bytes(out / "gradcam_examples.png", examples)
     atomic_write_bytes(out / "gradcam_mean.png", mean_maps)
@@ -272,6 +236,53 @@ def audit_run(
     atomic_write_json(out / "audit.json", report)  # last: its presence marks a complete audit
     log.info("wrote shortcut audit to %s", out)
     return report
+
+
+def _leakage_section(run: str | os.PathLike, meta: dict[str, Any], evaluated: list[Sample], split: str,
+                     own_data: bool) -> dict[str, Any]:
+    """The run's training images against every evaluated image (not just the sampled ones), or why that was skipped."""
+    if own_data and split in ("train", "all"):
+        return {"skipped": f"the audited split {split!r} contains the training images"}
+    try:
+        tdata, tsplits = resolve_data(run, meta)
+        train = [s for s in load_samples(tdata, tsplits) if s.split == "train"]
+        return leakage(train, evaluated)
+    except DataError as e:
+        return {"skipped": f"the training data is not available ({e})"}
+
+
+def _true_class_cams(predictor: Predictor, images: torch.Tensor, y: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Grad-CAM maps ``(N, S, S)`` of prepared uint8 ``images``, each explained for its own class ``y``."""
+    pre, layer = predictor.preprocess, get_spec(predictor.meta["arch"]).cam_layer
+    cams = []
+    for start in range(0, len(y), batch_size):
+        x = pre.to_tensor(images[start:start + batch_size]).to(predictor.device).contiguous(memory_format=torch.channels_last)
+        # Two calls, one per class, keep grad_cam's single-class contract; each batch is one class's rows.
+        batch = torch.zeros(len(x), pre.size, pre.size)
+        for c in (0, 1):
+            rows = np.flatnonzero(y[start:start + batch_size] == c)
+            if len(rows):
+                batch[torch.from_numpy(rows)] = grad_cam(predictor.model, x[torch.from_numpy(rows)], layer, class_index=c).cpu()
+        cams.append(batch)
+    return torch.cat(cams) if cams else torch.zeros(0, pre.size, pre.size)
+
+
+def _gradcam_section(predictor: Predictor, samples: list[Sample], cam: torch.Tensor, mass: dict[str, np.ndarray],
+                     y: np.ndarray, src: np.ndarray) -> dict[str, Any]:
+    """Where the maps put their mass (lungs, border, corners), per class and per source, for the report."""
+    lungs = _input_lungs(predictor, samples)
+    inside = lung_mass(cam.numpy(), lungs) if lungs is not None else np.full(len(samples), np.nan)
+    by_class = {}
+    for c in (1, 0):
+        sel = y == c
+        b, k, where, lm = mass["border"][sel], mass["corners"][sel], src[sel], inside[sel]
+        by_class[CLASS_NAMES[c]] = {"n": int(sel.sum()), "n_empty": int(np.isnan(b).sum()),
+                                    "lung_mass": mean_of(lm), "border_mass": mean_of(b), "corner_mass": mean_of(k),
+                                    "lung_mass_by_source": {s: mean_of(lm[where == s]) for s in sorted(set(where))},
+                                    "by_source": {s: mean_of(b[where == s]) for s in sorted(set(where))}}
+    return {"frame": BORDER, "area_share": area_shares(predictor.preprocess.size), "n": len(samples), "by_class": by_class,
+            "explained_class": "each image's true class", "layer": get_spec(predictor.meta["arch"]).cam_layer,
+            "lung_area_share": None if lungs is None else float(lungs.mean()), "lung_dilation": DILATE}
 
 
 def _f(x: Any, spec: str = ".3f") -> str:

@@ -18,13 +18,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from . import CLASS_NAMES
 from .explain import overlay_png
 
 __all__ = ["BORDER", "DILATE", "border_mass", "area_shares", "lung_mass", "dilate", "gradcam_pngs", "mean_of"]
 
 BORDER = 0.125  # the outer frame audited for Grad-CAM mass, as a fraction of each side
 DILATE = 0.05  # the lung mask is widened by this fraction of the side before measuring
-CLASS_NAMES = {1: "covid", 0: "normal"}
 
 
 def dilate(masks: np.ndarray, fraction: float = DILATE) -> np.ndarray:

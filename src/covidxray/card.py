@@ -195,6 +195,33 @@ def _audit_blocks(audit: dict[str, Any] | None, audit_dir: Path) -> list[Block]:
     return blocks
 
 
+# Section 1 of every card: what the model is for, and what not.
+_INTENDED_USE = [
+    "Research and teaching on COVID-19 detection from frontal adult chest X-rays: benchmarking, studying "
+    "shortcut learning, prototyping software around a model.",
+    "**Not for diagnosis.** It must not be used to diagnose, triage, screen for or exclude COVID-19 in any "
+    "person. COVID-19 is established by RT-PCR; a chest X-ray can be normal in infection and abnormal for many "
+    "other reasons, and this model only saw COVID-19 and normal films (no other pneumonia).",
+    "Out of scope: children, lateral views, CT, other lung disease, films from hospitals unlike the training "
+    "sources (performance there is unknown; see the audit and the external results if any).",
+]
+
+# Section 9 of every card: what the data cannot show.
+_LIMITATIONS = [
+    "**Source confounding.** Almost every normal film comes from one source (RSNA/NIH via radiography-db) "
+    "while COVID-19 films come from many hospitals, papers and websites. Internal metrics are therefore "
+    "optimistic; the audit above measures how much of the source the network can see.",
+    "Labels are the sources' folder/metadata labels; some COVID-19 films are RT-PCR-positive with a normal-"
+    "looking X-ray, and no radiologist re-read any image.",
+    "Normals are adults; 14 COVID-19 images are pediatric. No other lung disease is in the data, so the "
+    "specificity says nothing about pneumonia of other causes.",
+    "Calibration was fitted and checked on the same sources; probabilities from other hospitals may be "
+    "mis-calibrated even where the ranking holds.",
+    "Mixed licences, some non-commercial (ieee8023 rows, CC BY-NC-SA): check the data set's `provenance.csv` "
+    "before any commercial use of these weights.",
+]
+
+
 def build_card(
     run: str | os.PathLike, external: list[str | os.PathLike] | None = None, out: str | os.PathLike | None = None,
 ) -> list[Block]:
@@ -222,15 +249,7 @@ def build_card(
         ("p", "Sections follow the CLAIM 2024 and TRIPOD+AI (2024) reporting items that apply to a research model; "
               "the item each section answers is named in its heading."),
         ("h2", "1. Intended use (CLAIM: intended use; TRIPOD+AI: objectives)"),
-        ("ul", [
-            "Research and teaching on COVID-19 detection from frontal adult chest X-rays: benchmarking, studying "
-            "shortcut learning, prototyping software around a model.",
-            "**Not for diagnosis.** It must not be used to diagnose, triage, screen for or exclude COVID-19 in any "
-            "person. COVID-19 is established by RT-PCR; a chest X-ray can be normal in infection and abnormal for many "
-            "other reasons, and this model only saw COVID-19 and normal films (no other pneumonia).",
-            "Out of scope: children, lateral views, CT, other lung disease, films from hospitals unlike the training "
-            "sources (performance there is unknown; see the audit and the external results if any).",
-        ]),
+        ("ul", _INTENDED_USE),
         ("h2", "2. Data and provenance (CLAIM: data sources, eligibility; TRIPOD+AI: data, participants)"),
         *_data_blocks(meta),
         ("h2", "3. Split method (CLAIM: data partitions; TRIPOD+AI: internal validation)"),
@@ -269,19 +288,7 @@ def build_card(
         ("h2", "8. Shortcut audit (CLAIM: robustness, explainability; TRIPOD+AI: fairness, bias)"),
         *_audit_blocks(audit, run_dir / "audit"),
         ("h2", "9. Limitations (CLAIM/TRIPOD+AI: limitations)"),
-        ("ul", [
-            "**Source confounding.** Almost every normal film comes from one source (RSNA/NIH via radiography-db) "
-            "while COVID-19 films come from many hospitals, papers and websites. Internal metrics are therefore "
-            "optimistic; the audit above measures how much of the source the network can see.",
-            "Labels are the sources' folder/metadata labels; some COVID-19 films are RT-PCR-positive with a normal-"
-            "looking X-ray, and no radiologist re-read any image.",
-            "Normals are adults; 14 COVID-19 images are pediatric. No other lung disease is in the data, so the "
-            "specificity says nothing about pneumonia of other causes.",
-            "Calibration was fitted and checked on the same sources; probabilities from other hospitals may be "
-            "mis-calibrated even where the ranking holds.",
-            "Mixed licences, some non-commercial (ieee8023 rows, CC BY-NC-SA): check the data set's `provenance.csv` "
-            "before any commercial use of these weights.",
-        ]),
+        ("ul", _LIMITATIONS),
         ("h2", "10. Reproduce"),
         ("code", "\n".join([
             "bash bench/train_default.sh                        # train, export, evaluate, audit, card",

@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .config import settings
 from .errors import CheckpointError, DataError
 from .models import build_model
 from .presets import Preprocess
@@ -82,7 +83,7 @@ def read_onnx_contract(onnx_file: str | os.PathLike) -> tuple[dict[str, Any], di
 
 def default_model_path() -> Path:
     """``$COVIDXRAY_MODEL`` if set, else the model shipped inside the package (``covidxray/bundled/``)."""
-    env = os.environ.get("COVIDXRAY_MODEL")
+    env = settings().model
     if env:
         return Path(env)
     return Path(str(resources.files(__package__) / "bundled"))  # package data: wheels are installed unzipped

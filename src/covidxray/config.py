@@ -1,4 +1,4 @@
-"""Training configuration: `TrainConfig`, the named `RECIPES` and `config_for`.
+"""Configuration: `TrainConfig`, the named `RECIPES` and `config_for`; `settings`, what the environment says.
 
 This module imports nothing heavier than the standard library, so the command line can build
 its parser (one flag per `TrainConfig` field, help text from the field's metadata) without
@@ -7,12 +7,13 @@ loading torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import DataError
 
-__all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for"]
+__all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for", "Settings", "settings"]
 
 # The model registry's names (`covidxray.models.REGISTRY`; a test keeps the two equal). Listed here
 # so that `covidxray train --help` can offer them without importing torch.
@@ -110,3 +111,34 @@ def config_for(recipe: str, **overrides: Any) -> TrainConfig:
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     values.pop("recipe", None)
     return TrainConfig(recipe=recipe, **values)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What covidxray reads from the environment; `settings` is the one place that reads it."""
+
+    data: str | None  # $COVIDXRAY_DATA: the covid-cxr data set (the folder holding manifest.csv), for `demo`
+    model: str | None  # $COVIDXRAY_MODEL: the model used when none is given (else the bundled one)
+    cache: str | None  # $COVIDXRAY_CACHE: the decoded-image cache (else ~/.cache/covidxray)
+    api_key: str | None  # $COVIDXRAY_API_KEY: the key the REST API asks for (unset or empty: none)
+    max_upload_mb: float | None  # $COVIDXRAY_MAX_UPLOAD_MB: the REST API's largest upload (else 20 MiB)
+
+
+def settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The `Settings` in ``environ`` (default `os.environ`, read now: a test's monkeypatch shows). Unset or empty is None.
+
+    Raises:
+        DataError: ``COVIDXRAY_MAX_UPLOAD_MB`` is not a number.
+    """
+    env = os.environ if environ is None else environ
+
+    def get(name: str) -> str | None:
+        return env.get(f"COVIDXRAY_{name}") or None
+
+    upload = get("MAX_UPLOAD_MB")
+    try:
+        max_upload_mb = float(upload) if upload else None
+    except ValueError:
+        raise DataError(f"COVIDXRAY_MAX_UPLOAD_MB={upload!r} is not a number of MiB (unset it for the 20 MiB default)") from None
+    return Settings(data=get("DATA"), model=get("MODEL"), cache=get("CACHE"), api_key=get("API_KEY"),
+                    max_upload_mb=max_upload_mb)

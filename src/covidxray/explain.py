@@ -24,7 +24,8 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import matplotlib  # only the colormap registry: no pyplot, no figure state
 import numpy as np
@@ -38,15 +39,24 @@ from .gate import Verdict
 from .imaging import read_image
 from .inference import autocast
 from .models import get_spec
-from .predictor import Predictor
+from .predictor import Prediction, Predictor
 from .presets import box_pixels
-from .utils import atomic_write_bytes
+from .utils import atomic_write_bytes, unique_stem
 
-__all__ = ["grad_cam", "explain", "overlay_png", "explain_files"]
+__all__ = ["grad_cam", "explain", "overlay_png", "explain_files", "Explained"]
 
 log = logging.getLogger(__name__)
 
 COVID = 1  # class index of COVID-19, the positive class
+
+
+@dataclass(frozen=True)
+class Explained:
+    """One explained image: the answer, and the files `explain_files` wrote for it."""
+
+    prediction: Prediction
+    overlay: Path  # the captioned Grad-CAM overlay PNG
+    npy: Path  # the float32 map at the image's size
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, class_index: int = COVID) -> torch.Tensor:
@@ -145,7 +155,9 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str | None = None, al
     return buf.getvalue()
 
 
-def explain_files(predictor: Predictor, paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> list[dict]:
+def explain_files(
+    predictor: Predictor, paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+) -> Iterator[Explained | Prediction | ImageError]:
     """Write a Grad-CAM overlay and raw map for each image file; unreadable files are reported, not fatal.
 
     For ``chest.png`` this writes ``out_dir/chest_gradcam.png`` (the overlay, captioned with the
@@ -157,28 +169,27 @@ def explain_files(predictor: Predictor, paths: Iterable[str | os.PathLike], out_
         paths: image files (PNG, JPEG, DICOM, ...).
         out_dir: output folder, created if missing.
 
-    Returns:
-        One dict per input, in order: ``{path, label, probability, threshold, overlay, npy}``;
-        the `Prediction` fields alone (``label`` ``not_answered``, ``reason``) when the input gate
-        refuses the image; or ``{path, error}`` when the file could not be read (`ImageError`).
+    Yields:
+        One result per input, in order (like `Predictor.predict_paths`): an `Explained`; the
+        `Prediction` alone (``not_answered``) when the input gate refuses the image; or the
+        `ImageError` of a file that could not be read.
     """
     out = Path(out_dir)
     used: set[str] = set()
-    results: list[dict] = []
     for path in paths:
         try:
             image, info = read_image(path)
         except ImageError as e:
             log.warning("%s", e)
-            results.append({"path": str(path), "error": str(e)})
+            yield e
             continue
         checked = predictor.check(image, info)
         if isinstance(checked, Verdict):  # nothing to explain: the classifier would not answer it
-            results.append(predictor.refuse(str(path), checked).to_dict())
+            yield predictor.refuse(str(path), checked)
             continue
         prob, cam = explain(predictor, image)
         answer = predictor.decide(str(path), prob)
-        stem = _unique_stem(Path(path).stem, used)
+        stem = unique_stem(Path(path).stem, used)
         png, npy = out / f"{stem}_gradcam.png", out / f"{stem}_gradcam.npy"
         title = f"{Path(path).name}: P(covid)={prob:.3f} -> {answer.label} (threshold {answer.threshold:.3f})"
         atomic_write_bytes(png, overlay_png(image, cam, title))
@@ -186,8 +197,7 @@ def explain_files(predictor: Predictor, paths: Iterable[str | os.PathLike], out_
         np.save(buf, cam)
         atomic_write_bytes(npy, buf.getvalue())
         log.info("%s: P(covid)=%.3f, Grad-CAM written to %s", path, prob, png)
-        results.append({**answer.to_dict(), "overlay": str(png), "npy": str(npy)})
-    return results
+        yield Explained(answer, png, npy)
 
 
 def _cam_and_logits(model: nn.Module, x: torch.Tensor, layer: str, class_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,12 +257,3 @@ def _caption(img: Image.Image, title: str) -> None:
     draw = ImageDraw.Draw(img)
     draw.rectangle((0, 0, w, bar), fill=(0, 0, 0))
     draw.text((bar // 4, bar // 8), title, fill=(255, 255, 255), font=font)
-
-
-def _unique_stem(stem: str, used: set[str]) -> str:
-    name, n = stem, 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}"
-    used.add(name)
-    return name

@@ -47,7 +47,7 @@ from .predictor import Predictor
 from .segment import LungSegmenter
 from .utils import atomic_write_bytes, atomic_write_text
 
-__all__ = ["export_onnx", "quantise", "calibration_inputs", "int8_parity", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT"]
+__all__ = ["export_onnx", "classifier_onnx", "quantise", "calibration_inputs", "int8_parity", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,16 @@ def _onnx_bytes(module: nn.Module, args: tuple, inputs: list[str], outputs: list
     return buf.getvalue()
 
 
+def classifier_onnx(model: nn.Module, meta: dict[str, Any], opset: int = 17) -> bytes:
+    """The classifier of checkpoint ``meta`` as ONNX bytes: ``image`` in, ``logits`` and ``features`` out (batch dynamic).
+
+    The graph is float; `quantise` makes the int8 one. ``model`` is consumed (its head is swapped for identity).
+    """
+    size = meta["preprocess"]["size"]
+    return _onnx_bytes(_WithFeatures(model, get_spec(meta["arch"]).head), (torch.zeros(1, 1, size, size),),
+                       ["image"], ["logits", "features"], opset)
+
+
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17, int8: bool = False,
                 calibration_images: int = 300) -> Path:
     """Export the model in ``run`` to ONNX at ``out`` (+ ``.json`` contract, + ``segmenter.onnx``); returns ``out``."""
@@ -105,9 +115,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
     _, json_path = read_model_meta(run)
     if out.parent.resolve() != json_path.parent.resolve():
         copy_model(run, out.parent)  # a complete model folder: weights (Grad-CAM), segmenter, familiarity
-    size = meta["preprocess"]["size"]
-    blob = _onnx_bytes(_WithFeatures(model, get_spec(meta["arch"]).head), (torch.zeros(1, 1, size, size),),
-                       ["image"], ["logits", "features"], opset)
+    blob = classifier_onnx(model, meta, opset)
     contract: dict[str, Any] = {"format": ONNX_FORMAT, "model": "model.json", "weights_sha256": meta["weights_sha256"],
                                 "onnx_file": out.name, "onnx_opset": opset,
                                 "onnx_io": "image: (N, 1, S, S) float32 = (Preprocess.prepare(x) / 255 - mean) / std; "

@@ -43,7 +43,7 @@ from .negatives import all_items
 from .segment import LungSegmenter
 from .utils import atomic_write_bytes, atomic_write_json
 
-__all__ = ["GateConfig", "train_gate"]
+__all__ = ["GateConfig", "train_gate", "not_frontal_split", "rotate_quarter"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ def _augment(image: np.ndarray, rng: np.random.Generator, small_turns: bool = Tr
     return np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)
 
 
-def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def rotate_quarter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` turned by 90, 180 or 270 degrees (drawn from ``rng``): a ``rotated`` picture for the gate."""
     return np.ascontiguousarray(np.rot90(image, int(rng.integers(1, 4))))
 
 
-def _nf_split(path: str, test: float, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def not_frontal_split(path: str, test: float, seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Not-frontal files per kind (``lateral``, ``other_modality``), split by patient into train and test."""
     base = Path(path).resolve().parent
     rows = list(csv.DictReader(open(path, newline="")))
@@ -158,13 +159,13 @@ def train_gate(cfg: GateConfig) -> dict:
             paths = list(rng.choice(paths, limit, replace=False))
         return paths + [str(jsrt_base / p) for p in jsrt if Path(p).name in set(jsrt_split[split])]
 
-    nf_train, nf_test = _nf_split(cfg.not_frontal, cfg.nf_test, cfg.seed)
+    nf_train, nf_test = not_frontal_split(cfg.not_frontal, cfg.nf_test, cfg.seed)
     train_neg, test_neg = list(all_items(held_out=False, seed=cfg.seed)), list(all_items(held_out=True, seed=cfg.seed))
     sets: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in GATE_CLASSES}
     log.info("gate: decoding and featurising training pictures")
     front = _decode(tqdm(frontal("train", cfg.frontal_limit), desc="gate frontal", leave=False))
     sets["frontal"].append(_features(featurize, front, 2, rng))
-    sets["rotated"].append(_features(featurize, [front[i] for i in rng.permutation(len(front))[:600]], 2, rng, _rotate))
+    sets["rotated"].append(_features(featurize, [front[i] for i in rng.permutation(len(front))[:600]], 2, rng, rotate_quarter))
     for kind in ("lateral", "other_modality"):
         sets[kind].append(_features(featurize, _decode(nf_train[kind]), 25, rng))
     for kind in ("other", "other_modality"):
@@ -202,7 +203,7 @@ def train_gate(cfg: GateConfig) -> dict:
     test_front = _decode(frontal("test"))
     groups = {
         "frontal films, covid-cxr test split + JSRT test patients (answered)": (p_frontal(test_front), True),
-        "the same films turned 90/180/270 degrees (refused)": (p_frontal(test_front[:300], _rotate), False),
+        "the same films turned 90/180/270 degrees (refused)": (p_frontal(test_front[:300], rotate_quarter), False),
         "lateral films, held-out patients (refused)": (p_frontal(_decode(nf_test["lateral"])), False),
         "CT slices, held-out patients (refused)": (p_frontal(_decode(nf_test["other_modality"])), False),
         "held-out package images and generated pictures (refused)": (p_frontal(_decode(s for _, _, s in test_neg)), False),

@@ -153,12 +153,12 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     else:
         raise TypeError(f"load_image expects a path or bytes, not {type(source).__name__}")
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError(label, _too_big(len(data)))
+        raise ImageError(label, _too_big(len(data)), "too_large")
     if not data:
-        raise ImageError(label, "file is empty")
+        raise ImageError(label, "file is empty", "empty")
     fmt = sniff_format(data[:132])
     if fmt is None:
-        raise ImageError(label, f"not a recognised image format ({_KNOWN})")
+        raise ImageError(label, f"not a recognised image format ({_KNOWN})", "not_an_image")
     try:
         if fmt == "dicom":
             pixels, info = _decode_dicom(data, label, log_name)
@@ -167,7 +167,7 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     except ImageError:
         raise
     except Exception as exc:  # decoders raise anything (OSError, ValueError, struct.error...)
-        raise ImageError(label, f"could not decode: {type(exc).__name__}: {exc}") from exc
+        raise ImageError(label, f"could not decode: {type(exc).__name__}: {exc}", "undecodable") from exc
     log.debug("loaded %s: %s, %dx%d", log_name, fmt, pixels.shape[1], pixels.shape[0])
     return pixels, info
 
@@ -182,35 +182,36 @@ def _read_file(path: str) -> bytes:
     try:
         info = os.stat(path)
         if stat.S_ISDIR(info.st_mode):
-            raise ImageError(path, "is a directory, not an image file")
+            raise ImageError(path, "is a directory, not an image file", "unreadable")
         if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-            raise ImageError(path, "is not a regular file")
+            raise ImageError(path, "is not a regular file", "unreadable")
         if info.st_size > MAX_FILE_BYTES:
-            raise ImageError(path, _too_big(info.st_size))
+            raise ImageError(path, _too_big(info.st_size), "too_large")
         with open(path, "rb") as file:
             return file.read(MAX_FILE_BYTES + 1)  # +1 so a file that grew is still caught
     except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
+        raise ImageError(path, "file not found", "unreadable") from None
     except PermissionError:
-        raise ImageError(path, "permission denied") from None
+        raise ImageError(path, "permission denied", "unreadable") from None
     except OSError as exc:
         reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read: {exc.strerror}"
-        raise ImageError(path, reason) from None
+        raise ImageError(path, reason, "unreadable") from None
     except ValueError as exc:  # e.g. a NUL byte in the path
-        raise ImageError(path, f"invalid path: {exc}") from None
+        raise ImageError(path, f"invalid path: {exc}", "unreadable") from None
 
 
 def _check_size(label: str, width: int, height: int) -> None:
     """Refuse sizes no radiograph has, before any pixel is decoded."""
     if width * height > MAX_PIXELS:
         raise ImageError(
-            label, f"image too large: {width}x{height} pixels (the limit is {MAX_PIXELS:,})"
+            label, f"image too large: {width}x{height} pixels (the limit is {MAX_PIXELS:,})", "too_large"
         )
     if min(width, height) < MIN_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
         raise ImageError(
             label,
             f"absurd size {width}x{height} (each side must be at least {MIN_SIDE} px and "
             f"the long side at most {MAX_ASPECT} times the short one)",
+            "absurd_size",
         )
 
 
@@ -218,10 +219,10 @@ def _min_max(values: np.ndarray, label: str) -> np.ndarray:
     """Scale to [0, 1] by the image's own range, refusing NaN, infinity and blank images."""
     values = np.asarray(values, dtype=np.float64)
     if not np.isfinite(values).all():
-        raise ImageError(label, "image contains non-finite values (NaN or infinity)")
+        raise ImageError(label, "image contains non-finite values (NaN or infinity)", "non_finite")
     low, high = values.min(), values.max()
     if low == high:
-        raise ImageError(label, "image is blank (constant intensity)")
+        raise ImageError(label, "image is blank (constant intensity)", "blank")
     return ((values - low) / (high - low)).astype(np.float32)
 
 
@@ -247,16 +248,16 @@ def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> tuple[np
                 img.load()  # decodes the first frame; raises on truncated data
                 img = ImageOps.exif_transpose(img)  # a new image, independent of the file
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(label, f"image too large (decompression bomb?): {exc}") from None
+            raise ImageError(label, f"image too large (decompression bomb?): {exc}", "too_large") from None
         except Image.UnidentifiedImageError:
-            raise ImageError(label, f"corrupt {fmt.upper()} header") from None
+            raise ImageError(label, f"corrupt {fmt.upper()} header", "undecodable") from None
     if img.mode in _HIGH_DEPTH_MODES:
         return _min_max(np.asarray(img), label), ImageInfo(fmt)
     colour = 0.0 if img.mode in _GREY_MODES else _colour_share(np.asarray(img.convert("RGB")), 255, log_name)
     # Alpha is dropped rather than composited: no background colour is right for an X-ray.
     gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.float32) / 255
     if gray.min() == gray.max():  # refused like a blank deeper image (see _min_max): nothing to classify
-        raise ImageError(label, "image is blank (constant intensity)")
+        raise ImageError(label, "image is blank (constant intensity)", "blank")
     return gray, ImageInfo(fmt, colour_share=colour)
 
 
@@ -308,20 +309,21 @@ def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, I
     # reads a data set without the preamble (sniff_format has already checked how it starts).
     ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageError(label, "DICOM file has no pixel data")
+        raise ImageError(label, "DICOM file has no pixel data", "no_pixel_data")
     if "Rows" not in ds or "Columns" not in ds:
-        raise ImageError(label, "DICOM file has no Rows/Columns")
+        raise ImageError(label, "DICOM file has no Rows/Columns", "no_pixel_data")
     _check_size(label, int(ds.Columns), int(ds.Rows))
     syntax = _transfer_syntax(ds)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise ImageError(label, f"unsupported DICOM transfer syntax {syntax}") from None
+        raise ImageError(label, f"unsupported DICOM transfer syntax {syntax}", "unsupported_compression") from None
     if not decoder.is_available:
         raise ImageError(
             label,
             f"no decoder installed for DICOM transfer syntax '{syntax.name}' ({syntax}); "
             f"install one of: {'; '.join(decoder.missing_dependencies)}",
+            "unsupported_compression",
         )
     ds.pixel_array_options(index=0)  # decode only the first frame of a multi-frame file
     _quiet_pydicom_decoder_failures()

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__, distributed
+from .config import settings
 from .data import Sample
 from .errors import ImageError
 from .imaging import load_image
@@ -42,7 +43,7 @@ def autocast(device: torch.device):
 
 
 def _cache_root(cfg_dir: str | os.PathLike | None) -> Path:
-    return Path(cfg_dir or os.environ.get("COVIDXRAY_CACHE") or Path.home() / ".cache" / "covidxray")
+    return Path(cfg_dir or settings().cache or Path.home() / ".cache" / "covidxray")
 
 
 def prepare_images(

@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from .gate import GateHead, Verdict, extras, pixel_verdict
 from .imaging import ImageInfo, load_image
 from .models import build_model
 from .presets import Preprocess, lung_box
-from .utils import atomic_write_bytes, atomic_write_json, read_json_object
+from .utils import atomic_write_bytes, atomic_write_json, read_json_object, unique_stem
 
 __all__ = [
     "LungNet", "LungSegmenter", "Analysis", "dice", "full_mask", "lung_box", "overlay_png", "segment_files", "SEGMENTER_FORMAT",
@@ -237,34 +237,40 @@ def overlay_png(image: np.ndarray, mask: np.ndarray, box: tuple[float, float, fl
     return buf.getvalue()
 
 
+@dataclass(frozen=True)
+class Segmented:
+    """One segmented image: the files `segment_files` wrote for it and what they show."""
+
+    path: str
+    mask: Path  # the mask PNG (255 = lung) at the image's size
+    overlay: Path  # the image with the lungs tinted and the crop box outlined
+    lung_fraction: float  # share of the image's pixels that are lung
+    box: tuple[float, float, float, float]  # the classifier's crop, relative (top, left, bottom, right)
+
+
 def segment_files(seg: LungSegmenter, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  margin: float = 0.1) -> list[dict[str, Any]]:
+                  margin: float = 0.1) -> Iterator[Segmented | ImageError]:
     """Write ``STEM_lungs.png`` (the mask, 255 = lung, at the image's size) and ``STEM_lungs_overlay.png`` per image.
 
-    Returns:
-        One dict per input, in order: ``{path, mask, overlay, lung_fraction, box}`` (``box`` the crop the
-        classifier would use, relative ``(top, left, bottom, right)``), or ``{path, error}`` for an unreadable file.
+    When two inputs share a stem, later ones get ``_2``, ``_3``, ... so no output is overwritten.
+
+    Yields:
+        One result per input, in order: a `Segmented`, or the `ImageError` of an unreadable file.
     """
     out = Path(out_dir)
-    results: list[dict[str, Any]] = []
     used: set[str] = set()
     for path in paths:
         try:
             image = load_image(path)
         except ImageError as e:
-            results.append({"path": str(path), "error": str(e)})
+            yield e
             continue
         prob = seg(image)
         mask = full_mask(prob, image.shape)
         box = lung_box(prob, margin)
-        stem = Path(path).stem
-        while stem in used:
-            stem += "_"
-        used.add(stem)
+        stem = unique_stem(Path(path).stem, used)
         buf = io.BytesIO()
         Image.fromarray((mask * 255).astype(np.uint8)).save(buf, format="PNG")
         atomic_write_bytes(out / f"{stem}_lungs.png", buf.getvalue())
         atomic_write_bytes(out / f"{stem}_lungs_overlay.png", overlay_png(image, mask, box))
-        results.append({"path": str(path), "mask": str(out / f"{stem}_lungs.png"),
-                        "overlay": str(out / f"{stem}_lungs_overlay.png"), "lung_fraction": float(mask.mean()), "box": box})
-    return results
+        yield Segmented(str(path), out / f"{stem}_lungs.png", out / f"{stem}_lungs_overlay.png", float(mask.mean()), box)

@@ -10,14 +10,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object",
+           "unique_stem"]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half of it.
 
-    The bytes go to a temporary file in the same directory (same filesystem), are fsynced,
-    and then renamed over the target with `os.replace`, which is atomic on POSIX.
+    The bytes go to a temporary file in the same directory (same filesystem, named ``.NAME.*.tmp``),
+    are fsynced, and then renamed over the target with `os.replace`, which is atomic on POSIX.
+
+    Args:
+        durable: also fsync the directory after the rename, so the new name itself survives a power
+            cut (what a file acknowledged to someone else needs, e.g. a spooled DICOM instance).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +37,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself is now on disk
+        finally:
+            os.close(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -76,3 +87,13 @@ def read_json_object(path: str | os.PathLike, fmt: str, what: str, error: type[E
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         raise error(f"{path}: not a covidxray {what} (expected format {fmt})")
     return obj
+
+
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... the first not in ``used`` (which it joins): one output name per input."""
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name

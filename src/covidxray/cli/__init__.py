@@ -1,4 +1,4 @@
-"""Command-line interface: ``covidxray {data,train,evaluate,calibrate,audit,predict,explain,...} ...``.
+"""Command-line interface: ``covidxray {data,train,train-segmenter,train-gate,evaluate,predict,...} ...``.
 
 Exit codes: 0 success, 1 a check found problems (leakage, unreadable files), 2 bad input
 (an unreadable image, a malformed manifest, a missing model), with a one-line message naming
@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import CovidXrayError
-from . import data_commands, dicom_commands, predict_commands, run_commands
+from . import component_commands, data_commands, dicom_commands, predict_commands, run_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", help="decoded-image cache (default $COVIDXRAY_CACHE or ~/.cache/covidxray)")
     data_commands.register(sub)
     run_commands.register(sub, run, data)
+    component_commands.register(sub)
     predict_commands.register(sub)
     dicom_commands.register(sub)
     return p

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from itertools import zip_longest
 from pathlib import Path
 
 from .. import DISCLAIMER
-from ..errors import CovidXrayError
+from ..config import settings
+from ..errors import CovidXrayError, ImageError
 
 __all__ = ["register", "EXIT_UNREADABLE", "EXIT_NOT_ANSWERED"]
 
@@ -81,7 +81,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..batch import PartWriter, expand_inputs, merge_predictions, read_path_manifest, read_predictions, remove_parts
-    from ..errors import ImageError
     from ..predictor import Predictor
 
     if not args.inputs and not args.manifest:
@@ -146,23 +145,23 @@ def _table_row(result) -> str:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from ..batch import expand_inputs
-    from ..explain import explain_files
+    from ..explain import Explained, explain_files
     from ..predictor import Predictor
 
     paths = expand_inputs(args.inputs)
     if not paths:
         raise CovidXrayError(f"no files found for {' '.join(args.inputs)}")
-    results = explain_files(Predictor(args.model, device=args.device, backend="torch"), paths, args.out)
     failed = refused = 0
-    for r in results:
-        if "error" in r:
+    for r in explain_files(Predictor(args.model, device=args.device, backend="torch"), paths, args.out):
+        if isinstance(r, ImageError):
             failed += 1
-            print(f"error: {r['error']}", file=sys.stderr)
-        elif r["label"] == "not_answered":
+            print(f"error: {r}", file=sys.stderr)
+        elif isinstance(r, Explained):
+            p = r.prediction
+            print(f"{p.path}\t{p.label}\tP(covid)={p.probability:.4f}\t-> {r.overlay}")
+        else:  # the input gate's refusal
             refused += 1
-            print(f"{r['path']}\tnot_answered\t{r['reason']}\tno answer: {r['message']}")
-        else:
-            print(f"{r['path']}\t{r['label']}\tP(covid)={r['probability']:.4f}\t-> {r['overlay']}")
+            print(f"{r.path}\tnot_answered\t{r.reason}\tno answer: {r.message}")
     return EXIT_UNREADABLE if failed else EXIT_NOT_ANSWERED if refused else 0
 
 
@@ -170,11 +169,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Classify a few X-rays of the shared data set that the model did not train on."""
     from ..checkpoint import default_model_path, run_dir
     from ..data import load_samples
-    from ..errors import ImageError
     from ..predictor import Predictor
 
     # $COVIDXRAY_DATA, else where the data set sits beside a clone of the repository (`make run` starts there).
-    root = Path(os.environ.get("COVIDXRAY_DATA") or Path("..", "shared", "datasets", "covid-cxr"))
+    root = Path(settings().data or Path("..", "shared", "datasets", "covid-cxr"))
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise CovidXrayError(f"no demo images: {manifest.resolve()} does not exist. Set COVIDXRAY_DATA to the covid-cxr "
@@ -240,11 +238,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     seg = LungSegmenter(run_dir(args.model or default_model_path()))
     failed = 0
     for r in segment_files(seg, paths, args.out, margin=args.margin):
-        if "error" in r:
+        if isinstance(r, ImageError):
             failed += 1
-            print(f"error: {r['error']}", file=sys.stderr)
+            print(f"error: {r}", file=sys.stderr)
         else:
-            print(f"{r['path']}\tlung {r['lung_fraction']:.1%} of the image\t-> {r['mask']}, {r['overlay']}")
+            print(f"{r.path}\tlung {r.lung_fraction:.1%} of the image\t-> {r.mask}, {r.overlay}")
     return EXIT_UNREADABLE if failed else 0
 
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from ..config import RECIPES, TrainConfig, config_for
 from ..errors import CovidXrayError
@@ -19,15 +19,20 @@ __all__ = ["register", "train_flags"]
 
 
 def train_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` option per `TrainConfig` field, default None (None: the recipe's value)."""
+    """One ``--field-name`` option per `TrainConfig` field, default None (None: the recipe's value).
+
+    The help shows the value the ``default`` recipe trains with (the field's default as the recipe overrides it).
+    """
     hints = typing.get_type_hints(TrainConfig)
+    recipe = config_for("default")
     for f in fields(TrainConfig):
         if f.name == "recipe":
             continue  # its own flag, with the recipe names as choices
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        default = "" if f.default in (MISSING, None, "") else f" (default recipe: {f.default})"
+        value = getattr(recipe, f.name)
+        default = "" if value in (None, "") else f" (default recipe: {value})"
         options: dict = {"help": f.metadata["help"] + default, "default": None, "dest": f.name}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction

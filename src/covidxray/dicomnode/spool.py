@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import DicomNodeError
 from ..results import iso_utc
+from ..utils import atomic_write_bytes
 
 __all__ = ["Spool"]
 
@@ -54,17 +54,8 @@ class Spool:
     def put(self, sop_instance_uid: str, data: bytes) -> Path:
         """Store one instance durably (write, fsync, rename, fsync the folder); returns its path."""
         path = self.path_for(sop_instance_uid)
-        tmp = path.with_name(f"{path.stem}.{threading.get_ident()}.tmp")  # one per concurrent writer
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._sync_folder()
+        # A temporary name per call (mkstemp), so concurrent writers of one UID never share one; the last rename wins.
+        atomic_write_bytes(path, data, durable=True)
         return path
 
     def pending(self) -> list[Path]:
@@ -82,10 +73,3 @@ class Spool:
             return iso_utc(datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
         except FileNotFoundError:
             return iso_utc(datetime.now(timezone.utc))
-
-    def _sync_folder(self) -> None:
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself is now on disk
-        finally:
-            os.close(fd)

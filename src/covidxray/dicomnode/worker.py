@@ -27,16 +27,16 @@ __all__ = ["Classified", "classify_batch", "error_reason", "read_header", "HEATM
 log = logging.getLogger(__name__)
 
 HEATMAP_SIDE = 512  # longest side of a stored heat map PNG (about 0.3 MB; the list shows it small)
-# Words for why a file could not be read, from the reasons `covidxray.imaging` gives (first match wins).
-_ERROR_REASONS = (
-    ("no pixel data", "no_pixel_data"),
-    ("no Rows/Columns", "no_pixel_data"),
-    ("transfer syntax", "unsupported_syntax"),
-    ("blank", "blank_image"),
-    ("absurd size", "bad_size"),
-    ("too large", "bad_size"),
-    ("non-finite", "bad_values"),
-)
+# The results database's word for each `ImageError.code` it keeps apart; every other code is ``undecodable``.
+# (The database predates the codes: its words stay as they were written.)
+_ERROR_REASONS = {
+    "no_pixel_data": "no_pixel_data",
+    "unsupported_compression": "unsupported_syntax",
+    "blank": "blank_image",
+    "absurd_size": "bad_size",
+    "too_large": "bad_size",
+    "non_finite": "bad_values",
+}
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Classified:
 
 def error_reason(exc: ImageError) -> str:
     """A machine word for why an instance could not be read (``undecodable`` when nothing more specific fits)."""
-    return next((word for text, word in _ERROR_REASONS if text in exc.reason), "undecodable")
+    return _ERROR_REASONS.get(exc.code, "undecodable")
 
 
 def read_header(path: Path) -> Dataset | None:

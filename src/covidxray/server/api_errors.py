@@ -8,7 +8,6 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ..errors import ImageError
-from ..imaging import sniff_format
 
 __all__ = ["ApiError", "error_body", "error_response", "image_error", "current_request_id"]
 
@@ -32,8 +31,8 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(error_body(err.code, err.message), status_code=err.status, headers=err.headers)
 
 
-def image_error(exc: ImageError, data: bytes) -> ApiError:
+def image_error(exc: ImageError) -> ApiError:
     """415 for bytes that are no image format at all, 422 for an image that cannot be used."""
-    if data and sniff_format(data[:132]) is None:
+    if exc.code == "not_an_image":
         return ApiError(415, "unsupported_media_type", str(exc))
     return ApiError(422, "unreadable_image", str(exc))

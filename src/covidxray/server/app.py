@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import DISCLAIMER, __version__
+from ..config import settings
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
-from ..results import open_results
+from ..results import ResultsStore, open_results
 from .api_errors import ApiError, error_body, error_response
 from .middleware import RequestContext
+from .predict_routes import predict_router
 from .results_routes import results_router
-from .schemas import ERRORS, BatchOut, PredictionOut, upload_body
+from .schemas import ERRORS
 from .service import Service
-from .uploads import Upload, read_files
 
 __all__ = ["create_app", "limit_malloc_arenas", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
 
@@ -51,7 +51,6 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(-8, arenas))  # -8: M_ARENA_MAX in glibc's malloc.h
-
 
 
 def create_app(
@@ -93,14 +92,36 @@ def create_app(
         The app. The model is loaded when the app starts, not here.
     """
     if max_upload_bytes is None:
-        env = os.environ.get("COVIDXRAY_MAX_UPLOAD_MB")
-        max_upload_bytes = int(float(env) * 2**20) if env else DEFAULT_MAX_UPLOAD_BYTES
+        mib = settings().max_upload_mb
+        max_upload_bytes = int(mib * 2**20) if mib else DEFAULT_MAX_UPLOAD_BYTES
     if api_key is None:
-        api_key = os.environ.get("COVIDXRAY_API_KEY")
+        api_key = settings().api_key
     api_key = api_key or None  # an empty key means no key, not a key that nobody can send
     path = Path(model) if model else (default_model_path() if predictor is None else None)
     service = Service(path, backend, predictor, timeout_s, max_batch, threads)
     store = open_results(results_db) if results_db is not None else None  # a bad file fails here, before serving
+    app = FastAPI(
+        title="covidxray", version=__version__, lifespan=_lifespan(service, store),
+        description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
+    )
+    app.state.service = service
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))], responses={401: ERRORS[401]})
+    api.include_router(predict_router(service, max_upload_bytes, max_batch_files))
+    api.include_router(results_router(store))
+    app.include_router(api)
+    _add_page_routes(app, service)
+    _add_error_handlers(app)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContext)  # added last, so it is the outermost: every response gets the ID
+    return app
+
+
+def _lifespan(service: Service, store: ResultsStore | None) -> Callable[[FastAPI], AsyncIterator[None]]:
+    """Load the model when the app starts; stop the batcher and close the results database when it stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -112,11 +133,11 @@ def create_app(
             if store is not None:
                 store.close()
 
-    app = FastAPI(
-        title="covidxray", version=__version__, lifespan=lifespan,
-        description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
-    )
-    app.state.service = service
+    return lifespan
+
+
+def _key_check(api_key: str | None) -> Callable[[Request], None]:
+    """The ``/v1`` dependency that asks for ``api_key`` (in ``X-API-Key`` or ``Authorization: Bearer``); None: no key."""
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -130,42 +151,11 @@ def create_app(
             raise ApiError(401, "unauthorized", "missing or wrong API key: send it as the X-API-Key header "
                                                 "or as Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"})
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses={401: ERRORS[401]})
+    return require_key
 
-    @api.post("/predict", response_model=PredictionOut, response_model_exclude_none=True,
-              openapi_extra=upload_body("file", many=False), responses={k: ERRORS[k] for k in (400, 413, 415, 422, 503, 504)})
-    async def predict(
-        request: Request,
-        explain: bool = Query(False, description="add a Grad-CAM overlay (heatmap_png)"),
-        preview: bool = Query(False, description="add the decoded image as a grey PNG (preview_png)"),
-    ) -> dict[str, Any]:
-        """Classify one chest X-ray (multipart field ``file``) as COVID-19 positive or negative."""
-        service._loaded()  # 503 before reading an upload that could not be classified anyway
-        upload, = await read_files(request, "file", 1, max_upload_bytes)
-        return await service.classify(upload, explain=explain, preview=preview)
 
-    @api.post("/predict/batch", response_model=BatchOut, response_model_exclude_none=True,
-              openapi_extra=upload_body("files", many=True), responses={k: ERRORS[k] for k in (400, 413, 503)})
-    async def predict_batch(request: Request) -> dict[str, Any]:
-        """Classify several X-rays (multipart field ``files``); one result or error per file, in order."""
-        service._loaded()
-        uploads = await read_files(request, "files", max_batch_files, max_upload_bytes)
-
-        async def one(upload: Upload) -> dict[str, Any]:
-            try:
-                return await service.classify(upload)
-            except ApiError as err:  # this file's problem, not the others'
-                return {"filename": upload.name, "status": err.status, "error": error_body(err.code, err.message)["error"]}
-
-        return {"results": list(await asyncio.gather(*(one(u) for u in uploads))), "disclaimer": DISCLAIMER}
-
-    @api.get("/model")
-    async def model_card() -> dict[str, Any]:
-        """The model card: architecture, input size, threshold, temperature, metrics, classes."""
-        return service.card()
-
-    api.include_router(results_router(store))
-    app.include_router(api)
+def _add_page_routes(app: FastAPI, service: Service) -> None:
+    """``/healthz``, ``/readyz``, the web page and its static files (outside ``/v1``: no key needed)."""
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -182,6 +172,10 @@ def create_app(
         return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": _PAGE_CSP})
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered as ``{"error": {code, message, request_id}}``."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -201,11 +195,3 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
         return error_response(ApiError(400, "invalid_request", where or "invalid request"))
-
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestContext)  # added last, so it is the outermost: every response gets the ID
-    return app

@@ -132,13 +132,13 @@ class Service:
             self.batcher = None
 
     def model_ref(self) -> dict[str, Any]:
-        p = self._loaded()
+        p = self.loaded()
         return {"name": p.name, "version": p.meta.get("covidxray_version"), "sha256": p.meta.get("weights_sha256", ""),
                 "backend": p.backend}
 
     def card(self) -> dict[str, Any]:
         """The model card as JSON: what the model is, how it decides, and how well it did."""
-        p = self._loaded()
+        p = self.loaded()
         meta = p.meta
         metrics: dict[str, Any] = {"val_auc": meta.get("val_auc"), "epoch": meta.get("epoch")}
         folder = run_dir(self.model_path) if self.model_path is not None else None
@@ -158,7 +158,7 @@ class Service:
 
     async def classify(self, upload: Upload, explain: bool = False, preview: bool = False) -> dict[str, Any]:
         """Answer for one upload; raises `ApiError` for bad input, timeouts and an unready model."""
-        predictor = self._loaded()
+        predictor = self.loaded()
         start = time.perf_counter()
         try:
             with anyio.fail_after(self.timeout_s):
@@ -184,13 +184,13 @@ class Service:
         try:
             image, info = read_image(upload.data, name=upload.name)
         except ImageError as exc:
-            raise image_error(exc, upload.data) from None
-        return image, self._loaded().check(image, info)
+            raise image_error(exc) from None
+        return image, self.loaded().check(image, info)
 
     def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
         """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
         with self._model_lock:
-            probs, unfamiliar = self._loaded().classify(torch.from_numpy(prepared), batch_size=len(prepared))
+            probs, unfamiliar = self.loaded().classify(torch.from_numpy(prepared), batch_size=len(prepared))
         return [(float(p), None if unfamiliar is None else float(u))
                 for p, u in zip(probs, unfamiliar if unfamiliar is not None else [None] * len(probs))]
 
@@ -210,7 +210,7 @@ class Service:
 
     def _explain_model(self) -> tuple[Predictor, threading.Lock]:
         """The torch model for Grad-CAM: the serving model itself, or (ONNX) the torch weights beside it, loaded once."""
-        predictor = self._loaded()
+        predictor = self.loaded()
         if predictor.model is not None:
             return predictor, self._model_lock
         with self._explainer_init:
@@ -223,7 +223,8 @@ class Service:
                 log.info("loaded the PyTorch model for Grad-CAM")
         return self._explainer
 
-    def _loaded(self) -> Predictor:
+    def loaded(self) -> Predictor:
+        """The loaded predictor; `ApiError` 503 while the app is still starting (or has stopped)."""
         if not self.ready:
             raise ApiError(503, "not_ready", "the model is not loaded yet; retry when /readyz answers 200")
         return self.predictor
