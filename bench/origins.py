@@ -89,19 +89,20 @@ def _anchor(scores: np.ndarray, positive: bool, rate: float = SENSITIVITY_ANCHOR
     return float(np.quantile(scores, 1 - rate if positive else rate))
 
 
-def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.ndarray], cache_dir: str | None = None) -> dict:
+def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.ndarray], split: str | None = None,
+                  cache_dir: str | None = None) -> dict:
     """Per origin: the films' scores turned into the numbers of the every-origin table.
 
     Args:
         predictor: a `covidxray.predictor.Predictor` (its model, preprocessing, temperature and threshold).
-        origins: the shared origins to score (every film of each).
+        origins: the shared origins to score (every film of each, or of ``split`` only).
         internal: ``{"covid": P, "normal": P}`` of the run's internal test films, the anchors for the
             threshold-free numbers (the threshold giving 0.90 sensitivity, or 0.90 specificity).
     """
     from covidxray.inference import predict_probs, readable_images  # torch, only when scoring
 
-    rows = [r for r in pooled_rows() if r[2] in origins]
-    tmp = write_manifest(rows, ROOT / "runs" / "origins" / f"score-{'-'.join(origins)}.csv")
+    rows = [r for r in pooled_rows() if r[2] in origins and split in (None, r[4])]
+    tmp = write_manifest(rows, ROOT / "runs" / "origins" / f"score-{'-'.join(origins)}-{split or 'all'}.csv")
     samples = load_samples(tmp)
     findings = {r[0]: r[6] for r in rows}
     kept, images, _ = readable_images(samples, predictor.preprocess, cache_dir, desc="decoding " + ",".join(origins))
