@@ -33,7 +33,8 @@ from covidxray.config import TrainConfig, config_for
 from covidxray.data import load_samples
 from covidxray.engine import train
 from covidxray.evaluate import evaluate_run
-from covidxray.inference import predict_probs, readable_images
+from covidxray.cache import readable_images
+from covidxray.inference import predict_probs
 from covidxray.metrics import bootstrap_metrics, format_ci
 from covidxray.predictor import Predictor
 from covidxray.utils import atomic_write_text

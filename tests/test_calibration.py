@@ -16,7 +16,8 @@ from covidxray.calibration import (
 from covidxray.checkpoint import copy_model, load_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import predict_logits, prepare_images
+from covidxray.cache import prepare_images
+from covidxray.inference import predict_logits
 from covidxray.errors import CheckpointError
 from covidxray.metrics import choose_threshold, point_metrics
 from covidxray.models import get_spec

@@ -14,7 +14,7 @@ from covidxray import engine
 from covidxray.data import load_samples
 from covidxray.config import config_for
 from covidxray.engine import train
-from covidxray.inference import prepare_images
+from covidxray.cache import prepare_images
 from covidxray.predictor import Predictor
 
 pytestmark = pytest.mark.slow

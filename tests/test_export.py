@@ -11,7 +11,7 @@ import pytest
 from covidxray.checkpoint import contract_path, copy_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import prepare_images
+from covidxray.cache import prepare_images
 from covidxray.errors import CheckpointError
 from covidxray.export import export_onnx
 from covidxray.predictor import Predictor, default_model_path

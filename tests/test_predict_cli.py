@@ -15,7 +15,7 @@ from PIL import Image
 
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import prepare_images
+from covidxray.cache import prepare_images
 from covidxray.imaging import load_image
 from covidxray.predictor import Predictor
 

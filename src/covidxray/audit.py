@@ -39,6 +39,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .cache import readable_images
 from .calibration import covid_probability
 from .checkpoint import resolve_data, run_dir
 from .data import Sample, check_samples, load_samples
@@ -46,7 +47,7 @@ from .errors import DataError
 from .cam_location import BORDER, CLASS_NAMES, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
 from .explain import grad_cam
 from .imaging import load_image
-from .inference import logits_and_features, readable_images
+from .inference import logits_and_features
 from .metrics import bootstrap_metrics, format_ci
 from .models import get_spec
 from .predictor import Predictor

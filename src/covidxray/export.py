@@ -38,10 +38,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from .cache import readable_images
 from .checkpoint import ONNX_FORMAT, contract_path, copy_model, load_model, read_model_meta, resolve_data
 from .data import load_samples
 from .errors import CheckpointError, DataError
-from .inference import readable_images
 from .models import get_spec
 from .predictor import Predictor
 from .segment import LungSegmenter
