@@ -70,7 +70,7 @@ def source_probe(
     Sources with fewer than ``folds`` images in a scope are left out of that scope (listed).
 
     Args:
-        feats: features ``(N, D)`` (e.g. `covidxray.models.features`).
+        feats: features ``(N, D)`` (e.g. from `covidxray.inference.logits_and_features`).
         sources: source name per image.
         labels: 1 = COVID-19, 0 = normal; adds the within-class scopes ``covid`` and ``normal``.
         folds: stratified folds.
