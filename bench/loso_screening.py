@@ -18,7 +18,8 @@ import numpy as np
 
 from common import ROOT, save
 from loso import heldout_samples
-from covidxray.inference import predict_probs, readable_images
+from covidxray.cache import readable_images
+from covidxray.inference import predict_probs
 from covidxray.predictor import Predictor
 
 

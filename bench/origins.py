@@ -99,7 +99,8 @@ def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.nd
         internal: ``{"covid": P, "normal": P}`` of the run's internal test films, the anchors for the
             threshold-free numbers (the threshold giving 0.90 sensitivity, or 0.90 specificity).
     """
-    from covidxray.inference import predict_probs, readable_images  # torch, only when scoring
+    from covidxray.cache import readable_images  # torch, only when scoring
+    from covidxray.inference import predict_probs
 
     rows = [r for r in pooled_rows() if r[2] in origins and split in (None, r[4])]
     tmp = write_manifest(rows, ROOT / "runs" / "origins" / f"score-{'-'.join(origins)}-{split or 'all'}.csv")
@@ -131,7 +132,8 @@ def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.nd
 
 def internal_anchors(predictor, cache_dir: str | None = None) -> dict[str, np.ndarray]:
     """P(COVID-19) of the covid-cxr internal test films, by class (the threshold-free anchors)."""
-    from covidxray.inference import predict_probs, readable_images
+    from covidxray.cache import readable_images
+    from covidxray.inference import predict_probs
 
     test = [s for s in load_samples(SHARED / "covid-cxr" / "manifest.csv", ROOT / "splits" / "covid-cxr.csv") if s.split == "test"]
     kept, images, _ = readable_images(test, predictor.preprocess, cache_dir, desc="decoding internal test")

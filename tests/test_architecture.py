@@ -28,10 +28,22 @@ def _lint(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(LINT), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_layers_contract_is_kept():
+def _lint_with(tmp_path: Path, module: str, text: str) -> subprocess.CompletedProcess:
+    """import-linter on a copy of the package with ``text`` appended to ``module``."""
+    src = tmp_path / "src"
+    shutil.copytree(PACKAGE, src / "covidxray", ignore=shutil.ignore_patterns("__pycache__", "web", "bundled"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with open(src / "covidxray" / module, "a") as f:
+        f.write(text)
+    return _lint(tmp_path, src)
+
+
+def test_layers_and_serving_contracts_are_kept():
     r = _lint(REPO, REPO / "src")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "1 kept, 0 broken" in r.stdout
+    for contract in ("covidxray layers", "serving imports nothing of training", "the predictor needs no plotting"):
+        assert contract in r.stdout, r.stdout
+    assert "3 kept, 0 broken" in r.stdout
 
 
 @pytest.mark.parametrize("module, cycle", [
@@ -40,14 +52,33 @@ def test_layers_contract_is_kept():
     ("calibration.py", "\nfrom .evaluate import evaluate_run  # noqa\n"),
 ])
 def test_an_import_that_closes_a_cycle_fails(tmp_path: Path, module: str, cycle: str):
-    src = tmp_path / "src"
-    shutil.copytree(PACKAGE, src / "covidxray", ignore=shutil.ignore_patterns("__pycache__", "web", "bundled"))
-    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    with open(src / "covidxray" / module, "a") as f:
-        f.write(cycle)
-    r = _lint(tmp_path, src)
+    r = _lint_with(tmp_path, module, cycle)
     assert r.returncode != 0 and "BROKEN" in r.stdout, r.stdout + r.stderr
     assert f"covidxray.{module.removesuffix('.py')} is not allowed to import" in r.stdout
+
+
+@pytest.mark.parametrize("module, line, contract", [
+    # Indirect: explain may import report (a lower layer), but the server and the DICOM node import explain.
+    ("explain.py", "\nfrom .report import json_safe  # noqa\n", "serving imports nothing of training"),
+    ("predictor.py", "\nfrom .cache import readable_images  # noqa\n", "serving imports nothing of training"),
+    ("familiarity.py", "\n\ndef _late():\n    import sklearn  # noqa\n", "the predictor needs no plotting"),
+    ("segment.py", "\nimport matplotlib  # noqa\n", "the predictor needs no plotting"),
+])
+def test_a_training_import_on_the_serving_path_fails(tmp_path: Path, module: str, line: str, contract: str):
+    """Serving (predictor, server, DICOM node, batch) reaches no training module or plotting, even through a helper."""
+    r = _lint_with(tmp_path, module, line)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert contract in r.stdout and "BROKEN" in r.stdout.split(contract)[1].splitlines()[0], r.stdout
+
+
+def test_importing_the_predictor_loads_no_training_code():
+    """What `import covidxray.predictor` really loads (the contracts see only covidxray's own imports)."""
+    code = ("import sys, covidxray.predictor; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'imagehash', 'sklearn') "
+            "or m in ('covidxray.data', 'covidxray.cache', 'covidxray.engine', 'covidxray.report')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert r.stdout.strip() == "[]"
 
 
 def test_every_module_is_small():

@@ -14,8 +14,10 @@ from covidxray.audit import area_shares, border_mass, leakage, source_probe
 from covidxray.cli import main
 from covidxray.data import Sample, load_samples
 from covidxray.imaging import load_image
-from covidxray.models import build_model, features, get_spec
+from covidxray.inference import logits_and_features
+from covidxray.models import build_model, get_spec
 from covidxray.predictor import Predictor
+from covidxray.presets import Preprocess
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,11 +43,15 @@ def test_border_mass_of_known_maps():
 def test_features_are_what_the_head_sees(arch: str):
     torch.manual_seed(0)
     model = build_model(arch).train()
-    x = torch.randn(3, 1, 64, 64)
-    f = features(model, x, arch)
+    pre = Preprocess(size=64)
+    images = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    logits, f = logits_and_features(model, arch, images, pre)
     assert model.training  # mode restored
     model.eval()
-    assert torch.allclose(model.get_submodule(get_spec(arch).head)(f), model(x), atol=1e-5)
+    with torch.no_grad():
+        x = pre.to_tensor(images)
+        assert torch.allclose(model.get_submodule(get_spec(arch).head)(torch.from_numpy(f)), model(x), atol=1e-5)
+        assert torch.allclose(torch.from_numpy(logits), model(x), atol=1e-5)  # both from the one pass
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,9 @@ def one_source_images(manifest: Path, split_file: Path) -> list[np.ndarray]:
 
 
 def _probe_features(run: Path, images: list[np.ndarray]) -> np.ndarray:
-    pred = Predictor(run)
-    x = torch.cat([pred.preprocess(img) for img in images])
-    return features(pred.model, x, pred.meta["arch"]).numpy()
+    pred = Predictor(run, backend="torch")
+    prepared = torch.from_numpy(np.stack([pred.preprocess.prepare(img) for img in images]))
+    return logits_and_features(pred.model, pred.meta["arch"], prepared, pred.preprocess)[1]
 
 
 def test_probe_finds_a_planted_source_marker_and_nothing_without_it(trained_run: Path, one_source_images):

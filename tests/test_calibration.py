@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from covidxray.cache import prepare_images
 from covidxray.calibration import (
     SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, reliability,
 )
 from covidxray.checkpoint import copy_model, load_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import predict_logits, prepare_images
 from covidxray.errors import CheckpointError
+from covidxray.inference import predict_logits
 from covidxray.metrics import choose_threshold, point_metrics
 from covidxray.models import get_spec
 from covidxray.predictor import Predictor

@@ -123,7 +123,7 @@ def ddp_job(single_run: Path, tmp_path_factory: pytest.TempPathFactory, manifest
     importing torch) costs more than what it runs: first the exactness check's epoch (`_tiny_epoch`
     on ``data.npz``, written to ``rank{N}.safetensors``), then the same ``covidxray train`` as
     `single_run` into ``run/`` (reusing its decoded-image cache)."""
-    from covidxray.inference import prepare_images
+    from covidxray.cache import prepare_images
     from covidxray.presets import Preprocess
 
     tmp = tmp_path_factory.mktemp("ddp")

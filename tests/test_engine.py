@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from covidxray import engine
+from covidxray.cache import prepare_images
 from covidxray.data import load_samples
 from covidxray.config import config_for
 from covidxray.engine import train
-from covidxray.inference import prepare_images
 from covidxray.predictor import Predictor
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from covidxray.cache import prepare_images
 from covidxray.checkpoint import contract_path, copy_model, model_files, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import prepare_images
 from covidxray.errors import CheckpointError
 from covidxray.export import export_onnx
+from covidxray.imaging import read_image
 from covidxray.predictor import Predictor, default_model_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,6 +79,23 @@ def test_tampered_onnx_is_refused(onnx_dir: Path, tmp_path: Path):
     bad.write_bytes((onnx_dir / "model.onnx").read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CheckpointError, match="SHA-256"):
         Predictor(bad, backend="onnx")
+
+
+def test_the_segmenter_runs_the_same_behind_either_runner(onnx_dir: Path, xrays: list, tmp_path: Path):
+    """The exported `SegmenterGraph` behind the same `Runner` call gives PyTorch's lung maps and gate probabilities."""
+    onnx_seg = Predictor(onnx_dir / "model.onnx", backend="onnx").segmenter
+    torch_seg = Predictor(default_model_path(), backend="torch").segmenter
+    assert onnx_seg.runner.kind == "onnx" and torch_seg.runner.kind == "torch"
+    decoded = [read_image(s.path) for s in xrays]
+    images, infos = [image for image, _ in decoded], [info for _, info in decoded]
+    for a, b in zip(onnx_seg.analyse(images, infos), torch_seg.analyse(images, infos)):
+        assert a.lungs.shape == b.lungs.shape == (onnx_seg.size, onnx_seg.size)
+        assert np.max(np.abs(a.lungs - b.lungs)) < 1e-3 and np.max(np.abs(a.gate - b.gate)) < 1e-4
+    # Its bytes are checked like the classifier's: a tampered graph is refused, naming the file.
+    _copy_exported(onnx_dir, tmp_path)
+    (tmp_path / "segmenter.onnx").write_bytes((onnx_dir / "segmenter.onnx").read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match=r"segmenter\.onnx: .*SHA-256 differs"):
+        Predictor(tmp_path, backend="onnx")
 
 
 def test_backend_choice(onnx_dir: Path, tmp_path: Path):

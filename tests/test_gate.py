@@ -18,7 +18,7 @@ from PIL import Image
 
 import dicoms
 from covidxray.cli import main
-from covidxray.gate import header_verdict
+from covidxray.gate import GATE_CLASSES, InputGate, header_verdict
 from covidxray.gate_training import not_frontal_split
 from covidxray.imaging import ImageInfo, read_image
 from covidxray.negatives import HELD_OUT, generated, package_images, pydicom_images
@@ -121,6 +121,32 @@ def test_turned_films_are_refused_as_rotated(predictor: Predictor, manifest: Pat
     answers = [predictor.predict_array(np.ascontiguousarray(t)) for t in turned]
     assert sum(not a.answered for a in answers) >= 0.9 * len(answers)
     assert sum(a.reason == "rotated" for a in answers) >= 0.6 * len(answers)
+
+
+def test_the_input_gate_alone_turns_probabilities_into_the_answer(predictor: Predictor, shared: Path):
+    """The segmenter gives probabilities only; `InputGate` (header, then pixels) decides what the Predictor answers."""
+    gate = predictor.input_gate
+    assert gate.uses_pixels and gate.threshold == predictor.segmenter.gate_threshold
+    _, held = not_frontal_split(str(shared / "not-frontal-cxr" / "manifest.csv"), 0.4, 0)
+    picks = held["lateral"][:6] + sorted((shared / "jsrt" / "images" / "normal").glob("*.jpg"))[:6]
+    decoded = [read_image(p) for p in picks]
+    analyses = predictor.segmenter.analyse([image for image, _ in decoded], [info for _, info in decoded])
+    reasons = []
+    for (image, info), analysis in zip(decoded, analyses):
+        assert analysis.gate.shape == (len(GATE_CLASSES),) and abs(float(analysis.gate.sum()) - 1) < 1e-5
+        verdict = gate.header(info) or gate.pixels(analysis.gate)
+        reasons.append(verdict.reason if verdict else None)
+        assert predictor.predict_array(image, "x", info).reason == reasons[-1]
+    assert None in reasons and "lateral_view" in reasons  # both outcomes were exercised
+    # The rule is P(frontal) against the threshold; off, or without a trained head, the pixels refuse nothing.
+    at = np.array([gate.threshold, 1 - gate.threshold, 0, 0, 0])
+    below = np.array([gate.threshold - 0.01, 0, 0, 1.01 - gate.threshold, 0])
+    assert gate.pixels(at) is None and gate.pixels(below).reason == "rotated" and gate.pixels(below).by == "pixels"
+    ct = ImageInfo("dicom", modality="CT")
+    assert gate.header(ct).reason == "wrong_modality" and gate.header(None) is None
+    off, headless = InputGate(gate.threshold, enabled=False), InputGate(None)
+    assert off.header(ct) is None and off.pixels(below) is None and not off.uses_pixels
+    assert headless.pixels(below) is None and headless.header(ct).reason == "wrong_modality"
 
 
 def test_gate_off_forces_an_answer(manifest: Path):

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from covidxray.cache import prepare_images
 from covidxray.cli import main
 from covidxray.data import load_samples
-from covidxray.inference import prepare_images
 from covidxray.imaging import load_image
 from covidxray.predictor import Predictor
 

@@ -40,6 +40,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from . import CLASS_NAMES
+from .cache import readable_images
 from .calibration import covid_probability
 from .checkpoint import resolve_data, run_dir
 from .data import Sample, check_samples, load_samples
@@ -47,7 +48,7 @@ from .errors import DataError
 from .cam_location import BORDER, DILATE, area_shares, border_mass, dilate, gradcam_pngs, lung_mass, mean_of
 from .explain import grad_cam
 from .imaging import load_image
-from .inference import logits_and_features, readable_images
+from .inference import logits_and_features
 from .metrics import bootstrap_metrics, format_ci
 from .models import get_spec
 from .predictor import Predictor
@@ -68,7 +69,7 @@ def source_probe(
     Sources with fewer than ``folds`` images in a scope are left out of that scope (listed).
 
     Args:
-        feats: features ``(N, D)`` (e.g. `covidxray.models.features`).
+        feats: features ``(N, D)`` (e.g. from `covidxray.inference.logits_and_features`).
         sources: source name per image.
         labels: 1 = COVID-19, 0 = normal; adds the within-class scopes ``covid`` and ``normal``.
         folds: stratified folds.

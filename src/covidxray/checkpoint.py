@@ -32,7 +32,7 @@ from .errors import CheckpointError, DataError
 from .models import build_model
 from .presets import Preprocess
 from .segment import LungSegmenter
-from .utils import atomic_write_bytes, atomic_write_text, read_json_object
+from .utils import atomic_write_bytes, atomic_write_text, read_json_object, read_verified
 
 __all__ = [
     "FORMAT", "save_model", "load_model", "read_model_meta", "update_model_meta", "save_state", "load_state",
@@ -256,13 +256,7 @@ def update_model_meta(path: str | os.PathLike, changes: dict[str, Any]) -> dict[
     protected = sorted({"format", "weights_file", "weights_sha256", "arch", "num_classes"} & set(changes))
     if protected:
         raise CheckpointError(f"{p}: {', '.join(protected)} describe the weights and cannot be changed in place")
-    wpath = p.parent / meta.get("weights_file", "model.safetensors")
-    try:
-        digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
-    except OSError as e:
-        raise CheckpointError(f"{wpath}: cannot read weights ({e.strerror})") from e
-    if digest != meta["weights_sha256"]:
-        raise CheckpointError(f"{wpath}: weights do not match {p.name} (SHA-256 differs); refusing to update it")
+    read_verified(p.parent / meta.get("weights_file", "model.safetensors"), meta["weights_sha256"], "weights", p.name)
     new = {**meta, **changes}
     _validate(new, p)
     try:
@@ -277,12 +271,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network described by ``model.json`` and load its safetensors weights (eval mode)."""
     meta, p = read_model_meta(path)
     wpath = p.parent / meta.get("weights_file", "model.safetensors")
-    try:
-        blob = wpath.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{wpath}: cannot read weights ({e.strerror})") from e
-    if hashlib.sha256(blob).hexdigest() != meta["weights_sha256"]:
-        raise CheckpointError(f"{wpath}: weights do not match {p.name} (SHA-256 differs); the pair was not written together")
+    blob = read_verified(wpath, meta["weights_sha256"], "weights", p.name)
     try:
         sd = st_load(blob)
     except (SafetensorError, ValueError) as e:

@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
+from .cache import readable_images
 from .calibration import calibrate, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
 from .config import TrainConfig
@@ -36,7 +37,7 @@ from .data import Sample, data_fingerprint, load_samples, make_splits, write_spl
 from .errors import CheckpointError, DataError
 from .familiarity import FILE as FAMILIARITY_FILE
 from .familiarity import WARN_ABOVE, Familiarity
-from .inference import autocast, logits_and_features, predict_probs, readable_images
+from .inference import autocast, logits_and_features, predict_probs
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
 from .report import save_predictions_csv, write_history

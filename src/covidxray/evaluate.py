@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from .cache import readable_images
 from .calibration import Calibration, calibrate, covid_probability
 from .checkpoint import resolve_data, run_dir, update_model_meta
 from .batch import expand_inputs
@@ -27,7 +28,7 @@ from .errors import DataError, ImageError
 from .familiarity import WARN_ABOVE
 from .gate import Verdict
 from .imaging import read_image
-from .inference import logits_and_features, readable_images
+from .inference import logits_and_features
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
 from .report import json_safe, write_report

@@ -27,7 +27,6 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-import matplotlib  # only the colormap registry: no pyplot, no figure state
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -144,6 +143,10 @@ def overlay_png(image: np.ndarray, cam: np.ndarray, title: str | None = None, al
     """
     if image.shape != cam.shape or image.ndim != 2:
         raise ValueError(f"overlay needs a 2-D image and a map of the same shape, got {image.shape} and {cam.shape}")
+    # matplotlib is heavy (0.4 s and 17 MB to import here) and only its colormap is used, only here: the
+    # server and the DICOM node load it with their first heat map, not at start-up (no pyplot, no figure state).
+    import matplotlib
+
     to_u8 = lambda a: (np.clip(np.nan_to_num(a), 0, 1) * 255).round().astype(np.uint8)  # noqa: E731
     grey = Image.fromarray(to_u8(image)).convert("RGB")
     heat = Image.fromarray(matplotlib.colormaps["jet"](to_u8(cam), bytes=True)[..., :3])  # uint8 in: 256-entry lookup

@@ -38,10 +38,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from .cache import readable_images
 from .checkpoint import ONNX_FORMAT, contract_path, copy_model, load_model, read_model_meta, resolve_data
 from .data import load_samples
 from .errors import CheckpointError, DataError
-from .inference import readable_images
 from .models import get_spec
 from .predictor import Predictor
 from .segment import LungSegmenter
@@ -69,21 +69,6 @@ class _WithFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.body(x).flatten(1)
         return self.head(feats), feats
-
-
-class _SegmenterGraph(nn.Module):
-    """LungNet (+ gate head): lung probabilities and, with a gate, the gate's class probabilities."""
-
-    def __init__(self, seg: LungSegmenter):
-        super().__init__()
-        self.net, self.gate = seg.net, seg.gate
-
-    def forward(self, x: torch.Tensor, extras: torch.Tensor):
-        logits, feats = self.net.forward_features(x)
-        lungs = torch.sigmoid(logits)
-        if self.gate is None:
-            return lungs
-        return lungs, torch.softmax(self.gate(feats, extras), dim=1)
 
 
 def _onnx_bytes(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], opset: int) -> bytes:
@@ -137,7 +122,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
 def _export_segmenter(seg: LungSegmenter, path: Path, opset: int) -> dict[str, str]:
     s = seg.size
     outputs = ["lungs", "gate"] if seg.gate is not None else ["lungs"]
-    blob = _onnx_bytes(_SegmenterGraph(seg), (torch.zeros(1, 1, s, s), torch.zeros(1, 2)), ["image", "extras"], outputs, opset)
+    blob = _onnx_bytes(seg.graph, (torch.zeros(1, 1, s, s), torch.zeros(1, 2)), ["image", "extras"], outputs, opset)
     atomic_write_bytes(path, blob)
     return {"file": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "segmenter_sha256": seg.sha256}
 

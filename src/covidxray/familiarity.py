@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
-from .utils import atomic_write_bytes
+from .utils import atomic_write_bytes, read_verified
 
 __all__ = ["WARN_ABOVE", "Familiarity", "FILE"]
 
@@ -75,14 +74,7 @@ class Familiarity:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, sha256: str) -> "Familiarity":
-        path = Path(folder) / FILE
-        try:
-            blob = path.read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read the familiarity statistics ({e.strerror})") from e
-        if hashlib.sha256(blob).hexdigest() != sha256:
-            raise CheckpointError(f"{path}: does not match model.json (SHA-256 differs)")
-        t = st_load(blob)
+        t = st_load(read_verified(Path(folder) / FILE, sha256, "the familiarity statistics", "model.json"))
         return cls(t["mean"], t["components"], t["variances"], t["residual"], t["reference"])
 
 

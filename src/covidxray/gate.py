@@ -13,6 +13,8 @@ confidence: a CT slice, a lateral film, a photograph or noise. Two checks run be
    is answered when P(frontal chest X-ray) reaches the gate's threshold, chosen on validation
    films so that almost every real film passes.
 
+`InputGate` is the one owner of the decision: the `Predictor` asks it, header first (no
+segmenter pass for a file that already says what it is), then the pixels. A new rule goes here.
 A refused image gets a `Verdict` with a machine-readable ``reason`` and a sentence for people.
 """
 
@@ -27,7 +29,7 @@ from torch import nn
 
 from .imaging import ImageInfo
 
-__all__ = ["GATE_CLASSES", "REASONS", "Verdict", "GateHead", "header_verdict", "pixel_verdict", "extras"]
+__all__ = ["GATE_CLASSES", "REASONS", "Verdict", "InputGate", "GateHead", "header_verdict", "pixel_verdict", "extras"]
 
 GATE_CLASSES = ("frontal", "lateral", "other_modality", "rotated", "other")
 FEATURES = 464  # LungNet.forward_features width
@@ -110,3 +112,33 @@ def pixel_verdict(probs: np.ndarray, threshold: float) -> Verdict | None:
         return None
     kind = GATE_CLASSES[1 + int(np.argmax(probs[1:]))]
     return _verdict(_PIXEL_REASON[kind], _PIXEL_DETAIL[kind], "pixels", p_frontal)
+
+
+class InputGate:
+    """Whether an image may be answered: the header rules (`header_verdict`), then the pixel head (`pixel_verdict`).
+
+    Args:
+        threshold: the pixel head's threshold on P(frontal) (from ``segmenter.json``); None when
+            there is no trained head (the header rules still apply).
+        enabled: False answers everything (research: ``--no-gate``).
+
+    Example:
+        >>> gate = InputGate(seg.gate_threshold)
+        >>> gate.header(info) or gate.pixels(seg.analyse([image], [info])[0].gate)   # None: answer it
+    """
+
+    def __init__(self, threshold: float | None, enabled: bool = True):
+        self.threshold, self.enabled = threshold, enabled
+
+    @property
+    def uses_pixels(self) -> bool:
+        """Whether `pixels` can refuse anything (else the segmenter's gate output need not be computed)."""
+        return self.enabled and self.threshold is not None
+
+    def header(self, info: ImageInfo | None) -> Verdict | None:
+        """The refusal a file's header earns (None: no header, or nothing against it)."""
+        return header_verdict(info) if self.enabled and info is not None else None
+
+    def pixels(self, probs: np.ndarray | None) -> Verdict | None:
+        """The refusal the gate head's probabilities over `GATE_CLASSES` earn (None: answer, or no head)."""
+        return pixel_verdict(probs, self.threshold) if self.uses_pixels and probs is not None else None

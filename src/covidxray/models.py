@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "get_submodule", "features"]
+__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "forward_with_features"]
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +147,13 @@ def get_spec(name: str) -> ModelSpec:
         raise CheckpointError(f"unknown architecture {name!r}; choose one of: {', '.join(REGISTRY)}") from None
 
 
-def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
-    return model.get_submodule(dotted)
+def forward_with_features(model: nn.Module, x: torch.Tensor, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and pre-logit features ``(N, D)`` from one forward pass: the features are what the head receives.
 
-
-@torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, arch: str) -> torch.Tensor:
-    """Pre-logit features ``(N, D)``: what the final linear layer (`ModelSpec.head`) receives.
-
-    The input of the registry's head layer is captured with a forward pre-hook, which works the
-    same for timm, torchvision and covidxray networks (pooled, flattened, dropout inactive in eval
-    mode), so ``head(features(model, x, arch))`` equals ``model(x)``. The model runs in eval mode;
-    each module's train/eval flag is restored afterwards.
+    The input of the registry's head layer (`ModelSpec.head`) is captured with a forward pre-hook,
+    which works the same for timm, torchvision and covidxray networks (pooled, flattened, dropout
+    inactive in eval mode), so ``head(features)`` equals the logits. The model runs as it is: the
+    caller chooses eval mode, gradients and precision (`covidxray.inference`).
 
     Args:
         model: a registry network.
@@ -166,20 +161,16 @@ def features(model: nn.Module, x: torch.Tensor, arch: str) -> torch.Tensor:
         arch: its registry name (which layer is the head).
 
     Returns:
-        float32 features on ``x``'s device.
+        ``(logits, features)`` on ``x``'s device.
     """
     head = model.get_submodule(get_spec(arch).head)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        model(x)
+        logits = model(x)
     finally:
         handle.remove()
-        for m, training in modes.items():
-            m.training = training
-    return captured[-1].float().flatten(1)
+    return logits, captured[-1].flatten(1)
 
 
 def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.Tensor]:

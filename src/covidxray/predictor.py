@@ -1,9 +1,10 @@
 """`Predictor`: the one place that loads a model for inference (CLI, Python API, REST API, DICOM listener).
 
-An image goes through the input gate first (`covidxray.gate`: the DICOM header, then the pixels),
+An image goes through the input gate first (`covidxray.gate.InputGate`: the DICOM header, then the pixels),
 so that what is not a frontal chest X-ray gets no answer instead of a confident one; then through
 the one preprocessing (`Preprocess`, cropped to the lungs when the model was trained so); then
 the classifier, whose features also give the answer's unfamiliarity (`covidxray.familiarity`).
+The networks run in PyTorch or in ONNX Runtime (`covidxray.backends`); nothing else here asks which.
 
 Example:
     >>> from covidxray.predictor import Predictor
@@ -13,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .backends import OnnxRunner, Runner, TorchRunner, onnx_file
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
 from .familiarity import Familiarity, warning
-from .gate import Verdict, header_verdict
+from .gate import InputGate, Verdict
 from .imaging import ImageInfo, read_image
-from .inference import logits_and_features
+from .inference import classifier_forward
 from .segment import LungSegmenter
 
 __all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
@@ -90,22 +91,24 @@ class Predictor:
             )
         if backend not in ("torch", "onnx", "auto"):
             raise CheckpointError(f"unknown backend {backend!r} (torch, onnx or auto)")
-        onnx_file = _onnx_file(path) if backend != "torch" else None
-        if backend == "onnx" and onnx_file is None:
+        graph = onnx_file(path) if backend != "torch" else None
+        if backend == "onnx" and graph is None:
             raise CheckpointError(f"{path}: no ONNX model here; make one with `covidxray export {path} --onnx {path}/model.onnx`")
         if threads:
             torch.set_num_threads(threads)
         self.device = default_device(device)
-        self.model: torch.nn.Module | None = None
-        self.session = None
+        self.model: torch.nn.Module | None = None  # the PyTorch network (Grad-CAM, evaluation); None under ONNX
         self.onnx_contract: dict | None = None
-        if onnx_file is not None:
-            self.session, self.meta, self.onnx_contract, contract = _onnx_session(onnx_file, threads)
-            self.backend = "onnx"
+        self.runner: Runner  # the classifier: normalised ``image`` -> logits, features
+        if graph is not None:
+            self.onnx_contract, self.meta, contract = read_onnx_contract(graph)
+            self.runner = OnnxRunner.load(graph, self.onnx_contract.get("onnx_sha256"), contract_path(graph).name, threads)
         else:
             model_, self.meta = load_model(path)
             self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
-            self.backend, contract = "torch", resolve_model_path(path)
+            self.runner = TorchRunner(classifier_forward(self.model, self.device, self.meta["arch"]), self.device)
+            contract = resolve_model_path(path)
+        self.backend = self.runner.kind
         self.preprocess = load_preprocess(self.meta, contract)
         self.folder = contract.parent  # the model's folder (PyTorch weights, segmenter, ONNX graphs)
         self.threshold = float(self.meta["threshold"])
@@ -115,12 +118,14 @@ class Predictor:
         self.segmenter: LungSegmenter | None = self.preprocess.segmenter
         if self.segmenter is None and (contract.parent / "segmenter.json").is_file():
             self.segmenter = LungSegmenter(contract.parent / "segmenter.json")
-        if self.session is not None and self.segmenter is not None:  # the whole path in ONNX Runtime, when exported
-            seg_session = _segmenter_session(self.onnx_contract, contract.parent, threads)
-            if seg_session is not None and self.onnx_contract["segmenter_onnx"].get("segmenter_sha256") == self.segmenter.sha256:
-                self.segmenter.use_onnx(seg_session)
+        entry = (self.onnx_contract or {}).get("segmenter_onnx")
+        if self.segmenter is not None and entry and entry.get("segmenter_sha256") == self.segmenter.sha256:
+            # the whole path in ONNX Runtime: the segmenter this model uses, exported beside it
+            self.segmenter.use_runner(OnnxRunner.load(self.folder / Path(entry["file"]).name, entry["sha256"],
+                                                      contract_path(graph).name, threads))
         self.gate = gate
-        self.pixel_gate = gate and self.segmenter is not None and self.segmenter.gate is not None
+        pixel_head = self.segmenter is not None and self.segmenter.gate is not None
+        self.input_gate = InputGate(self.segmenter.gate_threshold if pixel_head else None, enabled=gate)
         fam = self.meta.get("familiarity")
         self.familiarity = Familiarity.load(contract.parent, fam["sha256"]) if fam else None
 
@@ -139,23 +144,19 @@ class Predictor:
     def _gate_many(
         self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None],
     ) -> list[tuple[Verdict | None, np.ndarray | None]]:
-        """Header rules, then (one segmenter pass) the pixel gate; also the lung maps when preprocessing crops to them."""
-        out: list[tuple[Verdict | None, np.ndarray | None]] = [
-            (header_verdict(info) if self.gate and info is not None else None, None) for info in infos]
-        if not (self.pixel_gate or self.preprocess.lung_crop):
+        """The `InputGate`'s verdicts (header, then pixels from one segmenter pass); also the lung maps for the crop."""
+        out: list[tuple[Verdict | None, np.ndarray | None]] = [(self.input_gate.header(info), None) for info in infos]
+        if not (self.input_gate.uses_pixels or self.preprocess.lung_crop):
             return out
         todo = [i for i, (verdict, _) in enumerate(out) if verdict is None]
         analyses = self.segmenter.analyse([images[i] for i in todo], [infos[i] for i in todo]) if todo else []
         for i, analysis in zip(todo, analyses):
-            out[i] = (analysis.verdict if self.pixel_gate else None), analysis.lungs
+            out[i] = self.input_gate.pixels(analysis.gate), analysis.lungs
         return out
 
     def classify(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
         """P(covid) and unfamiliarity (None without familiarity statistics) for prepared uint8 images ``(N, S, S)``."""
-        if self.session is None:
-            logits, feats = logits_and_features(self.model, self.meta["arch"], images, self.preprocess, batch_size, self.device)
-        else:
-            logits, feats = self._onnx_logits(images, batch_size)
+        logits, feats = self._logits_and_features(images, batch_size)
         probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1)[:, 1].numpy()
         unfamiliar = self.familiarity(feats) if self.familiarity is not None and feats is not None and len(feats) else None
         return probs, unfamiliar
@@ -164,17 +165,14 @@ class Predictor:
         """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
         return self.classify(images, batch_size)[0]
 
-    def _onnx_logits(self, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = [o.name for o in self.session.get_outputs()]
-        logits, feats = [], []
-        for start in range(0, len(images), batch_size):
-            x = self.preprocess.to_tensor(images[start:start + batch_size]).numpy()
-            result = self.session.run(outputs, {"image": x})
-            logits.append(result[0])
-            feats.append(result[1] if len(result) > 1 else None)
-        if not logits:
+    def _logits_and_features(self, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits ``(N, 2)`` and features ``(N, D)`` (None from a graph exported without them), in batches."""
+        outputs = [self.runner(image=self.preprocess.to_tensor(images[start:start + batch_size]))
+                   for start in range(0, len(images), batch_size)]
+        if not outputs:
             return np.zeros((0, 2), np.float32), None
-        return np.concatenate(logits), (np.concatenate(feats) if feats[0] is not None else None)
+        feats = np.concatenate([out[1] for out in outputs]) if len(outputs[0]) > 1 else None
+        return np.concatenate([out[0] for out in outputs]), feats
 
     def predict(self, source: str | os.PathLike | bytes | np.ndarray, name: str | None = None) -> Prediction:
         """Classify one image given as a path, raw bytes or a decoded array.
@@ -286,49 +284,3 @@ class _PreparedFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, np.ndarray | Verdict | ImageError]:
         return _prepare(self.predictor, self.paths[i])
-
-
-def _onnx_file(path: Path) -> Path | None:
-    """The ONNX file for a run folder (int8 first, the fastest), ``model.json`` or ``.onnx`` path; None when there is none."""
-    if path.suffix == ".onnx":
-        candidates = [path]
-    elif path.is_dir():
-        candidates = [path / "model.int8.onnx", path / "model.onnx"]
-    else:
-        candidates = [path.with_suffix(".onnx")]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def _session(blob: bytes, threads: int | None):
-    import onnxruntime as ort  # heavy and only needed for the ONNX backend
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    # ONNX Runtime's threads spin for a while after each run; the lung crop, familiarity and decoding that
-    # follow in PyTorch/NumPy then fight them for the cores (measured: 51 -> 19 ms per image end to end on 2 cores).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def _checked(path: Path, sha256: str | None, contract: str) -> bytes:
-    """The bytes of an exported graph, if their SHA-256 is the one its ``contract`` (a file name) records."""
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != sha256:
-        raise CheckpointError(f"{path}: does not match its contract {contract} (SHA-256 differs); export again")
-    return blob
-
-
-def _onnx_session(onnx_file: Path, threads: int | None):
-    """``(session, model meta, contract, model.json path)`` for an exported graph, every hash checked."""
-    contract, meta, json_path = read_onnx_contract(onnx_file)
-    blob = _checked(onnx_file, contract.get("onnx_sha256"), contract_path(onnx_file).name)
-    return _session(blob, threads), meta, contract, json_path
-
-
-def _segmenter_session(contract: dict, folder: Path, threads: int | None):
-    """The exported segmenter's session, or None when the contract names none."""
-    entry = contract.get("segmenter_onnx")
-    if not entry:
-        return None
-    return _session(_checked(folder / Path(entry["file"]).name, entry["sha256"], "the contract that names it"), threads)

@@ -13,7 +13,9 @@ the classifier's (`Preprocess`: squash, histogram equalisation), at 112 px by de
 only has to place the lungs, and it must stay cheap next to the classifier.
 
 Training is in `covidxray.segment_training`; the input gate's head rides on the same encoder
-(`covidxray.gate`, `Analysis`).
+(`covidxray.gate`): `analyse` gives its probabilities, and `covidxray.gate.InputGate` decides.
+`SegmenterGraph` is the whole pass as one module: run by PyTorch here, or exported to ONNX
+(`covidxray.export`) and run by ONNX Runtime through the same `covidxray.backends.Runner` call.
 
 Example:
     >>> seg = LungSegmenter(default_model_path())    # a folder holding segmenter.json
@@ -22,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -37,15 +38,17 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load as st_load
 from torch import nn
 
+from .backends import Runner, TorchRunner
 from .errors import CheckpointError, ImageError
-from .gate import GateHead, Verdict, extras, pixel_verdict
+from .gate import GateHead, extras
 from .imaging import ImageInfo, load_image
 from .models import build_model
 from .presets import Preprocess, lung_box
-from .utils import atomic_write_bytes, atomic_write_json, read_json_object, unique_stem
+from .utils import atomic_write_bytes, atomic_write_json, read_json_object, read_verified, unique_stem
 
 __all__ = [
-    "LungNet", "LungSegmenter", "Analysis", "dice", "full_mask", "lung_box", "overlay_png", "segment_files", "SEGMENTER_FORMAT",
+    "LungNet", "LungSegmenter", "SegmenterGraph", "Analysis", "dice", "full_mask", "lung_box", "overlay_png", "segment_files",
+    "SEGMENTER_FORMAT",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,20 +128,34 @@ def dice(prob: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, thr
     return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
 
 
+class SegmenterGraph(nn.Module):
+    """LungNet (+ gate head): lung probabilities and, with a gate, the gate's class probabilities, from one pass."""
+
+    def __init__(self, net: LungNet, gate: GateHead | None):
+        super().__init__()
+        self.net, self.gate = net, gate
+
+    def forward(self, image: torch.Tensor, extras: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = self.net.forward_features(image)
+        lungs = torch.sigmoid(logits)
+        if self.gate is None:
+            return lungs
+        return lungs, torch.softmax(self.gate(feats, extras), dim=1)
+
+
 @dataclass(frozen=True)
 class Analysis:
-    """What one pass of the segmenter says about an image: where the lungs are and whether to answer."""
+    """What one pass of the segmenter says about an image: where the lungs are, and what kind of picture it is."""
 
     lungs: np.ndarray  # P(lung) per pixel, size x size
     gate: np.ndarray | None  # probabilities over covidxray.gate.GATE_CLASSES (None: no gate trained)
-    verdict: Verdict | None  # the pixel gate's refusal, None when the image may be answered
 
 
 class LungSegmenter:
     """A trained `LungNet` with its preprocessing, loaded from ``segmenter.safetensors`` + ``segmenter.json``.
 
-    When the JSON has a ``gate`` section, the same file holds the input gate's head (`GateHead`,
-    tensors ``gate.*``) and `analyse` also decides whether an image is a frontal chest X-ray.
+    When the JSON has a ``gate`` section, its head (`GateHead`, in its own file) is loaded too and
+    `analyse` also gives the gate's probabilities (`covidxray.gate.InputGate` turns them into a verdict).
 
     Args:
         path: the folder holding the pair, or the JSON file.
@@ -150,9 +167,8 @@ class LungSegmenter:
         if not json_path.is_file():
             raise CheckpointError(f"{json_path}: no lung segmenter here (expected segmenter.json and segmenter.safetensors)")
         self.meta = _read_meta(json_path)
-        blob = (json_path.parent / self.meta["weights_file"]).read_bytes()
-        if hashlib.sha256(blob).hexdigest() != self.meta["weights_sha256"]:
-            raise CheckpointError(f"{json_path}: the segmenter weights do not match (SHA-256 differs)")
+        blob = read_verified(json_path.parent / self.meta["weights_file"], self.meta["weights_sha256"], "the segmenter weights",
+                             json_path.name)
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG as it was
             self.net = LungNet(pretrained=False)
             self.gate: GateHead | None = GateHead(self.meta["gate"]["hidden"]) if "gate" in self.meta else None
@@ -160,23 +176,22 @@ class LungSegmenter:
         self._files = {self.meta["weights_file"]: blob}
         if self.gate is not None:  # the input gate's head, in its own file (covidxray.gate_training)
             gate = self.meta["gate"]
-            gate_blob = (json_path.parent / Path(gate["weights_file"]).name).read_bytes()
-            if hashlib.sha256(gate_blob).hexdigest() != gate["sha256"]:
-                raise CheckpointError(f"{json_path}: the gate weights do not match (SHA-256 differs)")
+            gate_blob = read_verified(json_path.parent / Path(gate["weights_file"]).name, gate["sha256"], "the gate weights",
+                                      json_path.name)
             self.gate.load_state_dict(st_load(gate_blob), strict=True)
             self.gate.eval()
             self.gate_threshold = float(gate["threshold"])
             self._files[Path(gate["weights_file"]).name] = gate_blob
         self.device = torch.device(device)
-        self.session = None  # an ONNX Runtime session of the same network, when `use_onnx` attached one
-        self.net.to(self.device).eval()
+        self.graph = SegmenterGraph(self.net, self.gate).to(self.device).eval()
+        self.runner: Runner = TorchRunner(self.graph, self.device)  # or the exported graph: `use_runner`
         self.preprocess = Preprocess(**self.meta["preprocess"])
         self.size = self.preprocess.size
         self.sha256 = self.meta["weights_sha256"]
 
-    def use_onnx(self, session: Any) -> None:
-        """Run `analyse` through an ONNX Runtime session of this segmenter (`covidxray.export`; hash checked there)."""
-        self.session = session
+    def use_runner(self, runner: Runner) -> None:
+        """Run `analyse` through ``runner``, e.g. the exported `SegmenterGraph` of this segmenter in ONNX Runtime."""
+        self.runner = runner
 
     def copy_to(self, folder: str | os.PathLike) -> None:
         """Write this segmenter's weights (and its gate's) and JSON into ``folder`` (atomically), e.g. into a run."""
@@ -189,22 +204,14 @@ class LungSegmenter:
         """P(lung) per pixel of one decoded image (float in [0, 1]), at the network's ``size x size``."""
         return self.analyse([image], [None])[0].lungs
 
-    @torch.no_grad()
     def analyse(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Analysis]:
-        """Lung maps and, with a gate, the gate's probabilities and verdict for decoded images, in one batch."""
+        """Lung maps and, with a gate, the gate's probabilities for decoded images, in one batch (one pass)."""
         prepared = np.stack([self.preprocess.prepare(im) for im in images])
         x = self.preprocess.to_tensor(torch.from_numpy(prepared))
         extra = torch.from_numpy(np.stack([extras(im.shape, info) for im, info in zip(images, infos)]))
-        if self.session is not None:  # the exported graph (covidxray.export): same network, ONNX Runtime
-            outputs = self.session.run(None, {"image": x.numpy(), "extras": extra.numpy()})
-            lungs, probs = outputs[0][:, 0], (outputs[1] if self.gate is not None else None)
-        else:
-            logits, feats = self.net.forward_features(x.to(self.device))
-            lungs = torch.sigmoid(logits).float().cpu().numpy()[:, 0]
-            probs = torch.softmax(self.gate(feats, extra.to(self.device)), dim=1).float().cpu().numpy() if self.gate else None
-        if probs is None:
-            return [Analysis(lung, None, None) for lung in lungs]
-        return [Analysis(lung, p, pixel_verdict(p, self.gate_threshold)) for lung, p in zip(lungs, probs)]
+        outputs = self.runner(image=x, extras=extra)
+        probs = outputs[1] if self.gate is not None else [None] * len(images)
+        return [Analysis(lung, p) for lung, p in zip(outputs[0][:, 0], probs)]
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

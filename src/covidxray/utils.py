@@ -10,8 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_csv_rows", "read_json_object",
-           "unique_stem"]
+from .errors import CheckpointError
+
+__all__ = [
+    "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_verified", "read_csv_rows",
+    "read_json_object", "unique_stem",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:
@@ -62,6 +66,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_verified(path: str | os.PathLike, sha256: str | None, what: str, recorded_in: str) -> bytes:
+    """The bytes of ``path``, if their SHA-256 is ``sha256`` (the hash ``recorded_in`` holds for them).
+
+    Every shipped artefact (weights, gate, familiarity statistics, ONNX graphs) is read through
+    here, whole and once, so the bytes checked are the bytes used.
+
+    Args:
+        path: the file.
+        sha256: its expected hex digest (None never matches).
+        what: what the file is, for the message (``"weights"``, ``"the gate weights"``, ...).
+        recorded_in: the file that records the hash (``"model.json"``, ...).
+
+    Raises:
+        CheckpointError: the file cannot be read, or its hash differs; the message names the file.
+    """
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e.strerror})") from e
+    if hashlib.sha256(blob).hexdigest() != sha256:
+        raise CheckpointError(f"{path}: {what} do not match {recorded_in} (SHA-256 differs); the files were not written "
+                              "together: copy or export the model again")
+    return blob
 
 
 def read_csv_rows(path: str | os.PathLike, columns: set[str], what: str) -> list[dict[str, str]]:
