@@ -54,3 +54,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (`tests/postgres.py`); ``new_database()`` gives a test its own."""
+    from postgres import HINT, PostgresServer
+
+    try:
+        server = PostgresServer().start()
+    except FileNotFoundError:
+        pytest.fail(HINT)
+    try:
+        yield server
+    finally:
+        server.stop()

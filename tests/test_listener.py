@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pydicom.data
 import pytest
 from pydicom import dcmread, uid
@@ -158,6 +159,27 @@ def test_patient_data_never_reaches_the_database_the_results_or_the_log(node, fi
         assert secret.encode() not in stored and secret.encode("utf-16-le") not in stored, secret
         assert secret not in out.out + out.err and secret not in caplog.text, secret
     assert films[0].SOPInstanceUID in out.out  # the outputs did run
+
+
+def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path):
+    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)."""
+    url = postgres.new_database()
+    listener = Listener(ListenerConfig(db=url, spool=str(tmp_path / "spool"), port=0, heatmaps=True), predictor).start()
+    try:
+        assert send_datasets(films[:3] + films[:1], _to(listener), "SENDER") == [0, 0, 0, 0]
+        assert listener.wait_idle(IDLE_TIMEOUT_S)
+        assert sorted(r.sop_instance_uid for r in listener.store.recent()) == sorted(ds.SOPInstanceUID for ds in films[:3])
+        assert len(listener.store.has_heatmaps(ds.SOPInstanceUID for ds in films[:3])) == 3
+    finally:
+        listener.stop()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CHECKPOINT")  # everything written reaches the table files
+        oid = db.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    files = [*(postgres.home / "data" / "base" / str(oid)).iterdir(), *(postgres.home / "data" / "pg_wal").glob("0*")]
+    stored = b"".join(p.read_bytes() for p in files if p.is_file())
+    assert films[0].SOPInstanceUID.encode() in stored  # the search does see the rows
+    for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "ACC4242", "19600101"):
+        assert secret.encode() not in stored, secret
 
 
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):

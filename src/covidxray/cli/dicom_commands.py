@@ -10,6 +10,7 @@ import sys
 import threading
 
 from .. import DISCLAIMER
+from ..results_base import redact
 
 __all__ = ["register"]
 
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     li.add_argument("--port", type=int, default=11112, help="DICOM port (default 11112)")
     li.add_argument("--ae-title", default="COVIDXRAY", help="this node's AE title, which senders must call (default COVIDXRAY)")
-    li.add_argument("--db", required=True, help="results database: a file path or sqlite:///PATH (created when missing)")
+    li.add_argument("--db", required=True, help="results database: a file path or sqlite:///PATH (created when missing), or postgresql://USER@HOST/DB "
+                                                  "(tables created when missing; needs --spool)")
     li.add_argument("--spool", metavar="DIR", help="received instances wait here until recorded (default: DB.spool)")
     li.add_argument("--model", help="run folder or model.json (default: the bundled model)")
     li.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"],
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.set_defaults(func=cmd_listen)
 
     re = sub.add_parser("results", help="what the listener recorded (no patient data): table, JSON lines or CSV")
-    re.add_argument("--db", required=True, help="results database (file path or sqlite:///PATH)")
+    re.add_argument("--db", required=True, help="results database (file path, sqlite:///PATH or postgresql://USER@HOST/DB)")
     re.add_argument("--since", help="received at or after: ISO date/time (2024-03-01, 2024-03-01T08:00Z) or an age (30m, 24h, 7d)")
     re.add_argument("--limit", type=int, help="newest N rows only")
     re.add_argument("--format", choices=["table", "json", "csv"], default="table", help="json: one object per line")
@@ -57,7 +59,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     listener = Listener(config).start()
-    print(f"covidxray: listening as {config.ae_title} on {config.host}:{listener.port}, results in {config.db}"
+    print(f"covidxray: listening as {config.ae_title} on {config.host}:{listener.port}, results in {redact(config.db)}"
           f"{f', reports to {config.send_to}' if config.send_to else ''}; Ctrl-C stops. {DISCLAIMER}", flush=True)
     try:
         stop.wait()

@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser calls from this origin (repeatable; default: none)")
     sv.add_argument("--threads", type=int, help="model intra-op threads (default: the library's; 1 is faster on a busy machine)")
-    sv.add_argument("--db", help="results database of `covidxray listen` (path or sqlite:///PATH): GET /v1/results and "
+    sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
     sv.set_defaults(func=cmd_serve)
 
