@@ -13,6 +13,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -30,6 +32,7 @@ from covidxray.dicomnode.worker import classify_batch
 from covidxray.errors import DicomNodeError
 from covidxray.predictor import Predictor
 from covidxray.results import open_results, utc_now
+from test_telemetry import samples
 
 IDLE_TIMEOUT_S = 120  # everything sent is recorded well within this, even with other work on the two cores
 
@@ -180,6 +183,32 @@ def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Pre
     assert films[0].SOPInstanceUID.encode() in stored  # the search does see the rows
     for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "ACC4242", "19600101"):
         assert secret.encode() not in stored, secret
+
+
+def test_metrics_agree_with_the_database_and_hold_no_patient_data(node, films):
+    listener = node(http_port=0)
+    no_pixels = _fresh(films[0])
+    del no_pixels.PixelData
+    ct = dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
+    sent = [*films[:3], _fresh(films[1], ViewPosition="LL"), no_pixels, ct, films[0]]  # the last one a resend
+    assert send_datasets(sent, _to(listener), "SENDER") == [0] * len(sent)
+    assert listener.wait_idle(IDLE_TIMEOUT_S)
+    base = f"http://127.0.0.1:{listener.http_port}"
+    with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    got = samples(text)
+    rows = listener.store.recent()
+    assert len(rows) == 6 and got[("covidxray_dicom_received_total", ())] == 7
+    for label, n in Counter(r.label for r in rows).items():
+        assert got[("covidxray_answers_total", (("label", label),))] == n, label
+    for reason, n in Counter(r.reason for r in rows if r.label == "not_answered").items():
+        assert got[("covidxray_input_gate_refusals_total", (("reason", reason),))] == n, reason
+    assert got[("covidxray_errors_total", (("code", "no_pixel_data"),))] == 1
+    assert got[("covidxray_spool_files", ())] == 0 and got[("covidxray_spool_oldest_seconds", ())] == 0
+    for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "19600101", films[0].SOPInstanceUID):
+        assert secret not in text, secret
 
 
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):

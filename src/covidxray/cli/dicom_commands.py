@@ -38,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--secondary-capture", action="store_true",
                     help="with --send-to: also send the heat map as a Secondary Capture (implies --heatmaps)")
     li.add_argument("--max-associations", type=int, default=16, help="concurrent senders (default 16)")
+    li.add_argument("--http-port", type=int, metavar="PORT",
+                    help="serve /metrics (Prometheus) and /healthz on this port, same --host (default: none)")
     li.set_defaults(func=cmd_listen)
 
     re = sub.add_parser("results", help="what the listener recorded (no patient data): table, JSON lines or CSV")
@@ -55,12 +57,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = ListenerConfig(db=args.db, host=args.host, port=args.port, ae_title=args.ae_title, spool=args.spool,
                             model=args.model, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
                             heatmaps=args.heatmaps, send_to=args.send_to, secondary_capture=args.secondary_capture,
-                            max_associations=args.max_associations)
+                            max_associations=args.max_associations, http_port=args.http_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     listener = Listener(config).start()
     print(f"covidxray: listening as {config.ae_title} on {config.host}:{listener.port}, results in {redact(config.db)}"
-          f"{f', reports to {config.send_to}' if config.send_to else ''}; Ctrl-C stops. {DISCLAIMER}", flush=True)
+          f"{f', reports to {config.send_to}' if config.send_to else ''}"
+          f"{f', metrics on http://{config.host}:{listener.http_port}/metrics' if listener.http_port else ''}"
+          f"; Ctrl-C stops. {DISCLAIMER}", flush=True)
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ from pynetdicom import sop_class as sc
 from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
+from ..telemetry import Telemetry, serve_http
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
 from .worker import Classified, classify_batch, read_header
@@ -79,6 +80,7 @@ class ListenerConfig:
     secondary_capture: bool = False  # with send_to: also send the heat map as a Secondary Capture
     max_associations: int = 16  # concurrent senders
     timeout_s: float = 60.0  # network, ACSE and DIMSE timeouts
+    http_port: int | None = None  # serve /metrics and /healthz on this port (0: any free one; None: no HTTP)
 
     def spool_folder(self) -> Path:
         if self.spool:
@@ -129,6 +131,9 @@ class Listener:
         self.spool = Spool(config.spool_folder())
         self.store = open_results(config.db)
         self.stats: Counter[str] = Counter()
+        self.telemetry = Telemetry()
+        self.telemetry.watch_spool(lambda: len(self.spool.pending()), self.spool.oldest_age_s)
+        self._http = None
         self._work: queue.Queue[tuple[str, Path, str] | None] = queue.Queue()
         self._reports: queue.Queue[tuple[Classified, int] | None] = queue.Queue()
         self._pending = 0  # instances queued and not yet finished (recorded and, with send_to, reported)
@@ -177,13 +182,26 @@ class Listener:
         except OSError as exc:
             self.stop()
             raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
+        if self.config.http_port is not None:
+            self._http = serve_http(self.telemetry, self.config.host, self.config.http_port, self._healthy)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.http_port)
         log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.predictor.name)
         return self
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of ``/metrics`` and ``/healthz`` (None without ``http_port``)."""
+        return self._http.server_address[1] if self._http is not None else None
+
+    def _healthy(self) -> bool:
+        return not self._stopping.is_set() and all(thread.is_alive() for thread in self._threads)
 
     def stop(self, timeout_s: float = 60) -> None:
         """Close the port, finish the batch in hand, and stop; what is still spooled waits for the next start."""
         if self._server is not None:
             self._server.shutdown()
+        if self._http is not None:
+            self._http.shutdown()
         self._stopping.set()
         self._work.put(None)
         self._reports.put(None)
@@ -204,6 +222,7 @@ class Listener:
             path = self.spool.put(sop_uid, event.encoded_dataset())
         except OSError as exc:
             log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
+            self.telemetry.refused.labels("spool_write_failed").inc()
             return 0xA700  # out of resources: the sender keeps the instance and may retry
         self._enqueue(sop_uid, path, utc_now(), received=True)
         return 0x0000
@@ -212,6 +231,8 @@ class Listener:
         with self._idle:  # association threads call this concurrently
             self._pending += 1
             self.stats["received"] += received
+        if received:
+            self.telemetry.received.inc()
         self._work.put((sop_uid, path, received_at))
 
     def _finished(self, n: int) -> None:
@@ -246,6 +267,8 @@ class Listener:
             done.append(Classified(path, row, read_header(path) if row.report_status is None else None,
                                    self.store.heatmap(sop)))
         labels = Counter(c.row.reason or c.row.label for c in done[:len(fresh)])
+        for c in done[:len(fresh)]:
+            self.telemetry.answer(c.row.label, c.row.reason)
         self.stats.update(recorded=added, duplicates=len(batch) - added, **{f"label_{k}": v for k, v in labels.items()})
         log.info("recorded %d instances (%s; %d already known) in %.2f s", added,
                  ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "-", len(batch) - added,
@@ -307,5 +330,6 @@ class Listener:
     def _report_done(self, c: Classified, status: str) -> None:
         self.store.set_report_status(c.row.sop_instance_uid, status)
         self.stats["reports_sent" if status == "sent" else "reports_failed"] += 1
+        self.telemetry.reports.labels("sent" if status == "sent" else "failed").inc()
         self.spool.remove(c.path)
         self._finished(1)

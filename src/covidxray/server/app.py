@@ -20,8 +20,10 @@ from .. import DISCLAIMER, __version__
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
 from ..results import open_results
+from ..telemetry import Telemetry
 from .api_errors import ApiError, error_body, error_response
 from .middleware import RequestContext
+from .ops_routes import RequestMetrics, metrics_router
 from .results_routes import results_router
 from .schemas import ERRORS, BatchOut, PredictionOut, upload_body
 from .service import Service
@@ -117,6 +119,8 @@ def create_app(
         description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
     )
     app.state.service = service
+    app.state.telemetry = telemetry = Telemetry()
+    app.include_router(metrics_router(telemetry))
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -207,5 +211,6 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.add_middleware(RequestContext)  # added last, so it is the outermost: every response gets the ID
     return app
