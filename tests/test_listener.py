@@ -211,6 +211,50 @@ def test_metrics_agree_with_the_database_and_hold_no_patient_data(node, films):
         assert secret not in text, secret
 
 
+def _associate(listener: Listener, calling_ae: str):
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(dicoms.CR_IMAGE, uid.ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", listener.port, ae_title=listener.config.ae_title)
+
+
+def _refused(listener: Listener) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{listener.http_port}/metrics", timeout=10) as r:
+        got = samples(r.read().decode())
+    return {labels[0][1]: v for (name, labels), v in got.items() if name == "covidxray_dicom_refused_total"}
+
+
+def test_a_calling_ae_not_on_the_allow_list_is_rejected(node, films):
+    listener = node(allow_ae=("PACS", "CR_ROOM_2"), http_port=0)
+    assoc = _associate(listener, "INTRUDER")
+    assert assoc.is_rejected and not assoc.is_established
+    assert (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x01, 0x03)  # permanent, unknown caller
+    assert send_datasets(films[:1], _to(listener), "PACS") == [0]
+    assert listener.wait_idle(IDLE_TIMEOUT_S)
+    assert [r.sop_instance_uid for r in listener.store.recent()] == [films[0].SOPInstanceUID]
+    assert _refused(listener) == {"calling_ae_not_allowed": 1}
+
+
+def test_a_full_disk_refuses_instead_of_acknowledging(node, films):
+    """"Full": the free-space threshold set above the disk's free space. Nothing is acknowledged, spooled or recorded."""
+    listener = node(http_port=0)
+    assoc = _associate(listener, "PACS")  # opened while there is room
+    assert assoc.is_established
+    listener.guard.min_free_mb = listener.guard.free_mb() + 10**9  # the disk "fills" meanwhile
+    assert assoc.send_c_store(films[0]).Status == 0xA700  # out of resources: the PACS keeps it and retries
+    assoc.release()
+    assoc = _associate(listener, "PACS")
+    assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x02, 0x01)
+    assert listener.spool.pending() == [] and listener.store.recent() == [] and listener.stats["received"] == 0
+    assert _refused(listener) == {"low_disk_space": 2}
+
+
+def test_an_instance_over_the_size_limit_is_refused(node, films):
+    listener = node(max_instance_mb=0.01, http_port=0)  # 10 KiB: any film is larger
+    assert send_datasets(films[:1], _to(listener), "PACS") == [0xA700]
+    assert listener.spool.pending() == [] and listener.store.recent() == []
+    assert _refused(listener) == {"instance_too_large": 1}
+
+
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):
     spool = Spool(tmp_path / "results.db.spool")  # where the listener below keeps its spool
     for ds in films[:3]:
@@ -266,6 +310,7 @@ def test_an_unreachable_pacs_is_recorded_as_a_failed_report(node, films, monkeyp
     ({"send_to": "A\\B@host:104"}, "not an AE title"),
     ({"ae_title": "THIS-TITLE-IS-TOO-LONG"}, "not an AE title"),
     ({"secondary_capture": True}, "needs --send-to"),
+    ({"allow_ae": ("PACS", "BAD\\TITLE")}, "--allow-ae: 'BAD.*not an AE title"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(bad: dict, match: str, tmp_path: Path):
     with pytest.raises(DicomNodeError, match=match):

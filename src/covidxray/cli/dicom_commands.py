@@ -38,6 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--secondary-capture", action="store_true",
                     help="with --send-to: also send the heat map as a Secondary Capture (implies --heatmaps)")
     li.add_argument("--max-associations", type=int, default=16, help="concurrent senders (default 16)")
+    li.add_argument("--allow-ae", metavar="A,B", type=_names, default=(),
+                    help="only these calling AE titles may send (default: any); others are rejected")
+    li.add_argument("--allow-host", metavar="IP,IP", type=_names, default=(),
+                    help="only these peer addresses may send (default: any)")
+    li.add_argument("--min-free-mb", type=float, default=100.0,
+                    help="refuse associations and instances while the spool's disk has less free space (default 100)")
+    li.add_argument("--max-instance-mb", type=float, default=1024.0, help="refuse larger instances (default 1024)")
     li.add_argument("--http-port", type=int, metavar="PORT",
                     help="serve /metrics (Prometheus) and /healthz on this port, same --host (default: none)")
     li.set_defaults(func=cmd_listen)
@@ -50,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     re.set_defaults(func=cmd_results)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """``A,B`` as ``("A", "B")``."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     """Run the DICOM node until SIGTERM or Ctrl-C; what is still spooled is processed at the next start."""
     from ..dicomnode import Listener, ListenerConfig
@@ -57,7 +69,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     config = ListenerConfig(db=args.db, host=args.host, port=args.port, ae_title=args.ae_title, spool=args.spool,
                             model=args.model, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
                             heatmaps=args.heatmaps, send_to=args.send_to, secondary_capture=args.secondary_capture,
-                            max_associations=args.max_associations, http_port=args.http_port)
+                            max_associations=args.max_associations, http_port=args.http_port,
+                            allow_ae=args.allow_ae, allow_hosts=args.allow_host, min_free_mb=args.min_free_mb,
+                            max_instance_mb=args.max_instance_mb)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     listener = Listener(config).start()

@@ -37,6 +37,7 @@ from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
 from ..telemetry import Telemetry, serve_http
+from .guard import Guard
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
 from .worker import Classified, classify_batch, read_header
@@ -81,6 +82,10 @@ class ListenerConfig:
     max_associations: int = 16  # concurrent senders
     timeout_s: float = 60.0  # network, ACSE and DIMSE timeouts
     http_port: int | None = None  # serve /metrics and /healthz on this port (0: any free one; None: no HTTP)
+    allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to send (empty: any)
+    allow_hosts: tuple[str, ...] = ()  # peer IP addresses allowed to send (empty: any)
+    min_free_mb: float = 100.0  # refuse while the spool's disk has less free space (MiB)
+    max_instance_mb: float | None = 1024.0  # refuse larger instances (MiB; None: no limit)
 
     def spool_folder(self) -> Path:
         if self.spool:
@@ -129,6 +134,8 @@ class Listener:
         self.predictor = predictor
         self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
         self.spool = Spool(config.spool_folder())
+        self.guard = Guard(self.spool.folder, frozenset(config.allow_ae), frozenset(config.allow_hosts),
+                           config.min_free_mb, config.max_instance_mb)
         self.store = open_results(config.db)
         self.stats: Counter[str] = Counter()
         self.telemetry = Telemetry()
@@ -178,7 +185,8 @@ class Listener:
         ae.add_supported_context(sc.Verification)  # C-ECHO, as PACS use to test a node
         try:
             self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                           evt_handlers=[(evt.EVT_REQUESTED, self._on_requested),
+                                                         (evt.EVT_C_STORE, self._on_store)])
         except OSError as exc:
             self.stop()
             raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
@@ -216,8 +224,22 @@ class Listener:
 
     # ------------------------------------------------------------------------------------ receiving
 
+    def _on_requested(self, event: evt.Event) -> None:
+        calling_ae, host = str(event.assoc.requestor.primitive.calling_ae_title).strip(), event.assoc.requestor.address
+        refusal = self.guard.association(calling_ae, host)  # before negotiation: the requestor's fields are not set yet
+        if refusal is not None:
+            log.warning("refused an association from %s at %s: %s", calling_ae, host, refusal.reason)
+            self.telemetry.refused.labels(refusal.reason).inc()
+            event.assoc.acse.send_reject(*refusal.reject)
+            event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the A-ASSOCIATE-RJ, then stops
+
     def _on_store(self, event: evt.Event) -> int:
         sop_uid = str(event.request.AffectedSOPInstanceUID)
+        refusal = self.guard.instance(event.request.DataSet.getbuffer().nbytes)
+        if refusal is not None:  # the sender keeps the instance and hears why
+            log.warning("refused an instance from %s: %s (0xA700)", event.assoc.requestor.ae_title, refusal.reason)
+            self.telemetry.refused.labels(refusal.reason).inc()
+            return 0xA700
         try:
             path = self.spool.put(sop_uid, event.encoded_dataset())
         except OSError as exc:
