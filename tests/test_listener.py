@@ -357,3 +357,52 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     assert len(recorded) == len(set(recorded))  # and nothing is recorded twice
     assert set(recorded) <= {ds.SOPInstanceUID for ds in stream}
     assert "resuming" in (tmp_path / "second.log").read_text()
+
+
+# ------------------------------------------------------------------ several listeners, one PostgreSQL
+
+
+@pytest.mark.slow
+def test_two_listeners_share_one_postgresql_and_survive_a_kill_9(postgres, films, predictor: Predictor, tmp_path: Path):
+    """Two listeners on one database, 40 instances, 4 of them sent to both; one is killed (SIGKILL) mid-stream.
+
+    ``a`` is a ``covidxray listen`` process (to be killed); ``b``, and ``a`` again after the kill on
+    the same spool, run in this process with the already loaded model (a process start is seconds).
+    """
+    url = postgres.new_database()
+
+    def in_process(name: str) -> Listener:
+        config = ListenerConfig(db=url, spool=str(tmp_path / name), port=0, batch_size=4)
+        return Listener(config, predictor=predictor).start()
+
+    stream = [_fresh(films[i % len(films)]) for i in range(40)]
+    to_a, to_b = stream[:20] + stream[20:22], stream[20:] + stream[:2]  # 10 % reach both listeners
+    a, port_a = dicoms.start_listen(url, tmp_path / "a.log", "--spool", str(tmp_path / "a"), "--batch-size", "4",
+                                    "--threads", "1")
+    b = in_process("b")
+    acknowledged: list = []
+    senders = [threading.Thread(target=dicoms.store_each, args=(items, port, uid.ExplicitVRLittleEndian, acknowledged))
+               for items, port in ((to_a, port_a), (to_b, b.port))]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 120
+    while not (len(acknowledged) >= 12 and list((tmp_path / "a").glob("*.dcm"))) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(a.pid, signal.SIGKILL)  # some of what a acknowledged is not recorded yet
+    a.wait(30)
+    left_at_kill = len(list((tmp_path / "a").glob("*.dcm")))
+    for sender in senders:
+        sender.join(120)
+    restarted = in_process("a")  # the same spool: it resumes what the killed one acknowledged
+    try:
+        assert restarted.wait_idle(IDLE_TIMEOUT_S) and b.wait_idle(IDLE_TIMEOUT_S)
+        rows = b.store.recent()
+    finally:
+        restarted.stop()
+        b.stop()
+    acknowledged = {ds.SOPInstanceUID for ds in acknowledged}
+    recorded = [r.sop_instance_uid for r in rows]
+    assert acknowledged <= set(recorded) and len(acknowledged) > 20  # nothing acknowledged is lost
+    assert len(recorded) == len(set(recorded)) and set(recorded) <= {ds.SOPInstanceUID for ds in stream}
+    assert left_at_kill > 0 and restarted.spool.pending() == [] and b.stats["recorded"] > 0
+    assert "could not record" not in (tmp_path / "a.log").read_text()  # the shared instances met no conflict error
