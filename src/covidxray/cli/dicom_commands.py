@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--heatmaps", action="store_true",
                     help="store a Grad-CAM heat map per answered instance for the results list (one backward pass each)")
     li.add_argument("--send-to", metavar="AE@HOST:PORT", help="send a structured report per instance to this node (a PACS)")
+    li.add_argument("--send-to-dicomweb", metavar="URL",
+                    help="or send the reports by DICOMweb STOW-RS to this root URL (e.g. http://pacs:8042/dicom-web)")
     li.add_argument("--secondary-capture", action="store_true",
                     help="with --send-to: also send the heat map as a Secondary Capture (implies --heatmaps)")
     li.add_argument("--max-associations", type=int, default=16, help="concurrent senders (default 16)")
@@ -68,7 +70,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
     config = ListenerConfig(db=args.db, host=args.host, port=args.port, ae_title=args.ae_title, spool=args.spool,
                             model=args.model, backend=args.backend, threads=args.threads, batch_size=args.batch_size,
-                            heatmaps=args.heatmaps, send_to=args.send_to, secondary_capture=args.secondary_capture,
+                            heatmaps=args.heatmaps, send_to=args.send_to, send_to_dicomweb=args.send_to_dicomweb,
+                            secondary_capture=args.secondary_capture,
                             max_associations=args.max_associations, http_port=args.http_port,
                             allow_ae=args.allow_ae, allow_hosts=args.allow_host, min_free_mb=args.min_free_mb,
                             max_instance_mb=args.max_instance_mb)

@@ -37,6 +37,7 @@ from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
 from ..telemetry import Telemetry, serve_http
+from .dicomweb import DicomWeb, stow
 from .guard import Guard
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
@@ -78,6 +79,7 @@ class ListenerConfig:
     batch_size: int = 32  # most instances per model call
     heatmaps: bool = False  # store a Grad-CAM overlay per answered instance (a backward pass each)
     send_to: str | None = None  # AE@HOST:PORT that gets a structured report per instance
+    send_to_dicomweb: str | None = None  # or a DICOMweb root URL that gets them by STOW-RS
     secondary_capture: bool = False  # with send_to: also send the heat map as a Secondary Capture
     max_associations: int = 16  # concurrent senders
     timeout_s: float = 60.0  # network, ACSE and DIMSE timeouts
@@ -127,9 +129,13 @@ class Listener:
     def __init__(self, config: ListenerConfig, predictor: Predictor | None = None):
         check_ae_title(config.ae_title, "--ae-title")
         self.config = config
-        self.destination = Destination.parse(config.send_to) if config.send_to else None
+        if config.send_to and config.send_to_dicomweb:
+            raise DicomNodeError("give --send-to or --send-to-dicomweb, not both")
+        self.destination: Destination | DicomWeb | None = (
+            Destination.parse(config.send_to) if config.send_to else
+            DicomWeb.parse(config.send_to_dicomweb) if config.send_to_dicomweb else None)
         if config.secondary_capture and not self.destination:
-            raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT")
+            raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT (or --send-to-dicomweb URL)")
         self.heatmaps = config.heatmaps or config.secondary_capture
         self.predictor = predictor
         self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
@@ -327,7 +333,8 @@ class Listener:
         if not datasets:
             return
         try:
-            statuses = send_datasets(datasets, self.destination, self.config.ae_title, self.config.timeout_s)
+            statuses = (stow(datasets, self.destination, self.config.timeout_s) if isinstance(self.destination, DicomWeb)
+                        else send_datasets(datasets, self.destination, self.config.ae_title, self.config.timeout_s))
         except DicomNodeError as exc:
             statuses, error = [None] * len(datasets), str(exc)
         else:
