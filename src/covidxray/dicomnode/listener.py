@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000,
@@ -70,7 +71,7 @@ class ListenerConfig:
 
     db: str  # results database: a file path or sqlite:///PATH
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
-    port: int = 11112  # DICOM port (0: any free one; 104 needs root)
+    port: int | None = 11112  # DICOM port (0: any free one; 104 needs root; None: none, DICOMweb STOW-RS only)
     ae_title: str = "COVIDXRAY"  # this node's AE title; senders must call it
     spool: str | None = None  # folder for received instances until recorded (default: DB path + ".spool")
     model: str | None = None  # run folder or model.json (None: the bundled model)
@@ -181,6 +182,14 @@ class Listener:
             self._threads.append(threading.Thread(target=self._report_loop, name="covidxray-reporter", daemon=True))
         for thread in self._threads:
             thread.start()
+        if self.config.port is not None:
+            self._open_dicom_port()
+        if self.config.http_port is not None:
+            self._http = serve_http(self.telemetry, self.config.host, self.config.http_port, self._healthy)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.http_port)
+        return self
+
+    def _open_dicom_port(self) -> None:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.require_called_aet = True
@@ -196,11 +205,7 @@ class Listener:
         except OSError as exc:
             self.stop()
             raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
-        if self.config.http_port is not None:
-            self._http = serve_http(self.telemetry, self.config.host, self.config.http_port, self._healthy)
-            log.info("metrics on http://%s:%d/metrics", self.config.host, self.http_port)
         log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.predictor.name)
-        return self
 
     @property
     def http_port(self) -> int | None:
@@ -240,14 +245,25 @@ class Listener:
             event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the A-ASSOCIATE-RJ, then stops
 
     def _on_store(self, event: evt.Event) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        refusal = self.guard.instance(event.request.DataSet.getbuffer().nbytes)
+        return self.accept(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset, event.assoc.requestor.ae_title,
+                           event.request.DataSet.getbuffer().nbytes)
+
+    def accept(self, sop_uid: str, encoded: Callable[[], bytes], sender: str, size: int) -> int:
+        """Spool one received instance (C-STORE or STOW-RS) and queue it; the DICOM status to answer.
+
+        Args:
+            sop_uid: its SOP Instance UID.
+            encoded: makes the DICOM file's bytes (called only once the size and disk checks pass).
+            sender: the calling AE title or client address, for the log.
+            size: the instance's size in bytes, for the checks.
+        """
+        refusal = self.guard.instance(size)
         if refusal is not None:  # the sender keeps the instance and hears why
-            log.warning("refused an instance from %s: %s (0xA700)", event.assoc.requestor.ae_title, refusal.reason)
+            log.warning("refused an instance from %s: %s (0xA700)", sender, refusal.reason)
             self.telemetry.refused.labels(refusal.reason).inc()
             return 0xA700
         try:
-            path = self.spool.put(sop_uid, event.encoded_dataset())
+            path = self.spool.put(sop_uid, encoded())
         except OSError as exc:
             log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
             self.telemetry.refused.labels("spool_write_failed").inc()

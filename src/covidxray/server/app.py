@@ -22,6 +22,7 @@ from ..predictor import Predictor, default_model_path
 from ..results import open_results
 from ..telemetry import Telemetry
 from .api_errors import ApiError, error_body, error_response
+from .dicomweb_routes import dicomweb_router, start_node
 from .middleware import RequestContext
 from .ops_routes import RequestMetrics, metrics_router
 from .results_routes import results_router
@@ -69,6 +70,7 @@ def create_app(
     max_batch_files: int = 16,
     threads: int | None = None,
     results_db: str | os.PathLike | None = None,
+    dicomweb_spool: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The covidxray web service as a FastAPI app (serve it with uvicorn).
 
@@ -90,6 +92,8 @@ def create_app(
         threads: intra-op threads when the app loads the model (None: torch's or ONNX Runtime's default).
         results_db: the results database ``covidxray listen`` writes (path or URL), for ``GET /v1/results``
             and the page's results list; None: those answer 404 ``no_results_database``.
+        dicomweb_spool: with ``results_db``, accept DICOMweb STOW-RS at ``/dicomweb/studies`` into this spool,
+            classified and recorded as ``covidxray listen`` does (`covidxray.server.dicomweb_routes`).
 
     Returns:
         The app. The model is loaded when the app starts, not here.
@@ -107,9 +111,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        node = start_node(results_db, dicomweb_spool, service.predictor) if dicomweb_spool and results_db else None
+        app.state.dicom_node = node
         try:
             yield
         finally:
+            if node is not None:
+                node.stop()
             await service.stop()
             if store is not None:
                 store.close()
@@ -170,6 +178,8 @@ def create_app(
 
     api.include_router(results_router(store))
     app.include_router(api)
+    app.include_router(dicomweb_router(lambda: getattr(app.state, "dicom_node", None), 64 * max_upload_bytes),
+                       dependencies=[Depends(require_key)])
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
