@@ -13,15 +13,17 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydicom import dcmread
 
-from ..dicomnode import Listener, ListenerConfig
 from ..predictor import Predictor
 from .api_errors import ApiError
+
+if TYPE_CHECKING:
+    from ..dicomnode import Listener
 
 __all__ = ["dicomweb_router", "start_node"]
 
@@ -31,6 +33,10 @@ _CANNOT_UNDERSTAND = 0xC000  # a part that is not a DICOM file with a SOP Instan
 
 def start_node(results_db: str | os.PathLike, spool: str | os.PathLike, predictor: Predictor) -> Listener:
     """The listener's spool and worker without a DICOM port, on the server's already loaded model."""
+    # Imported here: the DICOM stack (pynetdicom, highdicom) adds about a second to every `serve` start
+    # (python -X importtime), and only --dicomweb-spool needs it.
+    from ..dicomnode import Listener, ListenerConfig
+
     return Listener(ListenerConfig(db=os.fspath(results_db), spool=os.fspath(spool), port=None), predictor).start()
 
 
