@@ -20,11 +20,12 @@ install: $(STAMP)
 
 # Debian programs the tests drive, installed once (one apt-get update): Chromium for tests/test_browser.py
 # (Playwright's own browser download is never used); a real PACS (Orthanc) and a second DICOM implementation
-# (dcmtk's storescu, echoscu, dcmcjpeg) for tests/test_pacs.py, which starts its own Orthanc on free ports.
+# (dcmtk's storescu, echoscu, dcmcjpeg; the DICOMweb plugin for STOW-RS) for tests/test_pacs.py, which starts its own Orthanc on free ports;
+# PostgreSQL's initdb and pg_ctl for the results-store tests, which start their own server (tests/postgres.py).
 systemdeps:
-	@{ command -v chromium && command -v storescu && test -x /usr/sbin/Orthanc; } >/dev/null || { \
+	@{ command -v chromium && command -v storescu && test -x /usr/sbin/Orthanc && test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so && ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium orthanc dcmtk; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium orthanc orthanc-dicomweb dcmtk postgresql; }
 
 test: $(STAMP) systemdeps
 	$(PY) -m pytest -ra

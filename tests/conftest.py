@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
+
+from postgres import HINT, PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (`tests/postgres.py`); ``new_database()`` gives a test its own."""
+    try:
+        server = PostgresServer().start()
+    except FileNotFoundError:
+        pytest.fail(HINT)
+    except subprocess.CalledProcessError as exc:  # initdb or pg_ctl refused: say what they said
+        pytest.fail(f"PostgreSQL did not start: {exc.cmd[-1]}: {exc.stderr.decode(errors='replace')[-2000:]}")
+    try:
+        yield server
+    finally:
+        server.stop()

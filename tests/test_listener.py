@@ -13,8 +13,11 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
+import psycopg
 import pydicom.data
 import pytest
 from pydicom import dcmread, uid
@@ -29,6 +32,7 @@ from covidxray.dicomnode.worker import classify_batch
 from covidxray.errors import DicomNodeError
 from covidxray.predictor import Predictor
 from covidxray.results import open_results, utc_now
+from test_telemetry import samples
 
 IDLE_TIMEOUT_S = 120  # everything sent is recorded well within this, even with other work on the two cores
 
@@ -160,6 +164,97 @@ def test_patient_data_never_reaches_the_database_the_results_or_the_log(node, fi
     assert films[0].SOPInstanceUID in out.out  # the outputs did run
 
 
+def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path):
+    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)."""
+    url = postgres.new_database()
+    listener = Listener(ListenerConfig(db=url, spool=str(tmp_path / "spool"), port=0, heatmaps=True), predictor).start()
+    try:
+        assert send_datasets(films[:3] + films[:1], _to(listener), "SENDER") == [0, 0, 0, 0]
+        assert listener.wait_idle(IDLE_TIMEOUT_S)
+        assert sorted(r.sop_instance_uid for r in listener.store.recent()) == sorted(ds.SOPInstanceUID for ds in films[:3])
+        assert len(listener.store.has_heatmaps(ds.SOPInstanceUID for ds in films[:3])) == 3
+    finally:
+        listener.stop()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CHECKPOINT")  # everything written reaches the table files
+        oid = db.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    files = [*(postgres.home / "data" / "base" / str(oid)).iterdir(), *(postgres.home / "data" / "pg_wal").glob("0*")]
+    stored = b"".join(p.read_bytes() for p in files if p.is_file())
+    assert films[0].SOPInstanceUID.encode() in stored  # the search does see the rows
+    for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "ACC4242", "19600101"):
+        assert secret.encode() not in stored, secret
+
+
+def test_metrics_agree_with_the_database_and_hold_no_patient_data(node, films):
+    listener = node(http_port=0)
+    no_pixels = _fresh(films[0])
+    del no_pixels.PixelData
+    ct = dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
+    sent = [*films[:3], _fresh(films[1], ViewPosition="LL"), no_pixels, ct, films[0]]  # the last one a resend
+    assert send_datasets(sent, _to(listener), "SENDER") == [0] * len(sent)
+    assert listener.wait_idle(IDLE_TIMEOUT_S)
+    base = f"http://127.0.0.1:{listener.http_port}"
+    with urllib.request.urlopen(base + "/healthz", timeout=10) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    got = samples(text)
+    rows = listener.store.recent()
+    assert len(rows) == 6 and got[("covidxray_dicom_received_total", ())] == 7
+    for label, n in Counter(r.label for r in rows).items():
+        assert got[("covidxray_answers_total", (("label", label),))] == n, label
+    for reason, n in Counter(r.reason for r in rows if r.label == "not_answered").items():
+        assert got[("covidxray_input_gate_refusals_total", (("reason", reason),))] == n, reason
+    assert got[("covidxray_errors_total", (("code", "no_pixel_data"),))] == 1
+    assert got[("covidxray_spool_files", ())] == 0 and got[("covidxray_spool_oldest_seconds", ())] == 0
+    for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "19600101", films[0].SOPInstanceUID):
+        assert secret not in text, secret
+
+
+def _associate(listener: Listener, calling_ae: str):
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(dicoms.CR_IMAGE, uid.ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", listener.port, ae_title=listener.config.ae_title)
+
+
+def _refused(listener: Listener) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{listener.http_port}/metrics", timeout=10) as r:
+        got = samples(r.read().decode())
+    return {labels[0][1]: v for (name, labels), v in got.items() if name == "covidxray_dicom_refused_total"}
+
+
+def test_a_calling_ae_not_on_the_allow_list_is_rejected(node, films):
+    listener = node(allow_ae=("PACS", "CR_ROOM_2"), http_port=0)
+    assoc = _associate(listener, "INTRUDER")
+    assert assoc.is_rejected and not assoc.is_established
+    assert (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x01, 0x03)  # permanent, unknown caller
+    assert send_datasets(films[:1], _to(listener), "PACS") == [0]
+    assert listener.wait_idle(IDLE_TIMEOUT_S)
+    assert [r.sop_instance_uid for r in listener.store.recent()] == [films[0].SOPInstanceUID]
+    assert _refused(listener) == {"calling_ae_not_allowed": 1}
+
+
+def test_a_full_disk_refuses_instead_of_acknowledging(node, films):
+    """"Full": the free-space threshold set above the disk's free space. Nothing is acknowledged, spooled or recorded."""
+    listener = node(http_port=0)
+    assoc = _associate(listener, "PACS")  # opened while there is room
+    assert assoc.is_established
+    listener.guard.min_free_mb = listener.guard.free_mb() + 10**9  # the disk "fills" meanwhile
+    assert assoc.send_c_store(films[0]).Status == 0xA700  # out of resources: the PACS keeps it and retries
+    assoc.release()
+    assoc = _associate(listener, "PACS")
+    assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x02, 0x01)
+    assert listener.spool.pending() == [] and listener.store.recent() == [] and listener.stats["received"] == 0
+    assert _refused(listener) == {"low_disk_space": 2}
+
+
+def test_an_instance_over_the_size_limit_is_refused(node, films):
+    listener = node(max_instance_mb=0.01, http_port=0)  # 10 KiB: any film is larger
+    assert send_datasets(films[:1], _to(listener), "PACS") == [0xA700]
+    assert listener.spool.pending() == [] and listener.store.recent() == []
+    assert _refused(listener) == {"instance_too_large": 1}
+
+
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):
     spool = Spool(tmp_path / "results.db.spool")  # where the listener below keeps its spool
     for ds in films[:3]:
@@ -215,6 +310,7 @@ def test_an_unreachable_pacs_is_recorded_as_a_failed_report(node, films, monkeyp
     ({"send_to": "A\\B@host:104"}, "not an AE title"),
     ({"ae_title": "THIS-TITLE-IS-TOO-LONG"}, "not an AE title"),
     ({"secondary_capture": True}, "needs --send-to"),
+    ({"allow_ae": ("PACS", "BAD\\TITLE")}, "--allow-ae: 'BAD.*not an AE title"),
 ])
 def test_bad_settings_are_refused_before_anything_starts(bad: dict, match: str, tmp_path: Path):
     with pytest.raises(DicomNodeError, match=match):
@@ -261,3 +357,52 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     assert len(recorded) == len(set(recorded))  # and nothing is recorded twice
     assert set(recorded) <= {ds.SOPInstanceUID for ds in stream}
     assert "resuming" in (tmp_path / "second.log").read_text()
+
+
+# ------------------------------------------------------------------ several listeners, one PostgreSQL
+
+
+@pytest.mark.slow
+def test_two_listeners_share_one_postgresql_and_survive_a_kill_9(postgres, films, predictor: Predictor, tmp_path: Path):
+    """Two listeners on one database, 40 instances, 4 of them sent to both; one is killed (SIGKILL) mid-stream.
+
+    ``a`` is a ``covidxray listen`` process (to be killed); ``b``, and ``a`` again after the kill on
+    the same spool, run in this process with the already loaded model (a process start is seconds).
+    """
+    url = postgres.new_database()
+
+    def in_process(name: str) -> Listener:
+        config = ListenerConfig(db=url, spool=str(tmp_path / name), port=0, batch_size=4)
+        return Listener(config, predictor=predictor).start()
+
+    stream = [_fresh(films[i % len(films)]) for i in range(40)]
+    to_a, to_b = stream[:20] + stream[20:22], stream[20:] + stream[:2]  # 10 % reach both listeners
+    a, port_a = dicoms.start_listen(url, tmp_path / "a.log", "--spool", str(tmp_path / "a"), "--batch-size", "4",
+                                    "--threads", "1")
+    b = in_process("b")
+    acknowledged: list = []
+    senders = [threading.Thread(target=dicoms.store_each, args=(items, port, uid.ExplicitVRLittleEndian, acknowledged))
+               for items, port in ((to_a, port_a), (to_b, b.port))]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 120
+    while not (len(acknowledged) >= 12 and list((tmp_path / "a").glob("*.dcm"))) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(a.pid, signal.SIGKILL)  # some of what a acknowledged is not recorded yet
+    a.wait(30)
+    left_at_kill = len(list((tmp_path / "a").glob("*.dcm")))
+    for sender in senders:
+        sender.join(120)
+    restarted = in_process("a")  # the same spool: it resumes what the killed one acknowledged
+    try:
+        assert restarted.wait_idle(IDLE_TIMEOUT_S) and b.wait_idle(IDLE_TIMEOUT_S)
+        rows = b.store.recent()
+    finally:
+        restarted.stop()
+        b.stop()
+    acknowledged = {ds.SOPInstanceUID for ds in acknowledged}
+    recorded = [r.sop_instance_uid for r in rows]
+    assert acknowledged <= set(recorded) and len(acknowledged) > 20  # nothing acknowledged is lost
+    assert len(recorded) == len(set(recorded)) and set(recorded) <= {ds.SOPInstanceUID for ds in stream}
+    assert left_at_kill > 0 and restarted.spool.pending() == [] and b.stats["recorded"] > 0
+    assert "could not record" not in (tmp_path / "a.log").read_text()  # the shared instances met no conflict error

@@ -24,11 +24,14 @@ import pytest
 from pydicom import dcmread, uid
 
 import dicoms
+from covidxray.dicomnode import Listener, ListenerConfig
+from covidxray.dicomnode.sr import Destination, send_datasets
 from covidxray.results import open_results
 
 pytestmark = pytest.mark.slow
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 WAIT_S = 180  # for the reports to arrive: classification and two DICOM hops while other tests share the cores
 ROUTE_LUA = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
@@ -74,15 +77,16 @@ class Orthanc:
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    if not Path(ORTHANC).is_file() or not shutil.which("storescu"):
-        pytest.fail("Debian's orthanc and dcmtk are needed: `make systemdeps` (which `make test` runs) or "
-                    "`apt-get install orthanc dcmtk`")
+    if not Path(ORTHANC).is_file() or not Path(DICOMWEB_PLUGIN).is_file() or not shutil.which("storescu"):
+        pytest.fail("Debian's orthanc, orthanc-dicomweb and dcmtk are needed: `make systemdeps` (which `make test` "
+                    "runs) or `apt-get install orthanc orthanc-dicomweb dcmtk`")
     home = tmp_path_factory.mktemp("orthanc")
     (home / "route.lua").write_text(ROUTE_LUA)
     node = Orthanc(_free_port(), _free_port())
     config = {"Name": "covidxray-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
               "HttpPort": int(node.url.rsplit(":", 1)[1]), "DicomPort": node.dicom_port, "DicomAet": "ORTHANC",
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [], "SaveJobs": False,
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [DICOMWEB_PLUGIN],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
               "LuaScripts": [str(home / "route.lua")], "DicomScuTimeout": 60, "HttpTimeout": 60}
     (home / "orthanc.json").write_text(json.dumps(config))
     with open(home / "orthanc.log", "wb") as log:
@@ -165,6 +169,21 @@ def _check_reports(found: dict, films: list, db: Path) -> None:
         capture, = found[ds.StudyInstanceUID]["OT"]
         assert capture.SOPClassUID == uid.UID("1.2.840.10008.5.1.4.1.1.7") and capture.PhotometricInterpretation == "RGB"
     store.close()
+
+
+def test_reports_go_to_orthanc_by_dicomweb_stow_rs(orthanc, manifest: Path, tmp_path: Path):
+    """``--send-to-dicomweb``: the SR and heat map capture of each film reach Orthanc's DICOMweb plugin by STOW-RS."""
+    config = ListenerConfig(db=str(tmp_path / "r.db"), port=0, threads=1, secondary_capture=True,
+                            send_to_dicomweb=f"{orthanc.url}/dicom-web")
+    films = dicoms.films(manifest, 2)
+    listener = Listener(config).start()
+    try:
+        assert send_datasets(films, Destination("COVIDXRAY", "127.0.0.1", listener.port), "MODALITY") == [0, 0]
+        assert listener.wait_idle(WAIT_S)
+    finally:
+        listener.stop()
+    _check_reports(_wait_for_reports(orthanc, films), films, tmp_path / "r.db")
+    assert listener.stats["reports_sent"] == 2
 
 
 def test_orthanc_routes_films_sent_with_storescu_and_gets_the_reports(orthanc, covidxray, manifest: Path, tmp_path: Path):

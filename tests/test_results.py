@@ -1,4 +1,8 @@
-"""The results database (`covidxray.results`) and ``covidxray results``: one row per instance, WAL, versioned, no patient data."""
+"""The results database (`covidxray.results`) and ``covidxray results``: one row per instance, versioned, no patient data.
+
+The store's behaviour is tested on both backends, SQLite (a file) and PostgreSQL (a real server
+the `postgres` fixture starts once per session); the engine-specific checks follow.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from covidxray.cli import main
@@ -26,8 +31,16 @@ def _row(n: int, label: str = "normal", hours_ago: float = 0.0, **extra) -> Resu
                      model="tf_efficientnet_lite0@192px", weights_sha256="ab" * 32, **extra)
 
 
-def test_rows_round_trip_and_a_resend_is_recorded_once(tmp_path: Path):
-    store = open_results(tmp_path / "r.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's results store lives: a new SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "r.db")
+    return request.getfixturevalue("postgres").new_database()
+
+
+def test_rows_round_trip_and_a_resend_is_recorded_once(url: str):
+    store = open_results(url)
     rows = [_row(1, "covid"), _row(2), _row(3, "not_answered", reason="wrong_modality", message="CT, not a radiograph"),
             _row(4, "error", reason="no_pixel_data", message="DICOM file has no pixel data")]
     assert store.record(rows, {"1.2.3.1": b"\x89PNG fake"}) == 4
@@ -39,7 +52,7 @@ def test_rows_round_trip_and_a_resend_is_recorded_once(tmp_path: Path):
     store.set_report_status("1.2.3.2", "sent")
     assert store.get("1.2.3.2").report_status == "sent"
     store.close()
-    assert sorted(r.sop_instance_uid for r in open_results(tmp_path / "r.db").recent()) == [f"1.2.3.{i}" for i in range(1, 5)]
+    assert sorted(r.sop_instance_uid for r in open_results(url).recent()) == [f"1.2.3.{i}" for i in range(1, 5)]
 
 
 def test_sqlite_file_is_wal_versioned_and_refuses_other_files(tmp_path: Path):
@@ -63,22 +76,22 @@ def test_store_is_chosen_by_url(tmp_path: Path):
     store = open_results(f"sqlite:///{tmp_path}/u.db")
     assert store.path == tmp_path / "u.db"
     store.close()
-    with pytest.raises(ResultsError, match=r"postgresql://.*ResultsStore"):
-        open_results("postgresql://pacs-db/results")
+    with pytest.raises(ResultsError, match=r"mysql://.*postgresql://USER@HOST/DBNAME"):
+        open_results("mysql://pacs-db/results")
     with pytest.raises(ResultsError, match="covidxray listen --db"):
         open_results(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
 
 
-def test_a_second_connection_reads_while_the_first_writes(tmp_path: Path):
-    writer, reader = open_results(tmp_path / "r.db"), open_results(tmp_path / "r.db")
+def test_a_second_connection_reads_while_the_first_writes(url: str):
+    writer, reader = open_results(url), open_results(url)
     for n in range(5):
         writer.record([_row(n)])
         assert len(reader.recent()) == n + 1
 
 
-def test_recent_filters_by_time_and_limit(tmp_path: Path):
-    store = open_results(tmp_path / "r.db")
+def test_recent_filters_by_time_and_limit(url: str):
+    store = open_results(url)
     store.record([_row(1, hours_ago=50), _row(2, hours_ago=5), _row(3, hours_ago=0.1)])
     assert [r.sop_instance_uid for r in store.recent()] == ["1.2.3.3", "1.2.3.2", "1.2.3.1"]  # newest first
     assert [r.sop_instance_uid for r in store.recent(since="24h")] == ["1.2.3.3", "1.2.3.2"]
@@ -108,18 +121,62 @@ def test_no_column_can_hold_patient_data(tmp_path: Path):
     assert not [c for c in columns if any(word in c for word in ("patient", "name", "birth", "accession", "sex"))]
 
 
-def test_results_command_in_every_format(tmp_path: Path, capsys: pytest.CaptureFixture):
-    store = open_results(tmp_path / "r.db")
+def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytest.CaptureFixture):
+    store = open_results(url)
     store.record([_row(1, "covid"), _row(2, "not_answered", reason="lateral_view", hours_ago=3)])
     store.close()
-    assert main(["results", "--db", str(tmp_path / "r.db"), "--format", "json"]) == 0
+    assert main(["results", "--db", url, "--format", "json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["label"] for line in lines] == ["covid", "not_answered"]  # one object per line
-    assert main(["results", "--db", str(tmp_path / "r.db"), "--format", "csv", "--since", "1h"]) == 0
+    assert main(["results", "--db", url, "--format", "csv", "--since", "1h"]) == 0
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["sop_instance_uid"], r["label"], r["probability"]) for r in table] == [("1.2.3.1", "covid", "0.9")]
-    assert main(["results", "--db", str(tmp_path / "r.db")]) == 0
+    assert main(["results", "--db", url]) == 0
     out = capsys.readouterr()
     assert "covid" in out.out and "0.9000" in out.out and "lateral_view" in out.out and "not a diagnosis" in out.err
     assert main(["results", "--db", str(tmp_path / "nope.db")]) == 2
     assert "nope.db: no results database here" in capsys.readouterr().err
+
+
+def test_postgres_schema_is_versioned_and_refuses_other_databases(postgres):
+    url = postgres.new_database()
+    with pytest.raises(ResultsError, match="no covidxray results here.*covidxray listen --db"):
+        open_results(url, create=False)
+    open_results(url).close()
+    open_results(url, create=False).close()  # now it is there
+    with psycopg.connect(url, autocommit=True) as db:
+        assert db.execute("SELECT version FROM covidxray_schema").fetchall() == [(SCHEMA_VERSION,)]
+        db.execute("UPDATE covidxray_schema SET version = 99")
+    with pytest.raises(ResultsError, match="results schema version 99; this covidxray reads version 1"):
+        open_results(url)
+    other = postgres.new_database()
+    with psycopg.connect(other, autocommit=True) as db:
+        db.execute("CREATE TABLE results (x int)")
+    with pytest.raises(ResultsError, match="a 'results' table that covidxray did not make"):
+        open_results(other)
+    with pytest.raises(ResultsError, match=r"postgresql://postgres@127\.0\.0\.1:1/x: cannot connect"):
+        open_results("postgresql://postgres@127.0.0.1:1/x")
+
+
+def test_postgres_store_survives_a_dropped_connection(postgres):
+    """A server restart breaks the connection: the call that notices fails, the next one reconnects."""
+    url = postgres.new_database()
+    store = open_results(url)
+    store.record([_row(1)])
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    with pytest.raises(psycopg.OperationalError):
+        store.record([_row(2)])
+    assert store.record([_row(2)]) == 1 and len(store.recent()) == 2
+
+
+def test_no_postgres_column_can_hold_patient_data(postgres):
+    url = postgres.new_database()
+    open_results(url).close()
+    with psycopg.connect(url) as db:
+        columns = db.execute("SELECT table_name, column_name FROM information_schema.columns "
+                             "WHERE table_schema = 'public'").fetchall()
+    assert {c for t, c in columns if t != "covidxray_schema"} == {f.name for f in fields(ResultRow)} | {"png"}
+    assert {t for t, _ in columns} == {"results", "heatmaps", "covidxray_schema"}
+    assert not [c for _, c in columns if any(word in c for word in ("patient", "name", "birth", "accession", "sex"))]

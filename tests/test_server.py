@@ -343,16 +343,20 @@ def test_results_need_a_database_and_say_so(client: TestClient):
         assert "covidxray serve --db" in r.json()["error"]["message"]
 
 
-def test_results_and_heatmaps_from_the_listener_database(reference: Predictor, tmp_path: Path, caplog):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_results_and_heatmaps_from_the_listener_database(reference: Predictor, tmp_path: Path, caplog, backend: str,
+                                                         request: pytest.FixtureRequest):
     from covidxray.results import ResultRow, open_results
+
+    db = str(tmp_path / "r.db") if backend == "sqlite" else request.getfixturevalue("postgres").new_database()
 
     caplog.set_level(logging.INFO)
     rows = [ResultRow(f"1.2.3.{i}", "1.2.4", "1.2.5", "CR", f"2024-03-01T10:0{i}:00.000+00:00",
                       f"2024-03-01T10:0{i}:01.000+00:00", label, probability=p, threshold=0.2, model="m")
             for i, (label, p) in enumerate([("covid", 0.9), ("normal", 0.05), ("not_answered", None)])]
-    store = open_results(tmp_path / "r.db")
+    store = open_results(db)
     store.record(rows, {"1.2.3.0": b"\x89PNG\r\n\x1a\nheat map"})
-    with _client(reference, results_db=tmp_path / "r.db", api_key="k") as c:
+    with _client(reference, results_db=db, api_key="k") as c:
         assert c.get("/v1/results").status_code == 401  # behind the key like every /v1 route
         key = {"X-API-Key": "k"}
         body = c.get("/v1/results", headers=key).json()

@@ -73,8 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser calls from this origin (repeatable; default: none)")
     sv.add_argument("--threads", type=int, help="model intra-op threads (default: the library's; 1 is faster on a busy machine)")
-    sv.add_argument("--db", help="results database of `covidxray listen` (path or sqlite:///PATH): GET /v1/results and "
+    sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
+    sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
+                                                           "into this spool, classified and recorded as `listen` does")
     sv.set_defaults(func=cmd_serve)
 
 
@@ -258,7 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
     app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
-                     cors_origins=args.cors_origin, results_db=args.db)
+                     cors_origins=args.cors_origin, results_db=args.db,
+                     dicomweb_spool=args.dicomweb_spool)
     print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
           f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
     # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000,
@@ -36,6 +37,9 @@ from pynetdicom import sop_class as sc
 from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
+from ..telemetry import Telemetry, serve_http
+from .dicomweb import DicomWeb, stow
+from .guard import Guard
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
 from .worker import Classified, classify_batch, read_header
@@ -67,7 +71,7 @@ class ListenerConfig:
 
     db: str  # results database: a file path or sqlite:///PATH
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
-    port: int = 11112  # DICOM port (0: any free one; 104 needs root)
+    port: int | None = 11112  # DICOM port (0: any free one; 104 needs root; None: none, DICOMweb STOW-RS only)
     ae_title: str = "COVIDXRAY"  # this node's AE title; senders must call it
     spool: str | None = None  # folder for received instances until recorded (default: DB path + ".spool")
     model: str | None = None  # run folder or model.json (None: the bundled model)
@@ -76,9 +80,15 @@ class ListenerConfig:
     batch_size: int = 32  # most instances per model call
     heatmaps: bool = False  # store a Grad-CAM overlay per answered instance (a backward pass each)
     send_to: str | None = None  # AE@HOST:PORT that gets a structured report per instance
+    send_to_dicomweb: str | None = None  # or a DICOMweb root URL that gets them by STOW-RS
     secondary_capture: bool = False  # with send_to: also send the heat map as a Secondary Capture
     max_associations: int = 16  # concurrent senders
     timeout_s: float = 60.0  # network, ACSE and DIMSE timeouts
+    http_port: int | None = None  # serve /metrics and /healthz on this port (0: any free one; None: no HTTP)
+    allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to send (empty: any)
+    allow_hosts: tuple[str, ...] = ()  # peer IP addresses allowed to send (empty: any)
+    min_free_mb: float = 100.0  # refuse while the spool's disk has less free space (MiB)
+    max_instance_mb: float | None = 1024.0  # refuse larger instances (MiB; None: no limit)
 
     def spool_folder(self) -> Path:
         if self.spool:
@@ -120,15 +130,24 @@ class Listener:
     def __init__(self, config: ListenerConfig, predictor: Predictor | None = None):
         check_ae_title(config.ae_title, "--ae-title")
         self.config = config
-        self.destination = Destination.parse(config.send_to) if config.send_to else None
+        if config.send_to and config.send_to_dicomweb:
+            raise DicomNodeError("give --send-to or --send-to-dicomweb, not both")
+        self.destination: Destination | DicomWeb | None = (
+            Destination.parse(config.send_to) if config.send_to else
+            DicomWeb.parse(config.send_to_dicomweb) if config.send_to_dicomweb else None)
         if config.secondary_capture and not self.destination:
-            raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT")
+            raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT (or --send-to-dicomweb URL)")
         self.heatmaps = config.heatmaps or config.secondary_capture
         self.predictor = predictor
         self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
         self.spool = Spool(config.spool_folder())
+        self.guard = Guard(self.spool.folder, frozenset(config.allow_ae), frozenset(config.allow_hosts),
+                           config.min_free_mb, config.max_instance_mb)
         self.store = open_results(config.db)
         self.stats: Counter[str] = Counter()
+        self.telemetry = Telemetry()
+        self.telemetry.watch_spool(lambda: len(self.spool.pending()), self.spool.oldest_age_s)
+        self._http = None
         self._work: queue.Queue[tuple[str, Path, str] | None] = queue.Queue()
         self._reports: queue.Queue[tuple[Classified, int] | None] = queue.Queue()
         self._pending = 0  # instances queued and not yet finished (recorded and, with send_to, reported)
@@ -163,6 +182,14 @@ class Listener:
             self._threads.append(threading.Thread(target=self._report_loop, name="covidxray-reporter", daemon=True))
         for thread in self._threads:
             thread.start()
+        if self.config.port is not None:
+            self._open_dicom_port()
+        if self.config.http_port is not None:
+            self._http = serve_http(self.telemetry, self.config.host, self.config.http_port, self._healthy)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.http_port)
+        return self
+
+    def _open_dicom_port(self) -> None:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_associations = self.config.max_associations
         ae.require_called_aet = True
@@ -173,17 +200,27 @@ class Listener:
         ae.add_supported_context(sc.Verification)  # C-ECHO, as PACS use to test a node
         try:
             self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                           evt_handlers=[(evt.EVT_REQUESTED, self._on_requested),
+                                                         (evt.EVT_C_STORE, self._on_store)])
         except OSError as exc:
             self.stop()
             raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
         log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.predictor.name)
-        return self
+
+    @property
+    def http_port(self) -> int | None:
+        """The port of ``/metrics`` and ``/healthz`` (None without ``http_port``)."""
+        return self._http.server_address[1] if self._http is not None else None
+
+    def _healthy(self) -> bool:
+        return not self._stopping.is_set() and all(thread.is_alive() for thread in self._threads)
 
     def stop(self, timeout_s: float = 60) -> None:
         """Close the port, finish the batch in hand, and stop; what is still spooled waits for the next start."""
         if self._server is not None:
             self._server.shutdown()
+        if self._http is not None:
+            self._http.shutdown()
         self._stopping.set()
         self._work.put(None)
         self._reports.put(None)
@@ -198,12 +235,38 @@ class Listener:
 
     # ------------------------------------------------------------------------------------ receiving
 
+    def _on_requested(self, event: evt.Event) -> None:
+        calling_ae, host = str(event.assoc.requestor.primitive.calling_ae_title).strip(), event.assoc.requestor.address
+        refusal = self.guard.association(calling_ae, host)  # before negotiation: the requestor's fields are not set yet
+        if refusal is not None:
+            log.warning("refused an association from %s at %s: %s", calling_ae, host, refusal.reason)
+            self.telemetry.refused.labels(refusal.reason).inc()
+            event.assoc.acse.send_reject(*refusal.reject)
+            event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the A-ASSOCIATE-RJ, then stops
+
     def _on_store(self, event: evt.Event) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        return self.accept(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset, event.assoc.requestor.ae_title,
+                           event.request.DataSet.getbuffer().nbytes)
+
+    def accept(self, sop_uid: str, encoded: Callable[[], bytes], sender: str, size: int) -> int:
+        """Spool one received instance (C-STORE or STOW-RS) and queue it; the DICOM status to answer.
+
+        Args:
+            sop_uid: its SOP Instance UID.
+            encoded: makes the DICOM file's bytes (called only once the size and disk checks pass).
+            sender: the calling AE title or client address, for the log.
+            size: the instance's size in bytes, for the checks.
+        """
+        refusal = self.guard.instance(size)
+        if refusal is not None:  # the sender keeps the instance and hears why
+            log.warning("refused an instance from %s: %s (0xA700)", sender, refusal.reason)
+            self.telemetry.refused.labels(refusal.reason).inc()
+            return 0xA700
         try:
-            path = self.spool.put(sop_uid, event.encoded_dataset())
+            path = self.spool.put(sop_uid, encoded())
         except OSError as exc:
             log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
+            self.telemetry.refused.labels("spool_write_failed").inc()
             return 0xA700  # out of resources: the sender keeps the instance and may retry
         self._enqueue(sop_uid, path, utc_now(), received=True)
         return 0x0000
@@ -212,6 +275,8 @@ class Listener:
         with self._idle:  # association threads call this concurrently
             self._pending += 1
             self.stats["received"] += received
+        if received:
+            self.telemetry.received.inc()
         self._work.put((sop_uid, path, received_at))
 
     def _finished(self, n: int) -> None:
@@ -246,6 +311,8 @@ class Listener:
             done.append(Classified(path, row, read_header(path) if row.report_status is None else None,
                                    self.store.heatmap(sop)))
         labels = Counter(c.row.reason or c.row.label for c in done[:len(fresh)])
+        for c in done[:len(fresh)]:
+            self.telemetry.answer(c.row.label, c.row.reason)
         self.stats.update(recorded=added, duplicates=len(batch) - added, **{f"label_{k}": v for k, v in labels.items()})
         log.info("recorded %d instances (%s; %d already known) in %.2f s", added,
                  ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "-", len(batch) - added,
@@ -282,7 +349,8 @@ class Listener:
         if not datasets:
             return
         try:
-            statuses = send_datasets(datasets, self.destination, self.config.ae_title, self.config.timeout_s)
+            statuses = (stow(datasets, self.destination, self.config.timeout_s) if isinstance(self.destination, DicomWeb)
+                        else send_datasets(datasets, self.destination, self.config.ae_title, self.config.timeout_s))
         except DicomNodeError as exc:
             statuses, error = [None] * len(datasets), str(exc)
         else:
@@ -307,5 +375,6 @@ class Listener:
     def _report_done(self, c: Classified, status: str) -> None:
         self.store.set_report_status(c.row.sop_instance_uid, status)
         self.stats["reports_sent" if status == "sent" else "reports_failed"] += 1
+        self.telemetry.reports.labels("sent" if status == "sent" else "failed").inc()
         self.spool.remove(c.path)
         self._finished(1)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +64,14 @@ class Spool:
         """The spooled files, oldest first (the order they arrived)."""
         files = [(p.stat().st_mtime_ns, p) for p in self.folder.glob("*.dcm")]
         return [p for _, p in sorted(files)]
+
+    def oldest_age_s(self) -> float:
+        """Seconds since the oldest spooled file arrived (0 when the spool is empty)."""
+        pending = self.pending()
+        try:
+            return max(0.0, time.time() - pending[0].stat().st_mtime) if pending else 0.0
+        except FileNotFoundError:  # it left the spool while we looked
+            return 0.0
 
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)

@@ -20,8 +20,11 @@ from ..config import settings
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
 from ..results import ResultsStore, open_results
+from ..telemetry import Telemetry
 from .api_errors import ApiError, error_body, error_response
+from .dicomweb_routes import dicomweb_router, start_node
 from .middleware import RequestContext
+from .ops_routes import RequestMetrics, metrics_router
 from .predict_routes import predict_router
 from .results_routes import results_router
 from .schemas import ERRORS
@@ -66,6 +69,7 @@ def create_app(
     max_batch_files: int = 16,
     threads: int | None = None,
     results_db: str | os.PathLike | None = None,
+    dicomweb_spool: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The covidxray web service as a FastAPI app (serve it with uvicorn).
 
@@ -87,6 +91,8 @@ def create_app(
         threads: intra-op threads when the app loads the model (None: torch's or ONNX Runtime's default).
         results_db: the results database ``covidxray listen`` writes (path or URL), for ``GET /v1/results``
             and the page's results list; None: those answer 404 ``no_results_database``.
+        dicomweb_spool: with ``results_db``, accept DICOMweb STOW-RS at ``/dicomweb/studies`` into this spool,
+            classified and recorded as ``covidxray listen`` does (`covidxray.server.dicomweb_routes`).
 
     Returns:
         The app. The model is loaded when the app starts, not here.
@@ -101,14 +107,19 @@ def create_app(
     service = Service(path, backend, predictor, timeout_s, max_batch, threads)
     store = open_results(results_db) if results_db is not None else None  # a bad file fails here, before serving
     app = FastAPI(
-        title="covidxray", version=__version__, lifespan=_lifespan(service, store),
+        title="covidxray", version=__version__, lifespan=_lifespan(service, store, results_db, dicomweb_spool),
         description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
     )
     app.state.service = service
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_key_check(api_key))], responses={401: ERRORS[401]})
+    app.state.telemetry = telemetry = Telemetry()
+    app.include_router(metrics_router(telemetry))
+    key = Depends(_key_check(api_key))
+    api = APIRouter(prefix="/v1", dependencies=[key], responses={401: ERRORS[401]})
     api.include_router(predict_router(service, max_upload_bytes, max_batch_files))
     api.include_router(results_router(store))
     app.include_router(api)
+    app.include_router(dicomweb_router(lambda: getattr(app.state, "dicom_node", None), 64 * max_upload_bytes),
+                       dependencies=[key])
     _add_page_routes(app, service)
     _add_error_handlers(app)
     if cors_origins:
@@ -116,19 +127,25 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "X-Request-ID"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestMetrics, telemetry=telemetry)
     app.add_middleware(RequestContext)  # added last, so it is the outermost: every response gets the ID
     return app
 
 
-def _lifespan(service: Service, store: ResultsStore | None) -> Callable[[FastAPI], AsyncIterator[None]]:
+def _lifespan(service: Service, store: ResultsStore | None, results_db: str | os.PathLike | None,
+              dicomweb_spool: str | os.PathLike | None) -> Callable[[FastAPI], AsyncIterator[None]]:
     """Load the model when the app starts; stop the batcher and close the results database when it stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        node = start_node(results_db, dicomweb_spool, service.predictor) if dicomweb_spool and results_db else None
+        app.state.dicom_node = node
         try:
             yield
         finally:
+            if node is not None:
+                node.stop()
             await service.stop()
             if store is not None:
                 store.close()
