@@ -57,7 +57,11 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, watching_send)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            # Routers are nested (FastAPI includes them without copying routes), so a route's own path lacks its
+            # prefixes: a route without parameters is labelled by the request's path, one with them by its template.
+            matched = scope.get("route")
+            route = ("unmatched" if matched is None else scope["path"] if not getattr(matched, "param_convertors", None)
+                     else getattr(matched, "path", "unmatched"))
             self.telemetry.requests.labels(route, scope["method"], str(status or 500)).inc()
             self.telemetry.latency.labels(route).observe(time.perf_counter() - start)
             self._count_answers(route, status, bytes(body))
