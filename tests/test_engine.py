@@ -29,6 +29,8 @@ def test_small_run_learns_on_held_out_images(trained_run: Path, manifest: Path, 
     images, failed = prepare_images(test, pred.preprocess, cache_dir)
     assert failed == []
     auc = roc_auc_score([s.label for s in test], pred.predict_prepared(images))
+    # Seeds 1, 2, 3 (one thread) and seed 1 on two threads gave 0.891-0.909 here; an AUC on 300 films
+    # has a standard error of about 0.02, so 0.85 is two of them below the lowest.
     assert auc >= 0.85, f"held-out ROC-AUC {auc:.3f} < 0.85"
 
 
