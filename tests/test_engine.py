@@ -29,6 +29,8 @@ def test_small_run_learns_on_held_out_images(trained_run: Path, manifest: Path, 
     images, failed = prepare_images(test, pred.preprocess, cache_dir)
     assert failed == []
     auc = roc_auc_score([s.label for s in test], pred.predict_prepared(images))
+    # Seeds 1, 2, 3 (one thread) and seed 1 on two threads gave 0.891-0.909 here; an AUC on 300 films
+    # has a standard error of about 0.02, so 0.85 is two of them below the lowest.
     assert auc >= 0.85, f"held-out ROC-AUC {auc:.3f} < 0.85"
 
 
@@ -49,21 +51,24 @@ def test_run_writes_checkpoint_history_and_curves(trained_run: Path):
 
 def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path: Path, manifest: Path, split_file: Path,
                                                          cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    common = dict(data=str(manifest), splits=str(split_file), size=64, epochs=3, limit=160, cache_dir=str(cache_dir),
+    # Two epochs are enough: the crash lands after a saved epoch, so the resumed run has to restore the
+    # weights, EMA, optimiser, schedule and random streams mid-run (a third epoch added 50% to the
+    # test's time and checked nothing more).
+    common = dict(data=str(manifest), splits=str(split_file), size=64, epochs=2, limit=160, cache_dir=str(cache_dir),
                   deterministic=True, patience=0, seed=3)
     full = train(config_for("default", out=str(tmp_path / "full"), **common))
 
     real = engine.train_one_epoch
 
-    def crash_in_third_epoch(*args, **kwargs):
-        if args[7] == 2:  # epoch index
+    def crash_in_second_epoch(*args, **kwargs):
+        if args[7] == 1:  # epoch index
             raise KeyboardInterrupt("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_third_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(config_for("default", out=str(tmp_path / "crashed"), **common))
-    assert len(json.loads((tmp_path / "crashed" / "history.json").read_text())) == 2
+    assert len(json.loads((tmp_path / "crashed" / "history.json").read_text())) == 1
     monkeypatch.setattr(engine, "train_one_epoch", real)
     resumed = train(config_for("default", out=str(tmp_path / "crashed"), epochs=0), resume=True)
 

@@ -93,9 +93,9 @@ def test_predict_missing_model_is_exit_2(tmp_path: Path, test_images: list, caps
     assert "nope" in capsys.readouterr().err
 
 
-def test_evaluate_writes_report_with_cis(trained_run: Path, manifest: Path, split_file: Path, tmp_path: Path):
-    out = tmp_path / "eval"
-    assert main(["evaluate", str(trained_run), "--split", "val", "--out", str(out), "--bootstrap", "200"]) == 0
+def test_evaluate_writes_report_with_cis(val_evaluation: Path, manifest: Path, split_file: Path):
+    """`covidxray evaluate --split val` of the trained run (shared with test_calibration, see `val_evaluation`)."""
+    out = val_evaluation
     report = json.loads((out / "report.json").read_text())
     assert "COVID-19" in report["positive_class"]
     n_val = sum(s.split == "val" for s in load_samples(manifest, split_file))
@@ -118,12 +118,12 @@ def test_console_script_help_lists_commands():
         assert cmd in out
 
 
-def test_card_states_positive_class_metrics_and_limits(trained_run: Path, tmp_path: Path):
-    assert main(["evaluate", str(trained_run), "--split", "test", "--out", str(trained_run / "eval-test"), "--bootstrap", "100"]) == 0
-    assert main(["card", str(trained_run), "--out", str(tmp_path / "CARD.md")]) == 0
+def test_card_states_positive_class_metrics_and_limits(test_evaluation: Path, tmp_path: Path):
+    """The card of the trained run after `covidxray evaluate --split test` (see `test_evaluation`)."""
+    assert main(["card", str(test_evaluation), "--out", str(tmp_path / "CARD.md")]) == 0
     card = (tmp_path / "CARD.md").read_text()
-    meta = json.loads((trained_run / "model.json").read_text())
-    report = json.loads((trained_run / "eval-test" / "report.json").read_text())
+    meta = json.loads((test_evaluation / "model.json").read_text())
+    report = json.loads((test_evaluation / "eval-test" / "report.json").read_text())
     assert "Not a medical device" in card and "COVID-19 (`covid`) is the positive class" in card
     assert f"{meta['threshold']:.4f}" in card
     assert f"{report['metrics']['roc_auc']['value']:.4f}" in card  # the test-split AUC with its CI
