@@ -171,7 +171,7 @@ def main() -> None:
         internal = internal_anchors(predictor)
         results = score_origins(predictor, ORIGINS, internal)
         table = table_rows(results)
-        save(f"origins-{args.name}", {"title": f"Every origin: {args.name} (films it may have trained on are marked in the text)",
+        save(f"origins-{args.name}", {"title": f"Every origin: {args.name} (a model trained on covid-cxr has seen covid-cxnet and ieee8023, never JSRT, Shenzhen or Montgomery)",
                                       "table": table, "results": results, "threshold": predictor.threshold,
                                       "command": f"python bench/origins.py --score {args.score} --name {args.name}"})
         print("\n".join(table))
