@@ -47,6 +47,17 @@ def test_stow_rs_parts_are_recorded_like_c_stores(manifest: Path, tmp_path: Path
     assert list((tmp_path / "spool").glob("*.dcm")) == []  # recorded, so they left the spool
 
 
+def test_stow_rs_refuses_a_chunked_body_over_the_limit_as_it_streams(tmp_path: Path):
+    """A chunked upload declares no Content-Length: the limit must hold while the bytes arrive."""
+    content_type, body = _multipart([b"\0" * 200_000])
+    chunks = (body[i:i + 8192] for i in range(0, len(body), 8192))  # a generator: sent chunked, no length header
+    with TestClient(create_app(default_model_path(), predictor=Predictor(), results_db=tmp_path / "r.db",
+                               max_upload_bytes=1024, dicomweb_spool=tmp_path / "spool")) as client:
+        r = client.post("/dicomweb/studies", content=chunks, headers={"content-type": content_type})
+    assert r.status_code == 413 and "at most" in r.json()["error"]["message"]
+    assert list((tmp_path / "spool").glob("*.dcm")) == []
+
+
 def test_stow_rs_is_off_without_a_spool(tmp_path: Path):
     content_type, body = _multipart([b"x"])
     with TestClient(create_app(default_model_path(), predictor=Predictor(), results_db=tmp_path / "r.db")) as client:

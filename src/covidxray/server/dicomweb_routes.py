@@ -47,7 +47,7 @@ def _parts(content_type: str, body: bytes) -> list[bytes]:
         raise ApiError(415, "unsupported_media_type", 'STOW-RS takes multipart/related; type="application/dicom"')
     delimiter = b"\r\n--" + found.group(1).encode()
     parts = []
-    for chunk in (b"\r\n" + body).split(delimiter)[1:]:
+    for chunk in (b"\r\n" + bytes(body)).split(delimiter)[1:]:
         if chunk.startswith(b"--"):  # the close delimiter
             break
         _, _, payload = chunk.partition(b"\r\n\r\n")
@@ -82,9 +82,14 @@ def dicomweb_router(node: Callable[[], Listener | None], max_bytes: int) -> APIR
         running = node()
         if running is None:
             raise ApiError(404, "no_dicomweb", "STOW-RS is off: start `covidxray serve --db DB --dicomweb-spool DIR`")
+        too_large = ApiError(413, "too_large", f"a STOW-RS request may hold at most {max_bytes // 2**20} MiB")
         if int(request.headers.get("content-length") or 0) > max_bytes:
-            raise ApiError(413, "too_large", f"a STOW-RS request may hold at most {max_bytes // 2**20} MiB")
-        body = await request.body()
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload declares no length
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
         sender = request.client.host if request.client else "-"
         outcomes = [_store(running, part, sender) for part in _parts(request.headers.get("content-type", ""), body)]
         stored = [item for item, ok in outcomes if ok]
