@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -160,6 +161,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(reference:
     run_batch = service._classify_batch
 
     def recording(prepared: np.ndarray) -> np.ndarray:
+        if not batch_sizes:  # hold the first model call, so the requests that arrive meanwhile queue up: with a
+            time.sleep(2.0)  # fast model they could otherwise each find the batcher idle (timing, not batching)
         batch_sizes.append(len(prepared))
         return run_batch(prepared)
 
