@@ -30,6 +30,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from common import ROOT, save
 from origins import COVID_ORIGINS, ORIGINS, internal_anchors, pooled_rows, score_origins, write_manifest
@@ -67,8 +68,6 @@ def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
     predictor = Predictor(run, backend="torch")
     internal = internal_anchors(predictor)
     y, p = internal.pop("y"), internal.pop("p")
-    from sklearn.metrics import roc_auc_score
-
     return {"run": str(run.relative_to(ROOT)), "threshold": predictor.threshold, "val_auc": predictor.meta.get("val_auc"),
             "internal_test_auc": float(roc_auc_score(y, p)), "train_minutes": predictor.meta.get("train_seconds", 0) / 60,
             "origins": score_origins(predictor, tuple(sorted(held_out)), internal),
