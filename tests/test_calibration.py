@@ -142,11 +142,16 @@ def test_calibrate_command_rewrites_threshold_and_keeps_weights(run_copy: Path, 
                  "--cache-dir", str(cache_dir)]) == 0
     kept = json.loads((run_copy / "model.json").read_text())
     assert kept["temperature"] == meta["temperature"]
-    assert kept["threshold"] == kept["sensitivity_thresholds"]["0.95"]
-    # The threshold reaches the target on the validation split it was chosen on.
+    # Every COVID-19 origin must reach the target, so the threshold is at most the pooled one.
+    assert kept["threshold"] <= kept["sensitivity_thresholds"]["0.95"] and "every COVID-19 origin" in kept["threshold_rule"]
+    # The threshold reaches the target on the validation split it was chosen on, in each origin with enough films.
     val = [s for s in load_samples(manifest, split_file) if s.split == "val"]
     probs = Predictor(run_copy).predict_prepared(prepare_images(val, predictor.preprocess, cache_dir)[0])
     assert point_metrics([s.label for s in val], probs, kept["threshold"])["sensitivity"] >= 0.95
+    for origin in {s.source for s in val if s.label == 1}:
+        flagged = [p >= kept["threshold"] for s, p in zip(val, probs) if s.source == origin and s.label == 1]
+        assert len(flagged) < 20 or np.mean(flagged) >= 0.95, origin
+    assert set(kept["calibration"]["ece_by_source"]) == {s.source for s in val}
 
 
 def test_update_refuses_bad_values_and_mismatched_weights(run_copy: Path):
@@ -205,3 +210,23 @@ def test_site_calibration_with_jsrt_as_the_new_site(run_copy: Path, data_root: P
     assert np.mean([a.label == "normal" for a in answered]) >= 0.75
     with pytest.raises(SystemExit):  # the two threshold rules exclude each other
         main(["calibrate", str(run_copy), "--site-normals", str(site), "--threshold", "0.3"])
+
+
+def test_the_threshold_keeps_every_covid_origin_at_the_target_sensitivity():
+    """Pooled sensitivity can hide an origin the model finds hard: the rule asks the target of each COVID-19 origin."""
+    from covidxray.calibration import per_origin_threshold
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(300), np.ones(60), np.zeros(400), np.ones(5)].astype(int)
+    p = np.r_[rng.uniform(0.6, 1.0, 300), rng.uniform(0.2, 1.0, 60), rng.uniform(0.0, 0.7, 400), rng.uniform(0.0, 1.0, 5)]
+    sources = ["easy"] * 300 + ["hard"] * 60 + ["normals"] * 400 + ["tiny"] * 5
+    threshold, needed = per_origin_threshold(y, p, sources, 0.9)
+    for name in ("easy", "hard"):
+        where = np.asarray(sources) == name
+        assert (p[where] >= threshold).mean() >= 0.9
+    assert threshold == pytest.approx(min(np.sort(p[np.asarray(sources) == n])[::-1][int(np.ceil(0.9 * k)) - 1]
+                                          for n, k in (("easy", 300), ("hard", 60))))
+    assert threshold < choose_threshold(y, p, 0.9)  # the pooled rule would have left "hard" below its target
+    assert "hard" in needed and "tiny" not in needed  # too few films for a target of its own: counted in the pool only
+    logits = np.stack([np.zeros_like(p), np.log(p.clip(1e-6, 1 - 1e-6) / (1 - p.clip(1e-6, 1 - 1e-6)))], 1)
+    cal = calibrate(y, logits, 0.9, sources=sources)
+    assert "every COVID-19 origin" in cal.threshold_rule and set(cal.to_meta()["calibration"]["ece_by_source"]) == set(sources)

@@ -129,3 +129,25 @@ def test_training_a_segmenter_writes_a_loadable_pair(tmp_path: Path, jsrt: Path)
     assert set(meta["split"]) == {"train", "val", "test"} and 0.0 <= meta["metrics"]["test"]["dice_mean"] <= 1.0
     assert sorted(sum(meta["split"].values(), [])) == sorted(Path(r["path"]).name for r in rows)
     assert LungSegmenter(path.parent)(np.random.rand(50, 40).astype(np.float32)).shape == (32, 32)
+
+
+def test_equalising_on_the_lungs_puts_every_origin_s_lungs_on_the_same_grey_levels(segmenter: LungSegmenter, data_root: Path):
+    """Shenzhen's detector makes normal lungs bright (read as opacity), Montgomery's dark; equalised on the lung pixels
+    alone, both origins' normal lungs span the full grey range alike, and the option is part of the stored contract."""
+    films = {origin: sorted((data_root.parent / "tb-cxr/images/normal").glob(f"{origin}-*.jpg"))[:6]
+             for origin in ("shenzhen", "montgomery")}
+    plain = Preprocess(size=96, lung_crop=True, outside=0.7, segmenter_sha256=segmenter.sha256, segmenter=segmenter)
+    on_lungs = replace(plain, equalize_lungs=True)
+
+    def lung_mean(pre: Preprocess, path: Path) -> float:
+        image = load_image(path)
+        lungs = segmenter(image)
+        return float(pre.prepare(image, lungs)[pre.input_lungs(lungs) > 0.5].mean())
+
+    gap = {name: abs(np.mean([lung_mean(pre, f) for f in films["shenzhen"]]) - np.mean([lung_mean(pre, f) for f in films["montgomery"]]))
+           for name, pre in (("plain", plain), ("lungs", on_lungs))}
+    assert gap["plain"] > 25 and gap["lungs"] < gap["plain"] / 3, gap
+    # Equalised on the lungs, the lung pixels are (about) uniform over 0..255: their mean sits near the middle.
+    assert all(abs(lung_mean(on_lungs, f) - 127.5) < 20 for f in films["shenzhen"])
+    assert on_lungs.to_dict()["equalize_lungs"] is True and "equalize_lungs" not in plain.to_dict()
+    assert Preprocess(**{k: v for k, v in on_lungs.to_dict().items()}) == replace(on_lungs, segmenter=None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,13 +35,14 @@ from .metrics import choose_threshold
 
 __all__ = [
     "ECE_BINS", "SENSITIVITY_TARGETS", "Calibration", "reliability", "expected_calibration_error", "covid_probability",
-    "nll", "fit_temperature", "calibrate",
+    "nll", "fit_temperature", "per_origin_threshold", "calibrate",
 ]
 
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # equal-width bins of P(COVID-19) for the calibration error, as in Guo et al. 2017
 SENSITIVITY_TARGETS = (0.90, 0.95, 0.98)  # screening-style operating points recorded for every run
+MIN_ORIGIN_FILMS = 20  # COVID-19 films an origin needs in validation to get its own sensitivity target
 T_BOUNDS = (0.05, 20.0)  # the search range; a fit at a bound means the validation set is separable or useless
 
 
@@ -143,6 +144,7 @@ class Calibration:
     nll_before: float
     nll_after: float
     sensitivity_thresholds: dict[str, float] = field(default_factory=dict)  # "0.95" -> highest threshold reaching it
+    ece_by_source: dict[str, float] = field(default_factory=dict)  # per origin of the validation films, at `temperature`
 
     def to_meta(self) -> dict[str, Any]:
         """The ``model.json`` fields this calibration sets."""
@@ -152,14 +154,37 @@ class Calibration:
             "calibration": {
                 "method": "temperature scaling (validation NLL)", "split": "val", "n": self.n, "bins": ECE_BINS,
                 "ece_before": self.ece_before, "ece_after": self.ece_after,
-                "nll_before": self.nll_before, "nll_after": self.nll_after,
+                "nll_before": self.nll_before, "nll_after": self.nll_after, "ece_by_source": self.ece_by_source,
             },
         }
 
 
+def per_origin_threshold(y: np.ndarray, p: np.ndarray, sources: Sequence[str], target_sensitivity: float) -> tuple[float, str]:
+    """The highest threshold at which *every* COVID-19 origin of the validation films reaches ``target_sensitivity``.
+
+    An origin with fewer than `MIN_ORIGIN_FILMS` COVID-19 films gets no target of its own (too few to estimate one);
+    all COVID-19 films together must reach it too. Every specificity falls as the threshold falls, so the highest
+    qualifying threshold is also the one with the best worst-origin specificity.
+
+    Returns:
+        ``(threshold, what each origin needed, in words)``.
+    """
+    src, pos = np.asarray(sources), y == 1
+
+    def needs(where: np.ndarray) -> float:  # the highest threshold that flags enough of these COVID-19 films
+        flagged = np.sort(p[where & pos])[::-1]
+        return float(flagged[int(np.ceil(target_sensitivity * len(flagged))) - 1])
+
+    needed = {"all COVID-19 films": needs(np.ones_like(pos))}
+    for name in sorted(set(src[pos].tolist())):
+        if (src[pos] == name).sum() >= MIN_ORIGIN_FILMS:
+            needed[name] = needs(src == name)
+    return min(needed.values()), ", ".join(f"{n} {t:.3f}" for n, t in needed.items())
+
+
 def calibrate(
     y: ArrayLike, logits: ArrayLike, target_sensitivity: float | None = None, threshold: float | None = None,
-    temperature: float | None = None,
+    temperature: float | None = None, sources: Sequence[str] | None = None,
 ) -> Calibration:
     """Fit the temperature (unless given) and then choose the threshold, both on validation data.
 
@@ -170,6 +195,8 @@ def calibrate(
             None: maximise Youden's J.
         threshold: use this threshold as it is (overrides ``target_sensitivity``).
         temperature: keep this temperature instead of fitting one.
+        sources: the origin of each validation film: with ``target_sensitivity``, every COVID-19 origin must reach
+            it (`per_origin_threshold`), not just the pooled films; the ECE is also reported per origin.
 
     Returns:
         The `Calibration`; ``to_meta()`` gives the checkpoint fields.
@@ -189,13 +216,22 @@ def calibrate(
              f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'})")
     if threshold is not None:
         rule = f"fixed at {threshold:g} by the user (T={temperature:.3f} {'fitted on' if fitted else 'kept for'} the validation split)"
+    elif target_sensitivity and sources is not None:
+        threshold, needed = per_origin_threshold(labels, p, sources, target_sensitivity)
+        rule = (f"sensitivity >= {target_sensitivity} on every COVID-19 origin {where}; the highest such threshold, "
+                f"so the best specificity on every normal origin (each origin's own threshold: {needed})")
     else:
         threshold = choose_threshold(labels, p, target_sensitivity)
         name = f"sensitivity >= {target_sensitivity}" if target_sensitivity else "Youden's J"
         rule = f"{name} {where}"
+    by_source = {}
+    if sources is not None:
+        src = np.asarray(sources)
+        by_source = {n: expected_calibration_error(labels[src == n], p[src == n]) for n in sorted(set(src.tolist()))}
     return Calibration(
         temperature=temperature, threshold=float(threshold), threshold_rule=rule, n=len(p),
         ece_before=expected_calibration_error(labels, raw), ece_after=expected_calibration_error(labels, p),
         nll_before=nll(z, labels, 1.0), nll_after=nll(z, labels, temperature),
         sensitivity_thresholds={f"{s:.2f}": choose_threshold(labels, p, s) for s in SENSITIVITY_TARGETS},
+        ece_by_source=by_source,
     )

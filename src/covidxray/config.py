@@ -45,6 +45,8 @@ class TrainConfig:
     lung_crop: bool = _f(False, "crop every film to its lungs (found by the lung segmenter), in training and serving")
     lung_margin: float = _f(0.1, "widen the lung box by this fraction of its size on each side")
     outside: float = _f(0.0, "0..1: darken the crop outside the (dilated) lungs by this much (0: keep it)")
+    equalize_lungs: bool = _f(False, "with --lung-crop: equalise on the lung pixels' histogram, so every origin's lungs "
+                                     "span the same grey levels")
     smooth: float = _f(0.0, "Gaussian blur sigma in input pixels after resizing, in training and serving (0: off)")
     segmenter: str = _f("bundled", "folder holding segmenter.json: the lung segmenter and input gate copied into the run "
                                    "('bundled': covidxray's own; 'none': no segmenter, no gate, no lung crop)")

@@ -226,7 +226,8 @@ def _preprocess(cfg: TrainConfig, run: Path, dist: distributed.DistEnv) -> Prepr
     """The run's `Preprocess`; the run gets a copy of its segmenter and input gate, which the lung crop uses."""
     spec = get_spec(cfg.arch)
     pre = Preprocess(size=cfg.size, equalize=cfg.equalize, mean=spec.mean, std=spec.std, mask_border=cfg.mask_border,
-                     lung_crop=cfg.lung_crop, lung_margin=cfg.lung_margin, outside=cfg.outside, smooth=cfg.smooth)
+                     lung_crop=cfg.lung_crop, lung_margin=cfg.lung_margin, outside=cfg.outside, smooth=cfg.smooth,
+                     equalize_lungs=cfg.equalize_lungs)
     segmenter = _segmenter(cfg)
     if segmenter is not None:
         if dist.is_main:
@@ -301,7 +302,8 @@ def _finish(run: Path, cfg: TrainConfig, pre: Preprocess, data: _Data, device: t
     best, meta = load_model(run)
     best = best.to(device)
     logits, val_feats = logits_and_features(best, cfg.arch, data.xva, pre, cfg.eval_batch_size, device)
-    cal = calibrate(data.yva.numpy(), logits, cfg.target_sensitivity)
+    cal = calibrate(data.yva.numpy(), logits, cfg.target_sensitivity,
+                    sources=[s.source for s in data.val_samples])
     p = covid_probability(logits, cal.temperature)
     # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
     sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(data.xtr))[:FAMILIARITY_SAMPLE])

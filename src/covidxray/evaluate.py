@@ -202,7 +202,7 @@ def calibrate_run(
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
-                    predictor.temperature if keep_temperature else None)
+                    predictor.temperature if keep_temperature else None, sources=[s.source for s in samples])
     update_model_meta(run, cal.to_meta())
     log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
              cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)

@@ -39,15 +39,20 @@ from scipy import ndimage
 __all__ = ["Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border"]
 
 
-def equalize(img: np.ndarray) -> np.ndarray:
-    """Histogram-equalise a uint8 image (classic CDF mapping; constant images stay constant)."""
-    hist = np.bincount(img.ravel(), minlength=256)
+def equalize(img: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """Histogram-equalise a uint8 image (classic CDF mapping; constant images stay constant).
+
+    With ``where`` (a boolean mask of the image's shape), the mapping is built from those pixels only and
+    applied to every pixel; a mask with (almost) nothing in it falls back to the whole image.
+    """
+    chosen = img[where] if where is not None and where.sum() >= 64 else img
+    hist = np.bincount(chosen.ravel(), minlength=256)
     cdf = np.cumsum(hist)
     cdf_min = cdf[np.nonzero(hist)[0][0]]
     denom = cdf[-1] - cdf_min
     if denom == 0:
         return img.copy()
-    lut = np.clip(np.round((cdf - cdf_min) / denom * 255.0), 0, 255).astype(np.uint8)
+    lut = np.clip(np.round((cdf - cdf_min) / denom * 255.0), 0, 255).astype(np.uint8)  # values below cdf_min clip to 0
     return lut[img]
 
 
@@ -72,6 +77,9 @@ class Preprocess:
     lung_crop: bool = False  # crop to the lungs' bounding box (needs a lung map from covidxray.segment)
     lung_margin: float = 0.1  # widen that box by this fraction of its height and width on each side
     outside: float = 0.0  # 0..1: how far the crop outside the (dilated) lungs is darkened to black; 0 = kept
+    # With lung_crop: the equalisation mapping comes from the lung pixels alone, so every origin's lungs span the same
+    # grey levels (a bright detector's normal lungs no longer read as opacity); the rest of the crop follows that mapping.
+    equalize_lungs: bool = False
     smooth: float = 0.0  # Gaussian blur (sigma, in network-input pixels) after resizing: erases detector and processing sharpness
     segmenter_sha256: str = ""  # with lung_crop: the weights of the segmenter the lung maps must come from
     # The segmenter itself (image -> P(lung) map), attached when a model is loaded; not part of the contract's JSON.
@@ -113,9 +121,11 @@ class Preprocess:
         u8 = np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
         if self.mask_border:
             u8 = mask_border(u8, self.mask_border)
+        if self.lung_crop and self.equalize_lungs:
+            u8 = equalize(u8, _resize(lungs, self.size) > 0.5)
         if self.lung_crop and self.outside:
             u8 = _darken_outside(u8, lungs, self.outside)
-        return (equalize(u8) if self.equalize else u8), box
+        return (equalize(u8) if self.equalize and not (self.lung_crop and self.equalize_lungs) else u8), box
 
     def input_lungs(self, lungs: np.ndarray) -> np.ndarray:
         """A whole-image lung map as the network input frames it: cut to the same box (with ``lung_crop``)
@@ -149,7 +159,8 @@ class Preprocess:
         return d
 
 
-_OPTIONAL = {"mask_border": 0.0, "lung_crop": False, "lung_margin": 0.1, "outside": 0.0, "smooth": 0.0, "segmenter_sha256": ""}
+_OPTIONAL = {"mask_border": 0.0, "lung_crop": False, "lung_margin": 0.1, "outside": 0.0, "smooth": 0.0, "segmenter_sha256": "",
+             "equalize_lungs": False}
 
 
 def lung_box(prob: np.ndarray, margin: float = 0.1, threshold: float = 0.5, min_area: float = 0.02) -> tuple[float, float, float, float]:
