@@ -45,6 +45,9 @@ cp -r "$RUN/audit" "$BUNDLED/"
 # The recipe's leave-one-source-out results (bench/loso.py with the default recipe's flags), for the card.
 LOSO=${LOSO:-bench/results/loso-crop160-out07-soft.json}
 if [ -f "$LOSO" ]; then cp "$LOSO" "$BUNDLED/loso.json"; fi
+# The model itself on every origin of the shared data (what it never saw, and other findings), for the card.
+(cd bench && PYTHONPATH=../src ../.venv/bin/python origins.py --score "../$BUNDLED" --name bundled)
+cp bench/results/origins-bundled.json "$BUNDLED/origins.json"
 $CX card "$BUNDLED" --out models/MODEL_CARD.md
 .venv/bin/python - "$start" "$end" <<'PY'
 import json, os, platform, sys

@@ -12,7 +12,8 @@ import torch
 
 from covidxray.cache import prepare_images
 from covidxray.calibration import (
-    SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, reliability,
+    SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, per_origin_threshold,
+    reliability,
 )
 from covidxray.checkpoint import copy_model, load_model, model_files, update_model_meta
 from covidxray.cli import main
@@ -214,7 +215,6 @@ def test_site_calibration_with_jsrt_as_the_new_site(run_copy: Path, data_root: P
 
 def test_the_threshold_keeps_every_covid_origin_at_the_target_sensitivity():
     """Pooled sensitivity can hide an origin the model finds hard: the rule asks the target of each COVID-19 origin."""
-    from covidxray.calibration import per_origin_threshold
     rng = np.random.default_rng(3)
     y = np.r_[np.ones(300), np.ones(60), np.zeros(400), np.ones(5)].astype(int)
     p = np.r_[rng.uniform(0.6, 1.0, 300), rng.uniform(0.2, 1.0, 60), rng.uniform(0.0, 0.7, 400), rng.uniform(0.0, 1.0, 5)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from covidxray import DISCLAIMER
-from covidxray.checkpoint import copy_model
+from covidxray.checkpoint import copy_model, default_model_path
 from covidxray.cli import main
 from covidxray.data import load_samples
 
@@ -104,3 +104,15 @@ def test_card_writes_markdown_and_self_contained_html(run_copy: Path, external_t
     assert len(images) == len(links)
     assert "src=\"http" not in page and "src=\"/" not in page
     assert all(base64.b64decode(b)[:4] == b"\x89PNG" for b in images)
+
+
+def test_the_bundled_card_scores_every_origin(tmp_path: Path):
+    """The shipped model's card carries its scores on every shared origin, the ones it never saw included."""
+    bundled = Path(default_model_path())
+    origins = json.loads((bundled / "origins.json").read_text())["results"]
+    assert main(["card", str(bundled), "--out", str(tmp_path / "CARD.md")]) == 0
+    md = (tmp_path / "CARD.md").read_text()
+    assert "Every origin of the shared data" in md
+    for key in ("shenzhen/normal", "shenzhen/tuberculosis", "montgomery/normal", "jsrt/normal"):
+        r = origins[key]
+        assert f"| `{r['origin']}` {r['finding']} | {r['n']} | {r['metric']} | {r['at_threshold']['value']:.3f}" in md

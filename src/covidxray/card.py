@@ -123,6 +123,17 @@ def _loso_blocks(loso: dict[str, Any] | None) -> list[Block]:
             ("table", (["Held-out source", "Metric", "Value (95% CI)", "Threshold", "Internal test ROC-AUC"], rows))]
 
 
+def _origins_blocks(origins: dict[str, Any] | None) -> list[Block]:
+    """This model scored on every origin of the shared data (`bench/origins.py --score`, copied as ``origins.json``)."""
+    if not origins:
+        return [("note", "No every-origin results beside this model: run `bench/origins.py --score` on it.")]
+    rows = [[f"`{r['origin']}` {r['finding']}", str(r["n"]), r["metric"], format_ci(r["at_threshold"], digits=3),
+             f"{r['threshold_free']:.3f}", f"{r['ece']:.3f}"] for r in origins["results"].values() if r["n"] >= 20]
+    return [("p", f"{origins['title']}. Threshold-free: at the threshold giving 0.90 sensitivity on the internal test "
+                  f"films (normals, other findings) or 0.90 specificity (COVID-19). Command: `{origins.get('command', '')}`."),
+            ("table", (["Origin, finding", "Films", "Metric", "At the threshold (95% CI)", "Threshold-free", "ECE"], rows))]
+
+
 def _segmenter_blocks(seg: dict[str, Any] | None) -> list[Block]:
     """The lung segmenter and input gate shipped beside the classifier (``segmenter.json``)."""
     if not seg:
@@ -266,7 +277,7 @@ def build_card(
             f"{meta.get('epoch')} (best validation ROC-AUC {meta.get('val_auc', float('nan')):.4f}); training "
             f"{meta.get('train_seconds', 0) / 60:.1f} min on CPU.",
             f"Preprocessing: decode (DICOM VOI LUT, MONOCHROME1 inverted) → {lungs}square resize to {pre['size']} px → {mask}"
-            f"{'histogram equalisation → ' if pre['equalize'] else ''}normalise (mean {pre['mean']}, std {pre['std']}).",
+            f"{('lung-only ' if pre.get('equalize_lungs') else '') + 'histogram equalisation → ' if pre['equalize'] else ''}normalise (mean {pre['mean']}, std {pre['std']}).",
             f"Output: P(COVID-19) = softmax(logits / T)[covid] with T = {meta.get('temperature', 1.0):.4f}; "
             f"**operating threshold {meta['threshold']:.4f}** — {meta.get('threshold_rule', '')}.",
             f"Weights `{meta.get('weights_file')}`, SHA-256 `{meta['weights_sha256']}`.",
@@ -277,8 +288,9 @@ def build_card(
     ]
     if (run_dir / "eval-test" / "roc.png").is_file():
         blocks.append(("img", (run_dir / "eval-test" / "roc.png", "ROC curve, test split")))
-    blocks += [("h3", "Leave one source out (TRIPOD+AI: external validation)"), *_loso_blocks(_load(run_dir / "loso.json"))]
-    if not any(k.startswith("external") for k in reports):
+    blocks += [("h3", "Leave one source out (TRIPOD+AI: external validation)"), *_loso_blocks(_load(run_dir / "loso.json")),
+               ("h3", "Every origin of the shared data"), *_origins_blocks(_load(run_dir / "origins.json"))]
+    if not any(k.startswith("external") for k in reports) and not (run_dir / "origins.json").is_file():
         blocks.append(("note", "No external validation: every number above comes from the same sources as the "
                                "training data. Evaluate on another hospital's films with `covidxray evaluate RUN "
                                "--external DATA` before trusting them."))
