@@ -273,7 +273,7 @@ def _rates(y: Sequence[int], p: np.ndarray, threshold: float) -> dict[str, Any]:
 def onboard_site(
     name: str, normals: str | os.PathLike, covid: str | os.PathLike | None = None, target_specificity: float = 0.95,
     model: str | os.PathLike | None = None, institutions: Sequence[str] = (), stations: Sequence[str] = (),
-    ae_titles: Sequence[str] = (), allow_lower: bool = False, cache_dir: str | None = None,
+    ae_titles: Sequence[str] = (), allow_lower: bool = False, validation: bool = True, cache_dir: str | None = None,
 ) -> SiteProfile:
     """Onboard a site: its own operating point, set on its normal films, and what that costs; the model stays as it is.
 
@@ -283,7 +283,7 @@ def onboard_site(
     not below the model's own unless ``allow_lower`` (`site_threshold`). The cost is measured at the
     model's threshold and at the site's: specificity on the site's normals, sensitivity on its
     COVID-19 films (``covid``, optional), and sensitivity and specificity on the model's validation
-    split (when its data is at hand), with 95 % CIs.
+    split (when its data is at hand and ``validation``), with 95 % CIs.
 
     Returns:
         The `SiteProfile` (not yet saved: see `covidxray.sites.SiteRegistry.save`).
@@ -308,6 +308,8 @@ def onboard_site(
         cost["site_covid"] = {**ccounts, "sensitivity_before": _rates(ones, cprobs, before)["sensitivity"],
                               "sensitivity_after": _rates(ones, cprobs, threshold)["sensitivity"]}
     try:
+        if not validation:
+            raise DataError("not asked for (--no-validation)")
         torch_predictor = predictor if predictor.model is not None else Predictor(model, backend="torch")
         y, p = _validation(model or default_model_path(), torch_predictor, cache_dir)
         cost["validation"] = {"films": len(y), "covid": int(sum(y)), "before": _rates(y, p, before), "after": _rates(y, p, threshold)}

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--ae", action="append", default=[], metavar="AE_TITLE",
                      help="calling AE title of the site's senders (repeatable)")
     add.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+    add.add_argument("--validation", action=argparse.BooleanOptionalAction, default=True,
+                     help="also measure the cost on the model's validation split (default; needs its training data, "
+                          "minutes on a CPU); --no-validation measures on the site's films only")
     add.add_argument("--cache-dir", help="decoded-image cache for the validation split")
     add.add_argument("--replace", action="store_true", help="overwrite an existing profile of that name")
     sites_flag(add)
@@ -63,7 +66,7 @@ def cmd_site_add(args: argparse.Namespace) -> int:
         raise DataError(f"{registry.path(args.name)}: site {args.name!r} is already onboarded; pass --replace to redo it")
     profile = onboard_site(args.name, args.normals, args.covid, args.target_specificity, model=args.model,
                            institutions=args.institution, stations=args.station, ae_titles=args.ae,
-                           allow_lower=args.allow_lower, cache_dir=args.cache_dir)
+                           allow_lower=args.allow_lower, validation=args.validation, cache_dir=args.cache_dir)
     path = registry.save(profile)
     print("\n".join(summary(profile)))
     print(f"wrote {path} (the model is unchanged); use it with: covidxray predict --site {profile.name} ...")
