@@ -54,6 +54,14 @@ def _session_image_cache(cache_dir: Path) -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _empty_site_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Commands that read the default site registry read an empty folder of the session's, never ~/.local."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVIDXRAY_SITES", str(tmp_path_factory.mktemp("sites")))
+        yield
+
+
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run torch on ``n`` intra-op threads inside the block, then restore the previous count."""

@@ -150,6 +150,7 @@ def test_upload_shows_answer_heatmap_and_disclaimer(page, covid_xray: Path, tmp_
     assert page.inner_text("#result-label") == ("COVID-19 positive" if expected.label == "covid" else "COVID-19 negative")
     assert float(page.inner_text("#probability")) == pytest.approx(expected.probability, abs=1e-4)
     assert float(page.inner_text("#threshold")) == pytest.approx(expected.threshold, abs=1e-4)
+    assert "site not onboarded" in page.inner_text("#site-used")  # no site typed: the model's default threshold
     assert page.is_visible("#heatmap") and not page.is_visible("#xray")
     assert _natural_width(page, "#heatmap") > 0
 

@@ -20,6 +20,7 @@ import pytest
 from covidxray.cli import main
 from covidxray.errors import ResultsError
 from covidxray.results import SCHEMA_VERSION, ResultRow, iso_utc, open_results, parse_since
+from covidxray.results_base import MIGRATIONS, migration_sql
 
 
 def _row(n: int, label: str = "normal", hours_ago: float = 0.0, **extra) -> ResultRow:
@@ -61,7 +62,7 @@ def test_sqlite_file_is_wal_versioned_and_refuses_other_files(tmp_path: Path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         db.execute("PRAGMA user_version = 99")
-    with pytest.raises(ResultsError, match=r"r\.db: results schema version 99; this covidxray reads version 1"):
+    with pytest.raises(ResultsError, match=rf"r\.db: results schema version 99; this covidxray reads version {SCHEMA_VERSION}"):
         open_results(tmp_path / "r.db")
     with sqlite3.connect(tmp_path / "other.db") as db:
         db.execute("CREATE TABLE t (x)")
@@ -121,6 +122,36 @@ def test_no_column_can_hold_patient_data(tmp_path: Path):
     assert not [c for c in columns if any(word in c for word in ("patient", "name", "birth", "accession", "sex"))]
 
 
+def _version_1_database(url: str) -> None:
+    """A database as a covidxray of schema version 1 left it (no ``site`` column), with one recorded row."""
+    values = ("1.2.3.1", "1.2.4.1", "1.2.5.1", "CR", "t0", "t1", "normal", 0.1, 0.5)
+    insert = ("INSERT INTO results (sop_instance_uid, study_instance_uid, series_instance_uid, modality, received_at, "
+              "classified_at, label, probability, threshold) VALUES ({})")
+    if "://" not in url:
+        with sqlite3.connect(url) as db:
+            db.executescript("; ".join(migration_sql("sqlite", 1)) + "; PRAGMA user_version = 1;")
+            db.execute(insert.format(", ".join("?" * len(values))), values)
+        return
+    with psycopg.connect(url, autocommit=True) as db:
+        for statement in migration_sql("postgresql", 1):
+            db.execute(statement)
+        db.execute("CREATE TABLE covidxray_schema (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO covidxray_schema VALUES (1)")
+        db.execute(insert.format(", ".join(["%s"] * len(values))), values)
+
+
+def test_a_version_1_database_gains_the_site_column_and_keeps_its_rows(url: str):
+    """Migration step 2 adds ``site``: old rows read as not onboarded (NULL), new rows carry their site."""
+    _version_1_database(url)
+    store = open_results(url)
+    old = store.get("1.2.3.1")
+    assert (old.label, old.probability, old.site) == ("normal", 0.1, None)
+    store.record([_row(2, "covid", site="st-elsewhere")])
+    assert store.get("1.2.3.2").site == "st-elsewhere"
+    store.close()
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+
+
 def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytest.CaptureFixture):
     store = open_results(url)
     store.record([_row(1, "covid"), _row(2, "not_answered", reason="lateral_view", hours_ago=3)])
@@ -134,6 +165,7 @@ def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytes
     assert main(["results", "--db", url]) == 0
     out = capsys.readouterr()
     assert "covid" in out.out and "0.9000" in out.out and "lateral_view" in out.out and "not a diagnosis" in out.err
+    assert "not onboarded" in out.out  # neither row was decided at a site's threshold
     assert main(["results", "--db", str(tmp_path / "nope.db")]) == 2
     assert "nope.db: no results database here" in capsys.readouterr().err
 
@@ -147,7 +179,7 @@ def test_postgres_schema_is_versioned_and_refuses_other_databases(postgres):
     with psycopg.connect(url, autocommit=True) as db:
         assert db.execute("SELECT version FROM covidxray_schema").fetchall() == [(SCHEMA_VERSION,)]
         db.execute("UPDATE covidxray_schema SET version = 99")
-    with pytest.raises(ResultsError, match="results schema version 99; this covidxray reads version 1"):
+    with pytest.raises(ResultsError, match=f"results schema version 99; this covidxray reads version {SCHEMA_VERSION}"):
         open_results(url)
     other = postgres.new_database()
     with psycopg.connect(other, autocommit=True) as db:

@@ -57,6 +57,12 @@ def test_report_of_a_refusal_has_the_reason_and_no_probability(header):
     assert "probability" not in items and items["threshold"] == 0.2073
 
 
+def test_report_states_the_site_or_that_none_is_onboarded(header):
+    assert _items(build_report(header, _row(header, label="normal", probability=0.3)))["site"].startswith("site not onboarded")
+    items = _items(build_report(header, _row(header, label="normal", probability=0.3, site="st-elsewhere")))
+    assert items["site"] == "st-elsewhere: decided at the site's own threshold 0.2073" and items["threshold"] == 0.2073
+
+
 def test_a_resent_film_gets_the_same_report_uids(header):
     first, again = (build_report(header, _row(header, label="normal", probability=0.1)) for _ in range(2))
     assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)

@@ -42,7 +42,7 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
     return out
 
 
-CSV_FIELDS = ("path", "label", "probability", "threshold", "reason", "unfamiliarity", "message")
+CSV_FIELDS = ("path", "label", "probability", "threshold", "reason", "unfamiliarity", "message", "site", "site_onboarded", "note")
 
 
 def read_path_manifest(csv_path: str | os.PathLike) -> list[Path]:

@@ -124,6 +124,7 @@ class Settings:
     cache: str | None  # $COVIDXRAY_CACHE: the decoded-image cache (else ~/.cache/covidxray)
     api_key: str | None  # $COVIDXRAY_API_KEY: the key the REST API asks for (unset or empty: none)
     max_upload_mb: float | None  # $COVIDXRAY_MAX_UPLOAD_MB: the REST API's largest upload (else 20 MiB)
+    sites: str | None = None  # $COVIDXRAY_SITES: the site registry folder (else ~/.local/share/covidxray/sites)
 
 
 def settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -143,4 +144,4 @@ def settings(environ: Mapping[str, str] | None = None) -> Settings:
     except ValueError:
         raise DataError(f"COVIDXRAY_MAX_UPLOAD_MB={upload!r} is not a number of MiB (unset it for the 20 MiB default)") from None
     return Settings(data=get("DATA"), model=get("MODEL"), cache=get("CACHE"), api_key=get("API_KEY"),
-                    max_upload_mb=max_upload_mb)
+                    max_upload_mb=max_upload_mb, sites=get("SITES"))

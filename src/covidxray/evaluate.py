@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections import Counter
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from .cache import readable_images
 from .calibration import Calibration, calibrate, covid_probability
-from .checkpoint import resolve_data, run_dir, update_model_meta
+from .checkpoint import default_model_path, resolve_data, run_dir, update_model_meta
 from .batch import expand_inputs
 from .data import Sample, load_samples
 from .errors import DataError, ImageError
@@ -32,8 +33,9 @@ from .inference import logits_and_features
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
 from .report import json_safe, write_report
+from .sites import SiteProfile, site_threshold
 
-__all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "predict_split", "resolve_data", "screen"]
+__all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "onboard_site", "predict_split", "resolve_data", "screen"]
 
 log = logging.getLogger(__name__)
 
@@ -212,46 +214,110 @@ def calibrate_run(
 def calibrate_site(
     run: str | os.PathLike, site_normals: str | os.PathLike, target_specificity: float = 0.95, cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Onboard a new site: move the threshold so that the site's own normal films reach ``target_specificity``.
+    """Move the model's own threshold so that one site's normal films reach ``target_specificity`` (rewrites ``model.json``).
 
-    Every film in ``site_normals`` (a folder, searched recursively, or a manifest; all taken as
-    normal) goes through the input gate and the model; the new threshold is the lowest at which at
-    least ``target_specificity`` of the answered ones are called normal. What that costs is
-    measured on the run's own validation split (sensitivity and specificity before and after, with
-    95% CIs). The temperature and the weights stay; ``model.json`` is rewritten atomically.
+    Kept for ``covidxray calibrate --site-normals``; `onboard_site` is the path that leaves the
+    model untouched and serves several sites. The threshold rule is the same (`site_threshold`);
+    what it costs is measured on the run's validation split.
 
     Returns:
         ``{"threshold_before", "threshold", "site": {...}, "validation_before": {...}, "validation_after": {...}}``.
     """
-    if not 0.5 <= target_specificity < 1.0:
-        raise DataError(f"the target specificity must be in [0.5, 1), got {target_specificity}")
     predictor = Predictor(run, backend="torch")
-    files = expand_inputs([str(site_normals)]) if Path(site_normals).is_dir() else [s.path for s in load_samples(site_normals)]
-    results = [r for r in predictor.predict_paths(files) if not isinstance(r, ImageError)]
-    probs = np.sort([r.probability for r in results if r.answered])
-    if len(probs) < 20:
-        raise DataError(f"{site_normals}: {len(probs)} answered normal films; at least 20 are needed to set a threshold "
-                        f"(read {len(files)} files, {len(results)} readable)")
-    # The k-th smallest probability (k <= len(probs): the target is below 1) is the last one that must stay under it.
-    k = int(np.ceil(target_specificity * len(probs)))
-    threshold = float(np.nextafter(probs[k - 1], np.inf))
-    data, splits = resolve_data(run, predictor.meta)
-    samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
-    y, p = [s.label for s in samples], covid_probability(logits, predictor.temperature)
-
-    def on_validation(t: float) -> dict[str, Any]:
-        boot = bootstrap_metrics(y, p, t, n_boot=1000)
-        return {k: boot[k] for k in ("sensitivity", "specificity")}
-
+    probs, site = _answered_probs(predictor, site_normals)
+    threshold = _threshold_for(probs, target_specificity, site_normals)
+    y, p = _validation(run, predictor, cache_dir)
     out = {
         "threshold_before": predictor.threshold, "threshold": threshold, "target_specificity": target_specificity,
-        "site": {"folder": str(site_normals), "files": len(files), "answered": len(probs),
-                 "not_answered": sum(not r.answered for r in results), "unreadable": len(files) - len(results),
-                 "specificity_before": float((probs < predictor.threshold).mean()), "specificity_after": float((probs < threshold).mean())},
-        "validation_before": on_validation(predictor.threshold), "validation_after": on_validation(threshold),
+        "site": {**site, "specificity_before": float((probs < predictor.threshold).mean()),
+                 "specificity_after": float((probs < threshold).mean())},
+        "validation_before": _rates(y, p, predictor.threshold), "validation_after": _rates(y, p, threshold),
     }
     rule = (f"site calibration: specificity >= {target_specificity:g} on {len(probs)} normal films of {site_normals} "
             f"(was {predictor.threshold:.4f}: {predictor.meta.get('threshold_rule', '')})")
     update_model_meta(run, {"threshold": threshold, "threshold_rule": rule, "site_calibration": json_safe(out)})
     log.info("site calibration of %s: threshold %.4f -> %.4f", run, predictor.threshold, threshold)
     return out
+
+
+def _answered_probs(predictor: Predictor, films: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """P(COVID-19) of every film in ``films`` (a folder, searched recursively, or a manifest) that gets an answer,
+    and the counts: files, answered, not answered (the input gate), unreadable."""
+    files = expand_inputs([str(films)]) if Path(films).is_dir() else [s.path for s in load_samples(films)]
+    results = [r for r in predictor.predict_paths(files) if not isinstance(r, ImageError)]
+    probs = np.array([r.probability for r in results if r.answered], dtype=float)
+    return probs, {"folder": str(films), "files": len(files), "answered": len(probs),
+                   "not_answered": sum(not r.answered for r in results), "unreadable": len(files) - len(results)}
+
+
+def _threshold_for(probs: np.ndarray, target_specificity: float, films: str | os.PathLike, floor: float | None = None) -> float:
+    try:
+        return site_threshold(probs, target_specificity, floor)
+    except DataError as e:
+        raise DataError(f"{films}: {e}") from None
+
+
+def _validation(run: str | os.PathLike, predictor: Predictor, cache_dir: str | None) -> tuple[list[int], np.ndarray]:
+    """Labels and P(COVID-19) of the run's validation split (the films that chose its own threshold)."""
+    data, splits = resolve_data(run, predictor.meta)
+    samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    return [s.label for s in samples], covid_probability(logits, predictor.temperature)
+
+
+def _rates(y: Sequence[int], p: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity (95 % bootstrap CIs) at ``threshold``; a rate the labels leave undefined is left out."""
+    boot = bootstrap_metrics(y, p, threshold, n_boot=1000)
+    return {k: boot[k] for k in ("sensitivity", "specificity") if not np.isnan(boot[k]["value"])}
+
+
+def onboard_site(
+    name: str, normals: str | os.PathLike, covid: str | os.PathLike | None = None, target_specificity: float = 0.95,
+    model: str | os.PathLike | None = None, institutions: Sequence[str] = (), stations: Sequence[str] = (),
+    ae_titles: Sequence[str] = (), allow_lower: bool = False, validation: bool = True, cache_dir: str | None = None,
+) -> SiteProfile:
+    """Onboard a site: its own operating point, set on its normal films, and what that costs; the model stays as it is.
+
+    The films in ``normals`` (a folder, searched recursively, or a manifest; all taken as normal)
+    go through the input gate and the model as served (``backend='auto'``); the site's threshold is
+    the lowest at which at least ``target_specificity`` of the answered ones are called normal, and
+    not below the model's own unless ``allow_lower`` (`site_threshold`). The cost is measured at the
+    model's threshold and at the site's: specificity on the site's normals, sensitivity on its
+    COVID-19 films (``covid``, optional), and sensitivity and specificity on the model's validation
+    split (when its data is at hand and ``validation``), with 95 % CIs.
+
+    Returns:
+        The `SiteProfile` (not yet saved: see `covidxray.sites.SiteRegistry.save`).
+
+    Raises:
+        DataError: fewer than 20 answered normal films, a bad name or target, an unreadable folder.
+    """
+    predictor = Predictor(model)
+    probs, counts = _answered_probs(predictor, normals)
+    before = predictor.threshold
+    threshold = _threshold_for(probs, target_specificity, normals, None if allow_lower else before)
+    rule = (f"lowest threshold calling >= {target_specificity:g} of {len(probs)} answered normal films of the site "
+            f"normal{'' if allow_lower else f', not below the model threshold {before:.4f}'}")
+    zeros = [0] * len(probs)
+    cost: dict[str, Any] = {"site_normals": {**counts, "specificity_before": _rates(zeros, probs, before)["specificity"],
+                                             "specificity_after": _rates(zeros, probs, threshold)["specificity"]}}
+    if covid is not None:
+        cprobs, ccounts = _answered_probs(predictor, covid)
+        if not len(cprobs):
+            raise DataError(f"{covid}: no COVID-19 film here got an answer ({ccounts['files']} files)")
+        ones = [1] * len(cprobs)
+        cost["site_covid"] = {**ccounts, "sensitivity_before": _rates(ones, cprobs, before)["sensitivity"],
+                              "sensitivity_after": _rates(ones, cprobs, threshold)["sensitivity"]}
+    try:
+        if not validation:
+            raise DataError("not asked for (--no-validation)")
+        torch_predictor = predictor if predictor.model is not None else Predictor(model, backend="torch")
+        y, p = _validation(model or default_model_path(), torch_predictor, cache_dir)
+        cost["validation"] = {"films": len(y), "covid": int(sum(y)), "before": _rates(y, p, before), "after": _rates(y, p, threshold)}
+    except DataError as e:  # a hospital rarely has the training data: the site's own numbers still stand
+        cost["validation"] = {"skipped": str(e)}
+    return SiteProfile(
+        name=name, threshold=threshold, target_specificity=target_specificity, rule=rule,
+        weights_sha256=predictor.meta["weights_sha256"], model=predictor.name, default_threshold=before,
+        institutions=tuple(institutions), stations=tuple(stations), ae_titles=tuple(ae_titles), cost=json_safe(cost),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

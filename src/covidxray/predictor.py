@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -36,6 +36,7 @@ from .gate import InputGate, Verdict
 from .imaging import ImageInfo, read_image
 from .inference import classifier_forward
 from .segment import LungSegmenter
+from .sites import NOT_ONBOARDED, SiteProfile
 
 __all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
 
@@ -50,6 +51,8 @@ class Prediction:
 
     An image that is not a frontal chest X-ray gets no answer: ``label`` is ``not_answered``,
     ``probability`` is None and ``reason`` says why in a word (``message`` in a sentence).
+    ``threshold`` is the one used: the site's when the film's site is onboarded (`covidxray.sites`),
+    else the model's own, and then ``note`` says "site not onboarded".
     """
 
     path: str
@@ -59,6 +62,9 @@ class Prediction:
     reason: str | None = None  # why not answered: wrong_modality, lateral_view, not_chest_xray, ...
     message: str | None = None  # the reason, or a warning about an answer, for people
     unfamiliarity: float | None = None  # 0: typical of the training films ... 1: unlike any of them
+    site: str | None = None  # the onboarded site whose threshold decided (None: the model's default threshold)
+    site_onboarded: bool = False
+    note: str | None = NOT_ONBOARDED  # "site not onboarded: ..." when no site profile applies
 
     @property
     def answered(self) -> bool:
@@ -250,19 +256,40 @@ class Predictor:
                 pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
                 yield from classify(batch)
 
-    def decide(self, name: str, prob: float, unfamiliarity: float | None = None) -> Prediction:
+    def decide(self, name: str, prob: float, unfamiliarity: float | None = None, site: SiteProfile | None = None) -> Prediction:
         """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
 
-        The one rule for label versus threshold; every surface (CLI, API, Grad-CAM) goes through it.
-        An unusually unfamiliar film keeps its answer, with a warning in ``message``.
+        The one rule for label versus threshold; every surface (CLI, API, Grad-CAM, listener) goes
+        through it. The threshold is ``site``'s (a profile made for these weights: see `at_site`),
+        else the model's own. An unusually unfamiliar film keeps its answer, with a warning in ``message``.
         """
-        label = "covid" if prob >= self.threshold else "normal"
+        threshold = self.threshold if site is None else site.threshold
+        label = "covid" if prob >= threshold else "normal"
         message = warning(unfamiliarity) if unfamiliarity is not None else None
-        return Prediction(name, label, prob, self.threshold, message=message, unfamiliarity=unfamiliarity)
+        return Prediction(name, label, prob, threshold, message=message, unfamiliarity=unfamiliarity, **_site_fields(site))
 
-    def refuse(self, name: str, verdict: Verdict) -> Prediction:
+    def refuse(self, name: str, verdict: Verdict, site: SiteProfile | None = None) -> Prediction:
         """The third outcome: no answer, with the gate's reason."""
-        return Prediction(name, NOT_ANSWERED, None, self.threshold, reason=verdict.reason, message=verdict.message)
+        threshold = self.threshold if site is None else site.threshold
+        return Prediction(name, NOT_ANSWERED, None, threshold, reason=verdict.reason, message=verdict.message,
+                          **_site_fields(site))
+
+    def at_site(self, prediction: Prediction, site: SiteProfile | None) -> Prediction:
+        """``prediction`` as ``site`` decides it: its threshold, or (None) the model's own with "site not onboarded".
+
+        Raises:
+            CheckpointError: ``site`` was onboarded for other weights than this model's.
+        """
+        if site is not None:
+            site.check_weights(self.meta.get("weights_sha256"))
+        if prediction.answered:
+            return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site)
+        return replace(prediction, threshold=self.threshold if site is None else site.threshold, **_site_fields(site))
+
+
+def _site_fields(site: SiteProfile | None) -> dict:
+    return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED} if site is None else {
+        "site": site.name, "site_onboarded": True, "note": None}
 
 
 def _prepare(predictor: Predictor, path: str | os.PathLike) -> tuple[str, np.ndarray | Verdict | ImageError]:

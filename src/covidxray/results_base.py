@@ -44,6 +44,10 @@ MIGRATIONS: tuple[str, ...] = (
         png {blob} NOT NULL
     );
     """,
+    # 2: the onboarded site whose threshold decided (covidxray.sites); NULL: site not onboarded, the model's threshold.
+    """
+    ALTER TABLE results ADD COLUMN site TEXT
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _TYPES = {"sqlite": {"real": "REAL", "blob": "BLOB"}, "postgresql": {"real": "DOUBLE PRECISION", "blob": "BYTEA"}}
@@ -92,6 +96,7 @@ class ResultRow:
     weights_sha256: str | None = None
     unfamiliarity: float | None = None  # 0: typical of the training films ... 1: unlike any; None if not given
     report_status: str | None = None  # the structured report sent back: "sent", "failed: ...", None (not asked)
+    site: str | None = None  # the onboarded site whose threshold decided; None: site not onboarded (the model's threshold)
 
     def to_dict(self) -> dict:
         return asdict(self)

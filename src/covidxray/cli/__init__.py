@@ -18,7 +18,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import CovidXrayError
-from . import component_commands, data_commands, dicom_commands, predict_commands, run_commands
+from . import component_commands, data_commands, dicom_commands, predict_commands, run_commands, site_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     component_commands.register(sub)
     predict_commands.register(sub)
     dicom_commands.register(sub)
+    site_commands.register(sub)
     return p
 
 

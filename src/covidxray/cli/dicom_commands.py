@@ -14,7 +14,7 @@ from ..results_base import redact
 
 __all__ = ["register"]
 
-_TABLE = (("received_at", 23), ("label", 12), ("reason", 18), ("probability", 11), ("study_instance_uid", 0))
+_TABLE = (("received_at", 23), ("label", 12), ("reason", 18), ("probability", 11), ("site", 16), ("study_instance_uid", 0))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     li.add_argument("--max-instance-mb", type=float, default=1024.0, help="refuse larger instances (default 1024)")
     li.add_argument("--http-port", type=int, metavar="PORT",
                     help="serve /metrics (Prometheus) and /healthz on this port, same --host (default: none)")
+    li.add_argument("--sites", metavar="DIR",
+                    help="site registry (`covidxray site add ... --institution/--station/--ae`): a film whose InstitutionName, "
+                         "StationName or calling AE title matches a site gets its threshold; any other the model's, recorded "
+                         "as site not onboarded (default $COVIDXRAY_SITES, else ~/.local/share/covidxray/sites)")
     li.set_defaults(func=cmd_listen)
 
     re = sub.add_parser("results", help="what the listener recorded (no patient data): table, JSON lines or CSV")
@@ -74,7 +78,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                             secondary_capture=args.secondary_capture,
                             max_associations=args.max_associations, http_port=args.http_port,
                             allow_ae=args.allow_ae, allow_hosts=args.allow_host, min_free_mb=args.min_free_mb,
-                            max_instance_mb=args.max_instance_mb)
+                            max_instance_mb=args.max_instance_mb, sites=args.sites)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     listener = Listener(config).start()
@@ -110,7 +114,8 @@ def cmd_results(args: argparse.Namespace) -> int:
     else:
         print("  ".join(name.ljust(width) for name, width in _TABLE).rstrip())
         for row in rows:
-            values = {**row.to_dict(), "probability": "" if row.probability is None else f"{row.probability:.4f}"}
+            values = {**row.to_dict(), "probability": "" if row.probability is None else f"{row.probability:.4f}",
+                      "site": row.site or "not onboarded"}
             print("  ".join(str(values[name] or "").ljust(width) for name, width in _TABLE).rstrip())
         print(f"# {len(rows)} instances; label covid = COVID-19 positive (model output). {DISCLAIMER}", file=sys.stderr)
     return 0

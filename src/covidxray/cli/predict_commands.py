@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import DISCLAIMER
 from ..config import settings
 from ..errors import CovidXrayError, ImageError
+from .site_commands import sites_flag
 
 __all__ = ["register", "EXIT_UNREADABLE", "EXIT_NOT_ANSWERED"]
 
@@ -43,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="skip inputs that already have a row in --out or its FILE.partN files (after a crash)")
     pr.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
                     help="refuse what is not a frontal chest X-ray (default); --no-gate forces an answer (research only)")
+    pr.add_argument("--site", metavar="NAME",
+                    help="the films come from this onboarded site: its threshold decides (`covidxray site add`); "
+                         "without it the model's default threshold applies and each answer says 'site not onboarded'")
+    sites_flag(pr)
     pr.set_defaults(func=cmd_predict)
 
     xp = sub.add_parser("explain", parents=[model], help="Grad-CAM: where the model looked (overlay PNG + raw .npy per image)")
@@ -77,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
                                                            "into this spool, classified and recorded as `listen` does")
+    sites_flag(sv)
     sv.set_defaults(func=cmd_serve)
 
 
@@ -84,6 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..batch import PartWriter, expand_inputs, merge_predictions, read_path_manifest, read_predictions, remove_parts
     from ..predictor import Predictor
+    from ..sites import SiteRegistry
 
     if not args.inputs and not args.manifest:
         raise CovidXrayError("predict needs image files, folders or globs, or --manifest CSV")
@@ -94,6 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.resume or dist.enabled) and not args.out:
         raise CovidXrayError("--resume and torchrun runs need --out FILE.csv (rows are collected in FILE.csv.partN first)")
     predictor = Predictor(args.model, device=str(device), backend=args.backend, gate=args.gate)
+    site = SiteRegistry(args.sites).get(args.site, predictor.meta.get("weights_sha256")) if args.site else None
     mine = paths[dist.rank::dist.world_size]  # each process takes every world_size-th input
     writer = None
     if args.out:
@@ -115,6 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 if args.format == "json" and echo:
                     print(json.dumps({"path": result.source, "error": result.reason}))
                 continue
+            result = predictor.at_site(result, site) if site is not None else result
             if writer is not None:
                 writer.write(result)
             refused += not result.answered
@@ -132,8 +141,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             n = merge_predictions(args.out, paths, resume=args.resume)
             print(f"wrote {n} predictions to {args.out}")
     if args.format == "table" and dist.is_main:
-        print(f"# model {predictor.name}, threshold {predictor.threshold:.4f}; positive class: COVID-19. {DISCLAIMER}",
-              file=sys.stderr)
+        where = (f"site {site.name}, threshold {site.threshold:.4f}" if site is not None else
+                 f"threshold {predictor.threshold:.4f}, site not onboarded (the model's default threshold)")
+        print(f"# model {predictor.name}, {where}; positive class: COVID-19. {DISCLAIMER}", file=sys.stderr)
     return EXIT_UNREADABLE if failed else EXIT_NOT_ANSWERED if refused else 0
 
 
@@ -261,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
     app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
                      cors_origins=args.cors_origin, results_db=args.db,
-                     dicomweb_spool=args.dicomweb_spool)
+                     dicomweb_spool=args.dicomweb_spool, sites=args.sites)
     print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
           f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
     # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.

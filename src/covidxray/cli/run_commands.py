@@ -71,8 +71,9 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
     rule.add_argument("--target-sensitivity", type=float, help="highest threshold reaching this validation sensitivity")
     rule.add_argument("--threshold", type=float, help="use this threshold as it is")
     rule.add_argument("--site-normals", metavar="DIR",
-                      help="onboard a new site: a folder (or manifest) of its own normal films; the threshold moves so "
-                           "that they reach --target-specificity, and the cost in sensitivity is shown on validation")
+                      help="rewrite this run's own threshold for one site: a folder (or manifest) of its normal films reach "
+                           "--target-specificity, the cost in sensitivity shown on validation (`covidxray site add` does "
+                           "this without touching the model, for as many sites as it serves)")
     ca.add_argument("--target-specificity", type=float, default=0.95, help="with --site-normals (default 0.95)")
     ca.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature; only choose the threshold")
     ca.set_defaults(func=cmd_calibrate)
@@ -149,6 +150,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               f"{format_ci(after['sensitivity'])}, specificity {format_ci(before['specificity'])} -> "
               f"{format_ci(after['specificity'])}")
         print(f"rewrote {args.run} model.json (weights and temperature unchanged); evaluate again before use")
+        print("note: `covidxray site add NAME --normals DIR --model RUN` sets a site's threshold in a site profile instead, "
+              "leaving model.json as it is (one model, several sites; chosen per film by --site or the DICOM header)")
         return 0
 
     cal = calibrate_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,

@@ -33,10 +33,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
+from pynetdicom.dsutils import encode_file_meta
 
 from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
+from ..sites import SiteMatcher, SiteRegistry
 from ..telemetry import Telemetry, serve_http
 from .dicomweb import DicomWeb, stow
 from .guard import Guard
@@ -89,6 +91,7 @@ class ListenerConfig:
     allow_hosts: tuple[str, ...] = ()  # peer IP addresses allowed to send (empty: any)
     min_free_mb: float = 100.0  # refuse while the spool's disk has less free space (MiB)
     max_instance_mb: float | None = 1024.0  # refuse larger instances (MiB; None: no limit)
+    sites: str | None = None  # site registry folder: films matched to a site by header or AE (None: the default registry)
 
     def spool_folder(self) -> Path:
         if self.spool:
@@ -96,6 +99,14 @@ class ListenerConfig:
         if "://" in self.db and not self.db.startswith("sqlite://"):
             raise DicomNodeError(f"--db {self.db}: give --spool FOLDER as well (it cannot go beside a server database)")
         return Path(self.db.removeprefix("sqlite:///") + ".spool")
+
+
+def _with_sender(event: evt.Event, calling_ae: str) -> bytes:
+    """The received instance as a DICOM file whose meta header names the sender (Source Application Entity Title,
+    as DCMTK's storescp writes it): the spool keeps who sent it, for the site match, across a restart."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling_ae
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getvalue()))
 
 
 def _take(items: queue.Queue, limit: int | None = None) -> list | None:
@@ -139,6 +150,7 @@ class Listener:
             raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT (or --send-to-dicomweb URL)")
         self.heatmaps = config.heatmaps or config.secondary_capture
         self.predictor = predictor
+        self.sites: SiteMatcher | None = None  # built at start, against the loaded model's weights
         self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
         self.spool = Spool(config.spool_folder())
         self.guard = Guard(self.spool.folder, frozenset(config.allow_ae), frozenset(config.allow_hosts),
@@ -169,6 +181,8 @@ class Listener:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if self.predictor is None:
             self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
+        # Every profile is checked now: one made for other weights stops the start with its file named.
+        self.sites = SiteMatcher(SiteRegistry(self.config.sites).all(self.predictor.meta.get("weights_sha256")))
         if self.heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
             self.explainer = self.predictor if self.predictor.model is not None else Predictor(
                 self.config.model, backend="torch", threads=self.config.threads)
@@ -245,7 +259,8 @@ class Listener:
             event.assoc.kill()  # as pynetdicom's own rejections do: the DUL sends the A-ASSOCIATE-RJ, then stops
 
     def _on_store(self, event: evt.Event) -> int:
-        return self.accept(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset, event.assoc.requestor.ae_title,
+        sender = str(event.assoc.requestor.ae_title).strip()
+        return self.accept(str(event.request.AffectedSOPInstanceUID), lambda: _with_sender(event, sender), sender,
                            event.request.DataSet.getbuffer().nbytes)
 
     def accept(self, sop_uid: str, encoded: Callable[[], bytes], sender: str, size: int) -> int:
@@ -303,7 +318,7 @@ class Listener:
         unique = {sop: (sop, path, received) for sop, path, received in batch}  # a resend queued twice
         known = self.store.known(unique)
         fresh = [item for sop, item in unique.items() if sop not in known]
-        done = classify_batch(self.predictor, fresh, explainer=self.explainer) if fresh else []
+        done = classify_batch(self.predictor, fresh, explainer=self.explainer, sites=self.sites) if fresh else []
         added = self.store.record([c.row for c in done], {c.row.sop_instance_uid: c.heatmap_png for c in done if c.heatmap_png})
         for sop in known:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
             row = self.store.get(sop)

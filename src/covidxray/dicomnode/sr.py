@@ -6,7 +6,8 @@ or viewer files and shows it next to that film. Its content tree:
     CONTAINER  Diagnostic imaging report (LOINC 18748-4)
       CODE     covidxray answer = COVID-19 positive / negative (model output), not answered, or not readable
       NUM      P(COVID-19)                    (when answered)
-      NUM      Decision threshold             (positive at or above)
+      NUM      Decision threshold             (positive at or above; the site's when onboarded)
+      TEXT     Site = the onboarded site whose threshold decided, or "site not onboarded: ..."
       NUM      Unfamiliarity                  (when the model gives one)
       TEXT     Reason                         (when not answered or not readable)
       TEXT     Algorithm Name (DCM 111001) = model architecture@input size
@@ -38,6 +39,7 @@ from pynetdicom import AE
 from .. import DISCLAIMER, __version__
 from ..errors import DicomNodeError
 from ..results import ResultRow
+from ..sites import NOT_ONBOARDED
 
 __all__ = ["Destination", "build_report", "build_heatmap_capture", "send_datasets", "REPORT_SERIES_NUMBER"]
 
@@ -54,6 +56,7 @@ PROBABILITY = Code("probability", SCHEME, "P(COVID-19)")
 THRESHOLD = Code("threshold", SCHEME, "Decision threshold")
 UNFAMILIARITY = Code("unfamiliarity", SCHEME, "Unfamiliarity")
 REASON = Code("reason", SCHEME, "Reason")
+SITE = Code("site", SCHEME, "Site")
 NO_UNITS = Code("1", "UCUM", "no units")
 _AE_TITLE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash, at most 16
 
@@ -105,6 +108,9 @@ def build_report(header: Dataset, row: ResultRow) -> Dataset:
     numbers = ((PROBABILITY, row.probability), (THRESHOLD, row.threshold), (UNFAMILIARITY, row.unfamiliarity))
     items += [hd.sr.NumContentItem(name, float(value), NO_UNITS, relationship_type="CONTAINS")
               for name, value in numbers if value is not None]
+    site = (f"{row.site}: decided at the site's own threshold {row.threshold:.4f}" if row.site and row.threshold is not None
+            else row.site or NOT_ONBOARDED)
+    items.append(hd.sr.TextContentItem(SITE, site[:1024], relationship_type="CONTAINS"))
     if row.reason:
         text = f"{row.reason}: {row.message}" if row.message else row.reason
         items.append(hd.sr.TextContentItem(REASON, text[:1024], relationship_type="CONTAINS"))

@@ -21,8 +21,9 @@ from ..explain import explain, overlay_png
 from ..imaging import load_image
 from ..predictor import Prediction, Predictor
 from ..results import ResultRow, utc_now
+from ..sites import SiteMatcher, SiteProfile
 
-__all__ = ["Classified", "classify_batch", "error_reason", "read_header", "HEATMAP_SIDE"]
+__all__ = ["Classified", "classify_batch", "error_reason", "read_header", "site_of", "HEATMAP_SIDE"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,19 @@ def _uid(header: Dataset | None, keyword: str) -> str:
     return str(value).strip() if value else ""
 
 
+def site_of(header: Dataset | None, sites: SiteMatcher | None) -> SiteProfile | None:
+    """The onboarded site of a film: by its InstitutionName, StationName, or the calling AE title its spooled file's
+    meta header keeps (Source Application Entity Title); None when no site matches."""
+    if header is None or sites is None:
+        return None
+    meta = getattr(header, "file_meta", None)
+    return sites.match(institution=_uid(header, "InstitutionName"), station=_uid(header, "StationName"),
+                       calling_ae=_uid(meta, "SourceApplicationEntityTitle") if meta is not None else None)
+
+
 def classify_batch(
     predictor: Predictor, items: Sequence[tuple[str, Path, str]], explainer: Predictor | None = None,
+    sites: SiteMatcher | None = None,
 ) -> list[Classified]:
     """Classify spooled instances in one batched model call.
 
@@ -77,6 +89,8 @@ def classify_batch(
         items: ``(sop_instance_uid, spooled path, received_at)`` per instance.
         explainer: a PyTorch `Predictor` of the same model: also compute the Grad-CAM overlay of each answered
             instance with it (one backward pass each: several times the cost of its share of the batched forward pass).
+        sites: the onboarded sites; a film that matches one (`site_of`) is decided at its threshold, any other
+            at the model's, its row's ``site`` empty (site not onboarded).
 
     Returns:
         One `Classified` per item, in order. Unreadable files are rows with label ``error`` and a
@@ -90,12 +104,13 @@ def classify_batch(
         base = {"sop_instance_uid": sop_uid, "study_instance_uid": _uid(header, "StudyInstanceUID"),
                 "series_instance_uid": _uid(header, "SeriesInstanceUID"), "modality": _uid(header, "Modality"),
                 "received_at": received_at, "classified_at": utc_now(), **meta}
-        png = None
+        png, site = None, site_of(header, sites)
         if isinstance(outcome, ImageError):
             row = ResultRow(**base, label="error", reason=error_reason(outcome), message=outcome.reason,
-                            threshold=predictor.threshold)
+                            threshold=predictor.threshold if site is None else site.threshold,
+                            site=site.name if site is not None else None)
         else:
-            row = ResultRow(**base, **_answer(outcome))
+            row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)))
             if explainer is not None and outcome.answered:
                 png = _heatmap(explainer, path)
         done.append(Classified(path, row, header, png))
@@ -104,7 +119,7 @@ def classify_batch(
 
 def _answer(p: Prediction) -> dict:
     return {"label": p.label, "reason": p.reason, "message": p.message, "probability": p.probability,
-            "threshold": p.threshold, "unfamiliarity": p.unfamiliarity}
+            "threshold": p.threshold, "unfamiliarity": p.unfamiliarity, "site": p.site}
 
 
 def _heatmap(predictor: Predictor, path: Path) -> bytes | None:

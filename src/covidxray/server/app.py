@@ -20,6 +20,7 @@ from ..config import settings
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
 from ..results import ResultsStore, open_results
+from ..sites import SiteRegistry
 from ..telemetry import Telemetry
 from .api_errors import ApiError, error_body, error_response
 from .dicomweb_routes import dicomweb_router, start_node
@@ -70,6 +71,7 @@ def create_app(
     threads: int | None = None,
     results_db: str | os.PathLike | None = None,
     dicomweb_spool: str | os.PathLike | None = None,
+    sites: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The covidxray web service as a FastAPI app (serve it with uvicorn).
 
@@ -93,6 +95,8 @@ def create_app(
             and the page's results list; None: those answer 404 ``no_results_database``.
         dicomweb_spool: with ``results_db``, accept DICOMweb STOW-RS at ``/dicomweb/studies`` into this spool,
             classified and recorded as ``covidxray listen`` does (`covidxray.server.dicomweb_routes`).
+        sites: the site registry folder (`covidxray.sites`) that the ``site`` parameter and STOW-RS use;
+            None: ``$COVIDXRAY_SITES``, else the per-user default.
 
     Returns:
         The app. The model is loaded when the app starts, not here.
@@ -104,7 +108,7 @@ def create_app(
         api_key = settings().api_key
     api_key = api_key or None  # an empty key means no key, not a key that nobody can send
     path = Path(model) if model else (default_model_path() if predictor is None else None)
-    service = Service(path, backend, predictor, timeout_s, max_batch, threads)
+    service = Service(path, backend, predictor, timeout_s, max_batch, threads, SiteRegistry(sites))
     store = open_results(results_db) if results_db is not None else None  # a bad file fails here, before serving
     app = FastAPI(
         title="covidxray", version=__version__, lifespan=_lifespan(service, store, results_db, dicomweb_spool),
@@ -139,7 +143,8 @@ def _lifespan(service: Service, store: ResultsStore | None, results_db: str | os
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        node = start_node(results_db, dicomweb_spool, service.predictor) if dicomweb_spool and results_db else None
+        node = (start_node(results_db, dicomweb_spool, service.predictor, service.sites.folder)
+                if dicomweb_spool and results_db else None)
         app.state.dicom_node = node
         try:
             yield

@@ -31,13 +31,16 @@ _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _CANNOT_UNDERSTAND = 0xC000  # a part that is not a DICOM file with a SOP Instance UID
 
 
-def start_node(results_db: str | os.PathLike, spool: str | os.PathLike, predictor: Predictor) -> Listener:
-    """The listener's spool and worker without a DICOM port, on the server's already loaded model."""
+def start_node(results_db: str | os.PathLike, spool: str | os.PathLike, predictor: Predictor,
+               sites: str | os.PathLike | None = None) -> Listener:
+    """The listener's spool and worker without a DICOM port, on the server's already loaded model and site registry."""
     # Imported here: the DICOM stack (pynetdicom, highdicom) adds about a second to every `serve` start
     # (python -X importtime), and only --dicomweb-spool needs it.
     from ..dicomnode import Listener, ListenerConfig
 
-    return Listener(ListenerConfig(db=os.fspath(results_db), spool=os.fspath(spool), port=None), predictor).start()
+    config = ListenerConfig(db=os.fspath(results_db), spool=os.fspath(spool), port=None,
+                            sites=os.fspath(sites) if sites is not None else None)
+    return Listener(config, predictor).start()
 
 
 def _parts(content_type: str, body: bytes) -> list[bytes]:

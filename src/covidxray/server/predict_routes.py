@@ -15,6 +15,9 @@ from .uploads import Upload, read_files
 
 __all__ = ["predict_router"]
 
+SITE_HELP = ("the onboarded site the film comes from (`covidxray site add`): its threshold decides; without it the "
+             "model's default threshold applies and the answer says 'site not onboarded'")
+
 
 def predict_router(service: Service, max_upload_bytes: int, max_batch_files: int) -> APIRouter:
     """The routes that classify uploads and describe the model, answered by ``service``.
@@ -28,27 +31,30 @@ def predict_router(service: Service, max_upload_bytes: int, max_batch_files: int
 
     @router.post("/predict", response_model=PredictionOut, response_model_exclude_none=True,
                  openapi_extra=upload_body("file", many=False),
-                 responses={k: ERRORS[k] for k in (400, 413, 415, 422, 503, 504)})
+                 responses={k: ERRORS[k] for k in (400, 409, 413, 415, 422, 503, 504)})
     async def predict(
         request: Request,
         explain: bool = Query(False, description="add a Grad-CAM overlay (heatmap_png)"),
         preview: bool = Query(False, description="add the decoded image as a grey PNG (preview_png)"),
+        site: str | None = Query(None, description=SITE_HELP),
     ) -> dict[str, Any]:
         """Classify one chest X-ray (multipart field ``file``) as COVID-19 positive or negative."""
         service.loaded()  # 503 before reading an upload that could not be classified anyway
+        profile = service.site(site)  # an unknown site is refused before the upload is read
         upload, = await read_files(request, "file", 1, max_upload_bytes)
-        return await service.classify(upload, explain=explain, preview=preview)
+        return await service.classify(upload, explain=explain, preview=preview, site=profile)
 
     @router.post("/predict/batch", response_model=BatchOut, response_model_exclude_none=True,
-                 openapi_extra=upload_body("files", many=True), responses={k: ERRORS[k] for k in (400, 413, 503)})
-    async def predict_batch(request: Request) -> dict[str, Any]:
+                 openapi_extra=upload_body("files", many=True), responses={k: ERRORS[k] for k in (400, 409, 413, 503)})
+    async def predict_batch(request: Request, site: str | None = Query(None, description=SITE_HELP)) -> dict[str, Any]:
         """Classify several X-rays (multipart field ``files``); one result or error per file, in order."""
         service.loaded()
+        profile = service.site(site)
         uploads = await read_files(request, "files", max_batch_files, max_upload_bytes)
 
         async def one(upload: Upload) -> dict[str, Any]:
             try:
-                return await service.classify(upload)
+                return await service.classify(upload, site=profile)
             except ApiError as err:  # this file's problem, not the others'
                 return {"filename": upload.name, "status": err.status, "error": error_body(err.code, err.message)["error"]}
 

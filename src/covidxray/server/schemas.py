@@ -28,12 +28,15 @@ class PredictionOut(BaseModel):
     label: str = Field(description="'covid' (COVID-19 positive), 'normal' (negative), or 'not_answered' (not a frontal "
                                    "chest X-ray; see reason)")
     probability: float | None = Field(None, description="P(COVID-19); absent when not answered")
-    threshold: float = Field(description="label is 'covid' when probability >= threshold")
+    threshold: float = Field(description="label is 'covid' when probability >= threshold (the site's when onboarded)")
     reason: str | None = Field(None, description="why not answered: wrong_modality, not_chest, lateral_view, oblique_view, "
                                                  "rotated or not_chest_xray")
     message: str | None = Field(None, description="the reason not to answer, or a warning about the answer, in words")
     unfamiliarity: float | None = Field(None, description="0..1: share of validation films closer to the training films "
                                                           "than this one (above 0.99: a warning)")
+    site: str | None = Field(None, description="the onboarded site whose threshold decided; null: none")
+    site_onboarded: bool = Field(False, description="false: the model's default threshold applied (see note)")
+    note: str | None = Field(None, description="'site not onboarded: ...' when no site profile applied")
     positive_class: str = POSITIVE_CLASS
     model: ModelRef
     timing_ms: float = Field(description="server time for this image: decode, queue, model")
@@ -81,6 +84,7 @@ class ResultOut(BaseModel):
     weights_sha256: str | None = None
     unfamiliarity: float | None = None
     report_status: str | None = Field(None, description="the structured report sent back: sent, failed: ..., or null")
+    site: str | None = Field(None, description="the onboarded site whose threshold decided; null: site not onboarded")
     heatmap: bool = Field(description="a Grad-CAM overlay is at /v1/results/heatmap?sop_instance_uid=...")
 
 
@@ -91,7 +95,8 @@ class ResultsOut(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut, "description": text} for code, text in (
-        (400, "malformed request or no file"), (401, "missing or wrong API key"), (404, "not found or not configured"),
+        (400, "malformed request, no file or an unknown site"), (401, "missing or wrong API key"),
+        (404, "not found or not configured"), (409, "the site was onboarded for another model"),
         (413, "upload too large"),
         (415, "not an image or DICOM file"), (422, "corrupt or unusable image"), (503, "model not ready"),
         (504, "inference took longer than the timeout"),

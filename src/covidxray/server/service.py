@@ -25,11 +25,12 @@ from PIL import Image
 
 from .. import CLASS_NAMES, DISCLAIMER, POSITIVE_CLASS, __version__
 from ..checkpoint import run_dir
-from ..errors import CovidXrayError, ImageError
+from ..errors import CheckpointError, CovidXrayError, DataError, ImageError
 from ..explain import explain as grad_cam, overlay_png
 from ..gate import Verdict
 from ..imaging import read_image
 from ..predictor import Predictor
+from ..sites import SiteProfile, SiteRegistry
 from .api_errors import ApiError, image_error
 from .uploads import Upload
 
@@ -100,11 +101,13 @@ class Service:
         timeout_s: the most one image may take, from upload read to answer.
         max_batch: images per model call.
         threads: intra-op threads of the model (None: the library's default).
+        sites: the site registry that the ``site`` parameter names profiles in (None: the default one).
     """
 
     def __init__(self, model: Path | None, backend: str, predictor: Predictor | None, timeout_s: float, max_batch: int,
-                 threads: int | None = None):
+                 threads: int | None = None, sites: SiteRegistry | None = None):
         self.model_path, self.backend, self.predictor, self.threads = model, backend, predictor, threads
+        self.sites = sites or SiteRegistry()
         self.timeout_s, self.max_batch = timeout_s, max_batch
         self.batcher: Batcher | None = None
         # Grad-CAM registers a hook on the model: a forward of another thread would run through it.
@@ -156,18 +159,35 @@ class Service:
             "disclaimer": DISCLAIMER,
         }
 
-    async def classify(self, upload: Upload, explain: bool = False, preview: bool = False) -> dict[str, Any]:
-        """Answer for one upload; raises `ApiError` for bad input, timeouts and an unready model."""
+    def site(self, name: str | None) -> SiteProfile | None:
+        """The onboarded site called ``name`` (None: none named); `ApiError` 400 for an unknown one, 409 for a
+        profile made for other weights."""
+        if not name:
+            return None
+        try:
+            return self.sites.get(name, self.loaded().meta.get("weights_sha256"))
+        except DataError:
+            raise ApiError(400, "unknown_site", f"no onboarded site {name!r} (onboarded: "
+                                                f"{', '.join(self.sites.names()) or 'none'}); onboard it with "
+                                                f"`covidxray site add {name} --normals DIR`") from None
+        except CheckpointError:
+            raise ApiError(409, "site_for_other_model", f"site {name!r} was onboarded for another model's weights; "
+                                                        "onboard it again for this one") from None
+
+    async def classify(self, upload: Upload, explain: bool = False, preview: bool = False,
+                       site: SiteProfile | None = None) -> dict[str, Any]:
+        """Answer for one upload at ``site``'s threshold (None: the model's, "site not onboarded"); raises `ApiError`
+        for bad input, timeouts and an unready model."""
         predictor = self.loaded()
         start = time.perf_counter()
         try:
             with anyio.fail_after(self.timeout_s):
                 image, checked = await self._in_thread(self._decode, upload)
                 if isinstance(checked, Verdict):  # not a frontal chest X-ray: no answer, and nothing to explain
-                    answer = predictor.refuse(upload.name, checked)
+                    answer = predictor.refuse(upload.name, checked, site=site)
                     explain = False
                 else:
-                    answer = predictor.decide(upload.name, *await self.batcher.submit(checked))
+                    answer = predictor.decide(upload.name, *await self.batcher.submit(checked), site=site)
                 extra = await self._in_thread(self._pictures, image, explain, preview) if explain or preview else {}
         except TimeoutError:
             raise ApiError(504, "timeout", f"{upload.name}: no answer within {self.timeout_s:g} s; try again later") from None

@@ -50,6 +50,7 @@ function showResult(answer) {
     $("probability").textContent = answer.probability.toFixed(4);
   }
   $("threshold").textContent = answer.threshold.toFixed(4);
+  $("site-used").textContent = answer.site_onboarded ? `site ${answer.site}` : "site not onboarded: the model's default threshold";
   $("scores").hidden = !answered;
   $("warning").textContent = answered && answer.message ? `Warning: ${answer.message}` : "";
   $("warning").hidden = !(answered && answer.message);
@@ -76,7 +77,9 @@ async function classify(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   try {
-    const response = await fetch("/v1/predict?explain=true&preview=true", { method: "POST", body: form, headers: headers() });
+    const site = $("site").value.trim();
+    const query = `explain=true&preview=true${site ? `&site=${encodeURIComponent(site)}` : ""}`;
+    const response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form, headers: headers() });
     if (!response.ok) {
       showError(await errorMessage(response));
       return;
