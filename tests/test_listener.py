@@ -164,8 +164,10 @@ def test_patient_data_never_reaches_the_database_the_results_or_the_log(node, fi
     assert films[0].SOPInstanceUID in out.out  # the outputs did run
 
 
-def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path):
-    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)."""
+def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path, caplog):
+    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)
+    or in the log."""
+    caplog.set_level("DEBUG")
     url = postgres.new_database()
     listener = Listener(ListenerConfig(db=url, spool=str(tmp_path / "spool"), port=0, heatmaps=True), predictor).start()
     try:
@@ -181,8 +183,10 @@ def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Pre
     files = [*(postgres.home / "data" / "base" / str(oid)).iterdir(), *(postgres.home / "data" / "pg_wal").glob("0*")]
     stored = b"".join(p.read_bytes() for p in files if p.is_file())
     assert films[0].SOPInstanceUID.encode() in stored  # the search does see the rows
+    assert "recorded " in caplog.text  # the log did run
     for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "ACC4242", "19600101"):
         assert secret.encode() not in stored, secret
+        assert secret not in caplog.text, secret
 
 
 def test_metrics_agree_with_the_database_and_hold_no_patient_data(node, films):
