@@ -1,6 +1,7 @@
 """Throughput and crash safety of ``covidxray listen``: 4 concurrent DICOM senders, end to end.
 
     .venv/bin/python bench/listener.py [--instances 400] [--senders 4] [--kill-instances 500]
+    .venv/bin/python bench/listener.py --db sqlite --db postgresql [--repeat 3]   # the two stores compared
 
 ``covidxray listen`` runs in a subprocess on a free loopback port with a fresh database. Each run
 sends 512x512 12-bit CR films made from real X-rays of the shared data set (fresh SOP Instance UIDs,

@@ -1,6 +1,7 @@
 """Several listeners, one truth: 2 ``covidxray listen`` processes on one PostgreSQL, 4 senders, one SIGKILL.
 
-    .venv/bin/python bench/multi_listener.py [--instances 1000] [--senders 4] [--both 0.1] [--db postgresql://...]
+    .venv/bin/python bench/multi_listener.py [--instances 1000] [--senders 4] [--both 0.1] [--attempts 8]
+        [--db postgresql://...]
 
 Without ``--db`` a PostgreSQL is started in a temporary folder (Debian's postgresql, as the tests
 do: tests/postgres.py). Two listeners, each with its own spool, write the one database. The
@@ -16,7 +17,7 @@ acknowledged (refused, no answer, association aborted or refused) is sent again,
 the next listener in turn (failover: both listeners stand behind one AE title). Measured:
 end-to-end time until every acknowledged instance has its row, instances never acknowledged,
 acknowledged instances lost, rows beyond one per instance (impossible by the primary key, counted
-anyway), retries and failovers, and SQL errors in the logs.
+anyway), retries (each one a failover to the other listener), and SQL errors in the logs.
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ from postgres import PostgresServer  # noqa: E402
 
 from covidxray.results import open_results  # noqa: E402
 
+BACKOFF_S, MAX_BACKOFF_S = 0.25, 4.0  # before the first retry of an instance; doubled for each further one
+
 
 def start(url: str, work: Path, name: str, attempt: int) -> tuple[subprocess.Popen, int]:
     return dicoms.start_listen(url, work / f"{name}.{attempt}.log", "--spool", str(work / f"spool-{name}"),
                                "--ae-title", "COVIDXRAY", "--batch-size", "16")
-
-
-BACKOFF_S, MAX_BACKOFF_S = 0.25, 4.0
 
 
 class Sender:
