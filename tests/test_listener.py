@@ -259,6 +259,15 @@ def test_an_instance_over_the_size_limit_is_refused(node, films):
     assert _refused(listener) == {"instance_too_large": 1}
 
 
+def test_the_spool_listing_skips_a_file_removed_while_it_looks(tmp_path: Path, monkeypatch):
+    """The worker removes recorded files while ``/metrics`` lists the spool: a vanished file is no error (it failed scrapes)."""
+    spool = Spool(tmp_path / "spool")
+    kept = spool.put("1.2.3", b"DICM")
+    listed = [spool.path_for("1.2.4"), kept]  # 1.2.4: listed by glob, then removed before its stat
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(listed))
+    assert spool.pending() == [kept] and spool.oldest_age_s() >= 0
+
+
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):
     spool = Spool(tmp_path / "results.db.spool")  # where the listener below keeps its spool
     for ds in films[:3]:
