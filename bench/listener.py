@@ -211,18 +211,20 @@ def compare_stores(kinds: list[str], repeat: int, instances: int, senders: int, 
 
 def save_comparison(args: argparse.Namespace, rows: list[dict], medians: dict, load_before: float) -> None:
     ratio = medians["postgresql"] / medians["sqlite"] if {"postgresql", "sqlite"} <= medians.keys() else None
+    speed = {name: [r["instances_per_s"] for r in rows if r["store"] == name] for name in medians}
+    pairs = [round(p / s, 2) for s, p in zip(speed["sqlite"], speed["postgresql"])] if ratio else []
     table = ["| run | store | acknowledged | recorded | lost | duplicated | /metrics agree with rows | end to end s | "
              "instances/s | load average after |", "|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['run']} | {r['store']} | {r['acknowledged']} | {r['recorded']} | {r['lost']} | {r['duplicated']} | "
               f"{'yes' if r['metrics_agree'] else 'NO'} | {r['end_to_end_s']} | {r['instances_per_s']} | {r['load_average']} |"
               for r in rows]
     table += ["", "Median instances/s: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items())
-              + (f"; PostgreSQL / SQLite = **{ratio:.2f}**" if ratio else "")]
+              + (f"; PostgreSQL / SQLite = **{ratio:.2f}** (run by run: {', '.join(map(str, pairs))})" if ratio else "")]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0; runs interleaved so both stores share it)")
     save("listener-db", {"title": f"DICOM listener on SQLite and on PostgreSQL — {args.senders} senders, "
                                   f"{args.instances} uncompressed 512x512 CR per run", "rows": rows, "medians": medians,
-                         "ratio_postgresql_to_sqlite": ratio, "note": note, "table": table + ["", note],
+                         "ratio_postgresql_to_sqlite": ratio, "ratios_run_by_run": pairs, "note": note, "table": table + ["", note],
                          "command": f"python bench/listener.py --instances {args.instances} --senders {args.senders} "
                                     + " ".join(f"--db {k if k in ('sqlite', 'postgresql') else 'URL'}" for k in args.db)
                                     + f" --repeat {args.repeat}"})
