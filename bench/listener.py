@@ -126,13 +126,15 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     acked: list[Path] = []
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start = time.perf_counter()
-    for t in send(paths, port, senders, acked, failures):
-        t.join()
-    sent = time.perf_counter()
-    done = wait_recorded(db, {uids[p] for p in acked})
-    checked = metrics_against_rows(log, db)
-    proc.terminate()
-    proc.wait(60)
+    try:
+        for t in send(paths, port, senders, acked, failures):
+            t.join()
+        sent = time.perf_counter()
+        done = wait_recorded(db, {uids[p] for p in acked})
+        checked = metrics_against_rows(log, db)
+    finally:  # a failed check must not leave the listener running
+        proc.terminate()
+        proc.wait(60)
     rows = recorded(db)
     return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
             "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),

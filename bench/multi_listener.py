@@ -112,27 +112,32 @@ def run(url: str, work: Path, instances: int, senders: int, both: float, attempt
     counts, lock = {"retries": 0, "given_up": 0}, threading.Lock()
     threads = [threading.Thread(target=send_with_retry, args=(items[k::senders // 2], name, ports, attempts, acked, counts, lock))
                for name, items in routes.items() for k in range(senders // 2)]
+    procs = [a, b]
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    while len(acked) < instances // 2 and any(t.is_alive() for t in threads):
-        time.sleep(0.01)
-    os.kill(a.pid, signal.SIGKILL)
-    a.wait(30)
-    a, ports["a"] = start(url, work, "a", 1)
-    for t in threads:
-        t.join(TIMEOUT_S)
-    sent = time.perf_counter()
-    want = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in acked}
-    every = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
-    store = open_results(url)
-    while store.known(want) != want and time.perf_counter() - t0 < TIMEOUT_S:
-        time.sleep(0.5)
-    elapsed = time.perf_counter() - t0
-    rows = [r.sop_instance_uid for r in store.recent()]
-    for proc in (a, b):
-        proc.terminate()
-        proc.wait(60)
+    try:
+        for t in threads:
+            t.start()
+        while len(acked) < instances // 2 and any(t.is_alive() for t in threads):
+            time.sleep(0.01)
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(30)
+        a, ports["a"] = start(url, work, "a", 1)
+        procs.append(a)
+        for t in threads:
+            t.join(TIMEOUT_S)
+        sent = time.perf_counter()
+        want = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in acked}
+        every = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+        store = open_results(url)
+        while store.known(want) != want and time.perf_counter() - t0 < TIMEOUT_S:
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - t0
+        rows = [r.sop_instance_uid for r in store.recent()]
+    finally:  # an error on the way must not leave listeners running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
     logs = "".join(p.read_text(errors="replace") for p in work.glob("*.log"))
     return {"instances": instances, "sent_to_both": len(shared), "c_stores_acknowledged": len(acked),
             "acknowledged": len(want), "never_acknowledged": len(every - want), "rows": len(rows),
