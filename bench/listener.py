@@ -1,6 +1,7 @@
 """Throughput and crash safety of ``covidxray listen``: 4 concurrent DICOM senders, end to end.
 
     .venv/bin/python bench/listener.py [--instances 400] [--senders 4] [--kill-instances 500]
+    .venv/bin/python bench/listener.py --db sqlite --db postgresql [--repeat 3]   # the two stores compared
 
 ``covidxray listen`` runs in a subprocess on a free loopback port with a fresh database. Each run
 sends 512x512 12-bit CR films made from real X-rays of the shared data set (fresh SOP Instance UIDs,
@@ -9,26 +10,44 @@ the first C-STORE until the database holds a row for every acknowledged instance
 spooled (fsync), classified and committed. Runs: uncompressed (explicit VR little endian), JPEG
 Lossless SV1 (dcmtk's ``dcmcjpeg``), and a kill -9 of the listener half-way through a stream
 followed by a restart, counting acknowledged instances missing from the database and duplicates.
+After each throughput run the listener's ``/metrics`` is read and its answers by label are
+compared with the database's rows by label (they must agree).
+
+SQLite against PostgreSQL (``--db sqlite --db postgresql --repeat 3``): uncompressed runs only,
+each on a fresh database, interleaved (sqlite, postgresql, sqlite, ...) so that the load of a
+shared machine falls on both alike; reported: each run, the median of each store, and the ratio
+of the medians. ``postgresql`` starts a throwaway server here (tests/postgres.py) with fsync on,
+as SQLite runs with ``synchronous = FULL``; a ``postgresql://`` URL names a server on which the
+bench may create (and drops) a database per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
-import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread, uid
 
 from common import ROOT, save
 
 sys.path.insert(0, str(ROOT / "tests"))
 import dicoms  # noqa: E402  (the tests' DICOM builders: CR films from real X-rays, dcmcjpeg)
+from postgres import PostgresServer  # noqa: E402  (a throwaway PostgreSQL: initdb + pg_ctl)
+
+from covidxray.results import open_results  # noqa: E402
 
 DATA = Path(os.environ.get("COVIDXRAY_DATA", ROOT.parent / "shared" / "datasets" / "covid-cxr"))
 DISTINCT_IMAGES = 64  # decoded once; each instance is one of them under a new UID
@@ -60,39 +79,69 @@ def send(paths: list[Path], port: int, senders: int, acked: list, failures: list
     return threads
 
 
-def recorded(db: Path) -> list[str]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
-        return [r[0] for r in con.execute("SELECT sop_instance_uid FROM results")]
+def recorded(db: str | Path) -> list[str]:
+    store = open_results(db, create=False)
+    try:
+        return [r.sop_instance_uid for r in store.recent()]
+    finally:
+        store.close()
 
 
-def wait_recorded(db: Path, want: set[str]) -> float:
+def wait_recorded(db: str | Path, want: set[str]) -> float:
     deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        if db.exists() and want <= set(recorded(db)):
-            return time.perf_counter()
-        time.sleep(0.05)
+    store = open_results(db, create=False)  # the listener made it before it listened
+    try:
+        while time.monotonic() < deadline:
+            if store.known(want) == want:
+                return time.perf_counter()
+            time.sleep(0.05)
+    finally:
+        store.close()
     raise SystemExit(f"not all instances recorded within {TIMEOUT_S} s")
 
 
-def run(paths: list[Path], work: Path, senders: int, name: str) -> dict:
+def metrics_against_rows(log: Path, db: str | Path) -> dict:
+    """The listener's ``/metrics`` (port from its log) against the database: answers and refusals by label, and received."""
+    port = re.search(r"metrics on http://[0-9.]+:(\d+)/metrics", log.read_text(errors="replace")).group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        found = {(s.name, tuple(s.labels.values())): s.value
+                 for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
+    store = open_results(db, create=False)
+    rows = store.recent()
+    store.close()
+    by_label = dict(Counter(r.label for r in rows))
+    metric_by_label = {key[0]: int(v) for (name, key), v in found.items() if name == "covidxray_answers_total"}
+    refusals = dict(Counter(r.reason for r in rows if r.label == "not_answered"))
+    metric_refusals = {key[0]: int(v) for (name, key), v in found.items() if name == "covidxray_input_gate_refusals_total"}
+    return {"rows_by_label": by_label, "metrics_answers_by_label": metric_by_label,
+            "metrics_received": int(found.get(("covidxray_dicom_received_total", ()), 0)),
+            "metrics_agree": by_label == metric_by_label and refusals == metric_refusals}
+
+
+def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path | None = None) -> dict:
     uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
-    db = work / f"{name}.db"
-    proc, port = dicoms.start_listen(db, work / f"{name}.log")
+    db = db or work / f"{name}.db"
+    log = work / f"{name}.log"
+    proc, port = dicoms.start_listen(db, log, "--spool", str(work / f"{name}.spool"), "--http-port", "0")
     acked: list[Path] = []
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start = time.perf_counter()
-    for t in send(paths, port, senders, acked, failures):
-        t.join()
-    sent = time.perf_counter()
-    done = wait_recorded(db, {uids[p] for p in acked})
-    proc.terminate()
-    proc.wait(60)
+    try:
+        for t in send(paths, port, senders, acked, failures):
+            t.join()
+        sent = time.perf_counter()
+        done = wait_recorded(db, {uids[p] for p in acked})
+        checked = metrics_against_rows(log, db)
+    finally:  # a failed check must not leave the listener running
+        proc.terminate()
+        proc.wait(60)
     rows = recorded(db)
     return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
             "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
             "send_s": round(sent - start, 2), "end_to_end_s": round(done - start, 2),
-            "instances_per_s": round(len(acked) / (done - start), 1), "not_acknowledged": failures,
-            **({"listener_log_tail": (work / f"{name}.log").read_text().splitlines()[-15:]} if failures else {})}
+            "instances_per_s": round(len(acked) / (done - start), 1), **checked, "not_acknowledged": failures,
+            "slow_spool_writes": [line for line in log.read_text().splitlines() if "spooling one instance" in line],
+            **({"listener_log_tail": log.read_text().splitlines()[-15:]} if failures else {})}
 
 
 def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
@@ -118,24 +167,108 @@ def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
             "duplicated": len(rows) - len(set(rows))}
 
 
+class Databases:
+    """A fresh, empty results database per run for each ``--db`` kind: an SQLite file, or a PostgreSQL database."""
+
+    def __init__(self, work: Path):
+        self.work, self.server, self.made, self.count = work, None, [], 0
+
+    def new(self, kind: str) -> str:
+        self.count += 1
+        if kind == "sqlite":
+            return str(self.work / f"sqlite-{self.count}.db")
+        if kind == "postgresql" and self.server is None:
+            self.server = PostgresServer().start(fsync=True)  # durable commits, as SQLite's synchronous = FULL
+        url = self.server.url() if kind == "postgresql" else kind
+        name = f"covidxray_bench_{os.getpid()}_{self.count}"
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        self.made.append((url, name))
+        return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+    def close(self) -> None:
+        for url, name in self.made if self.server is None else []:  # a throwaway server goes with its databases
+            with psycopg.connect(url, autocommit=True) as db:
+                db.execute(f"DROP DATABASE IF EXISTS {name}")
+        if self.server is not None:
+            self.server.stop()
+
+
+def compare_stores(kinds: list[str], repeat: int, instances: int, senders: int, work: Path) -> tuple[list[dict], dict]:
+    """Uncompressed runs on each store in ``kinds``, interleaved ``repeat`` times; the runs and each store's median."""
+    paths = make_files(work / "raw", instances, uid.ExplicitVRLittleEndian)
+    databases, rows = Databases(work), []
+    try:
+        for r in range(repeat):
+            for kind in kinds:
+                name = "sqlite" if kind == "sqlite" else "postgresql"
+                row = run(paths, work, senders, f"{name}-{r + 1}", databases.new(kind))
+                rows.append({**row, "store": name, "load_average": round(os.getloadavg()[0], 1)})
+                print(rows[-1], flush=True)
+    finally:
+        databases.close()
+    medians = {name: statistics.median(r["instances_per_s"] for r in rows if r["store"] == name)
+               for name in dict.fromkeys(r["store"] for r in rows)}
+    return rows, medians
+
+
+def save_comparison(args: argparse.Namespace, rows: list[dict], medians: dict, load_before: float) -> None:
+    ratio = medians["postgresql"] / medians["sqlite"] if {"postgresql", "sqlite"} <= medians.keys() else None
+    speed = {name: [r["instances_per_s"] for r in rows if r["store"] == name] for name in medians}
+    pairs = [round(p / s, 2) for s, p in zip(speed["sqlite"], speed["postgresql"])] if ratio else []
+    # not acknowledged: C-STOREs refused or unanswered within the sender's 30 s timeout (this bench does not resend)
+    table = ["| run | store | acknowledged | not acknowledged | recorded | lost | duplicated | /metrics agree with rows | "
+             "end to end s | instances/s | load average after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['run']} | {r['store']} | {r['acknowledged']} | {r['instances'] - r['acknowledged']} | {r['recorded']} | "
+              f"{r['lost']} | {r['duplicated']} | {'yes' if r['metrics_agree'] else 'NO'} | {r['end_to_end_s']} | "
+              f"{r['instances_per_s']} | {r['load_average']} |" for r in rows]
+    table += ["", "Median instances/s: " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items())
+              + (f"; PostgreSQL / SQLite = **{ratio:.2f}** (run by run: {', '.join(map(str, pairs))})" if ratio else "")]
+    note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                         "(2 cores: other work shares them when it is above 0; runs interleaved so both stores share it)")
+    save("listener-db", {"title": f"DICOM listener on SQLite and on PostgreSQL — {args.senders} senders, "
+                                  f"{args.instances} uncompressed 512x512 CR per run", "rows": rows, "medians": medians,
+                         "ratio_postgresql_to_sqlite": ratio, "ratios_run_by_run": pairs, "note": note, "table": table + ["", note],
+                         "command": f"python bench/listener.py --instances {args.instances} --senders {args.senders} "
+                                    + " ".join(f"--db {k if k in ('sqlite', 'postgresql') else 'URL'}" for k in args.db)
+                                    + f" --repeat {args.repeat}"})
+    print(f"medians {medians}, ratio {ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=400)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--kill-instances", type=int, default=500)
+    parser.add_argument("--db", action="append", metavar="STORE",
+                        help="compare results stores (repeatable): sqlite, postgresql (a throwaway server started here) "
+                             "or a postgresql:// URL of a server where the bench may create databases; uncompressed "
+                             "runs only, saved as bench/results/listener-db.json")
+    parser.add_argument("--repeat", type=int, default=3, help="with --db: runs per store, interleaved")
     parser.add_argument("--note", default="", help="a line about the machine (e.g. shared with other work)")
     args = parser.parse_args()
+    for kind in args.db or []:
+        if kind not in ("sqlite", "postgresql") and not kind.startswith(("postgresql://", "postgres://")):
+            parser.error(f"--db {kind}: give sqlite, postgresql or a postgresql:// URL")
     load_before = os.getloadavg()[0]
+    if args.db:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, medians = compare_stores(args.db, args.repeat, args.instances, args.senders, Path(tmp))
+        save_comparison(args, rows, medians, load_before)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = [run(make_files(work / "raw", args.instances, uid.ExplicitVRLittleEndian), work, args.senders, "uncompressed"),
                 run(make_files(work / "jpegll", args.instances, uid.JPEGLosslessSV1), work, args.senders, "JPEG Lossless SV1"),
                 kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders)]
-    table = ["| run | instances | acknowledged | lost | duplicated | end to end s | instances/s |", "|---|---|---|---|---|---|---|"]
+    table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s |",
+             "|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
+              f"{({True: 'yes', False: 'NO'}).get(r.get('metrics_agree'), '—')} | "
               f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} |" for r in rows]
-    note = args.note or f"load average {load_before:.1f} at the start (other work shares the cores when it is above 0)"
+    note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+                         "(2 cores: other work shares them when it is above 0)")
     save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders, 512x512 CR, end to end", "rows": rows,
                       "note": note, "table": table + ["", note],
                       "command": f"python bench/listener.py --instances {args.instances} --senders {args.senders} "

@@ -45,12 +45,13 @@ class PostgresServer:
     def _pg(self, *args: str) -> None:
         subprocess.run([*self._as_user, *args], check=True, capture_output=True, timeout=120)
 
-    def start(self) -> "PostgresServer":
+    def start(self, fsync: bool = False) -> "PostgresServer":
+        """Start the server; ``fsync`` off by default (the tests kill listeners, never this server; it saves
+        seconds on a busy disk), on for benchmarks that compare it with SQLite's durable commits."""
         data = self.home / "data"
         self._pg(str(self.bin / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-        # fsync off: the tests kill listeners, never this server; it saves seconds on a busy disk
         self._pg(str(self.bin / "pg_ctl"), "-D", str(data), "-w", "-l", str(self.home / "log"), "-o",
-                 f"-p {self.port} -k {self.home} -h 127.0.0.1 -F -c max_connections=50", "start")
+                 f"-p {self.port} -k {self.home} -h 127.0.0.1 {'' if fsync else '-F '}-c max_connections=50", "start")
         return self
 
     def url(self, database: str = "postgres") -> str:

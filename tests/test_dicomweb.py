@@ -47,6 +47,20 @@ def test_stow_rs_parts_are_recorded_like_c_stores(manifest: Path, tmp_path: Path
     assert list((tmp_path / "spool").glob("*.dcm")) == []  # recorded, so they left the spool
 
 
+def test_stow_rs_refuses_uploads_with_503_while_the_disk_is_full(manifest: Path, tmp_path: Path):
+    """"Full": the free-space threshold set above the disk's free space. Nothing is stored, spooled or recorded."""
+    content_type, body = _multipart([dicoms.to_bytes(ds) for ds in dicoms.films(manifest, 1)])
+    with TestClient(create_app(default_model_path(), predictor=Predictor(), results_db=tmp_path / "r.db",
+                               dicomweb_spool=tmp_path / "spool")) as client:
+        guard = client.app.state.dicom_node.guard
+        guard.min_free_mb = guard.free_mb() + 10**9
+        r = client.post("/dicomweb/studies", content=body, headers={"content-type": content_type})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "low_disk_space"
+        metrics = client.get("/metrics").text
+    assert 'covidxray_errors_total{code="low_disk_space"} 1.0' in metrics
+    assert list((tmp_path / "spool").glob("*.dcm")) == [] and open_results(tmp_path / "r.db").recent() == []
+
+
 def test_stow_rs_refuses_a_chunked_body_over_the_limit_as_it_streams(tmp_path: Path):
     """A chunked upload declares no Content-Length: the limit must hold while the bytes arrive."""
     content_type, body = _multipart([b"\0" * 200_000])

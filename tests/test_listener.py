@@ -164,8 +164,10 @@ def test_patient_data_never_reaches_the_database_the_results_or_the_log(node, fi
     assert films[0].SOPInstanceUID in out.out  # the outputs did run
 
 
-def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path):
-    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)."""
+def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Predictor, tmp_path: Path, caplog):
+    """The listener on a PostgreSQL store: rows recorded, and no patient tag in the server's files (tables or WAL)
+    or in the log."""
+    caplog.set_level("DEBUG")
     url = postgres.new_database()
     listener = Listener(ListenerConfig(db=url, spool=str(tmp_path / "spool"), port=0, heatmaps=True), predictor).start()
     try:
@@ -181,8 +183,10 @@ def test_postgresql_results_hold_no_patient_data(postgres, films, predictor: Pre
     files = [*(postgres.home / "data" / "base" / str(oid)).iterdir(), *(postgres.home / "data" / "pg_wal").glob("0*")]
     stored = b"".join(p.read_bytes() for p in files if p.is_file())
     assert films[0].SOPInstanceUID.encode() in stored  # the search does see the rows
+    assert "recorded " in caplog.text  # the log did run
     for secret in (dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "Doe", "ACC4242", "19600101"):
         assert secret.encode() not in stored, secret
+        assert secret not in caplog.text, secret
 
 
 def test_metrics_agree_with_the_database_and_hold_no_patient_data(node, films):
@@ -253,6 +257,15 @@ def test_an_instance_over_the_size_limit_is_refused(node, films):
     assert send_datasets(films[:1], _to(listener), "PACS") == [0xA700]
     assert listener.spool.pending() == [] and listener.store.recent() == []
     assert _refused(listener) == {"instance_too_large": 1}
+
+
+def test_the_spool_listing_skips_a_file_removed_while_it_looks(tmp_path: Path, monkeypatch):
+    """The worker removes recorded files while ``/metrics`` lists the spool: a vanished file is no error (it failed scrapes)."""
+    spool = Spool(tmp_path / "spool")
+    kept = spool.put("1.2.3", b"DICM")
+    listed = [spool.path_for("1.2.4"), kept]  # 1.2.4: listed by glob, then removed before its stat
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(listed))
+    assert spool.pending() == [kept] and spool.oldest_age_s() >= 0
 
 
 def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_path: Path, predictor: Predictor):

@@ -5,7 +5,9 @@ loopback ports, with a Lua script that forwards every film it receives over DICO
 ``covidxray`` modality, as a hospital's auto-routing rule would. Films reach it from dcmtk's
 ``storescu`` (Debian's ``dcmtk``: a second, independent DICOM implementation) and through its REST
 API; the listener answers with an SR and a heat-map Secondary Capture per film, which are checked
-in Orthanc through its REST API. ``make test`` installs both packages (``make systemdeps``).
+in Orthanc through its REST API. The DICOMweb path is tested end to end too: Orthanc pushes a film
+by STOW-RS to ``covidxray serve``, whose SR comes back by STOW-RS and is found with QIDO-RS.
+``make test`` installs both packages (``make systemdeps``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import io
 import json
 import shutil
 import socket
+import os
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -219,3 +225,58 @@ def test_storescu_straight_to_the_listener(orthanc, covidxray, manifest: Path, t
     wrong = subprocess.run(["storescu", "-aec", "SOMEONE", "127.0.0.1", str(port), str(paths[1])],
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode != 0  # a sender must call this node by its AE title
+
+
+@pytest.fixture
+def stow_server(orthanc: Orthanc, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``covidxray serve`` taking STOW-RS and sending its reports to Orthanc by STOW-RS; (base URL, results db)."""
+    port, db, log_file = _free_port(), tmp_path / "stow.db", tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--threads", "1",
+                                 "--db", str(db), "--dicomweb-spool", str(tmp_path / "spool"),
+                                 "--send-to-dicomweb", f"{orthanc.url}/dicom-web"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"covidxray serve did not start:\n{log_file.read_text()}")
+                time.sleep(0.25)
+        yield url, db
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert "Doe" not in log_file.read_text()
+
+
+def test_orthanc_stow_rs_to_covidxray_and_the_report_back_by_stow_rs_found_by_qido_rs(orthanc, stow_server, manifest: Path):
+    """Orthanc -> STOW-RS -> ``covidxray serve`` -> SR -> STOW-RS -> Orthanc, and QIDO-RS in Orthanc finds the SR."""
+    url, db = stow_server
+    orthanc.call("PUT", "/dicom-web/servers/covidxray", {"Url": f"{url}/dicomweb/"})  # Orthanc posts to {Url}studies
+    film, = dicoms.films(manifest, 1)
+    instance = orthanc.call("POST", "/instances", raw=dicoms.to_bytes(film))["ID"]
+    orthanc.call("POST", "/dicom-web/servers/covidxray/stow", {"Resources": [instance], "Synchronous": True})
+    qido = f"/dicom-web/instances?{urllib.parse.urlencode({'StudyInstanceUID': film.StudyInstanceUID, 'Modality': 'SR'})}"
+    deadline = time.monotonic() + WAIT_S
+    while not (found := orthanc.call("GET", qido)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(found) == 1, f"QIDO-RS found no SR of the study after {WAIT_S} s"
+    sr_uid = found[0]["00080018"]["Value"][0]
+    sr, = orthanc.reports(film.StudyInstanceUID)["SR"]
+    store = open_results(db)
+    row = store.get(film.SOPInstanceUID)
+    deadline = time.monotonic() + 30  # "sent" is recorded once Orthanc's STOW-RS answer is back
+    while row.report_status is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        row = store.get(film.SOPInstanceUID)
+    store.close()
+    answer = _answer(sr)
+    assert sr.SOPInstanceUID == sr_uid and (answer["answer"], answer["source"]) == (row.label, film.SOPInstanceUID)
+    assert row.label in ("covid", "normal") and row.report_status == "sent"

@@ -56,6 +56,15 @@ def test_rows_round_trip_and_a_resend_is_recorded_once(url: str):
     assert sorted(r.sop_instance_uid for r in open_results(url).recent()) == [f"1.2.3.{i}" for i in range(1, 5)]
 
 
+def test_a_batch_larger_than_one_statement_is_recorded_whole(url: str):
+    """PostgreSQL writes a batch as multi-row INSERTs of at most 1,000 rows: each chunk counts, resends do not."""
+    store = open_results(url)
+    assert store.record([_row(i) for i in range(1, 2502)]) == 2501
+    assert store.record([_row(i) for i in range(2490, 2510)]) == 8  # 2502..2509 are new
+    assert len(store.known(f"1.2.3.{i}" for i in range(1, 2600))) == 2509
+    store.close()
+
+
 def test_sqlite_file_is_wal_versioned_and_refuses_other_files(tmp_path: Path):
     open_results(tmp_path / "r.db").close()
     with sqlite3.connect(tmp_path / "r.db") as db:

@@ -25,14 +25,16 @@ __all__ = ["PostgresResults"]
 
 T = TypeVar("T")
 _MIGRATION_LOCK = 0x636F7669  # pg_advisory_xact_lock key: "covi"; one migrating process at a time
+_ROWS_PER_INSERT = 1000  # rows per INSERT statement: 15,000 parameters, well below PostgreSQL's 65,535
 
 
 class PostgresResults(RowQueries):
     """`ResultsStore` in a PostgreSQL database (``postgresql://user[:password]@host[:port]/dbname``).
 
-    One connection per store, shared by a process's threads under a lock; every method is one
-    transaction. A broken connection (the server restarted) is replaced on the next call, so the
-    listener's retry of a failed batch succeeds once the server is back.
+    One connection per store, shared by a process's threads under a lock; every write is one
+    transaction, every read one statement (atomic in autocommit). A broken connection (the server
+    restarted) is replaced on the next call, so the listener's retry of a failed batch succeeds once
+    the server is back.
 
     Args:
         url: a libpq connection URL.
@@ -82,27 +84,37 @@ class PostgresResults(RowQueries):
                     self._db.execute(statement)
             self._db.execute("UPDATE covidxray_schema SET version = %s", (SCHEMA_VERSION,))
 
-    def _run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """``work(connection)`` in one transaction, on a fresh connection if the last one broke."""
+    def _run(self, work: Callable[[psycopg.Connection], T], write: bool = False) -> T:
+        """``work(connection)``, on a fresh connection if the last one broke; a write in one transaction.
+
+        A read is one statement, atomic by itself in autocommit: no BEGIN and COMMIT round trips.
+        """
         with self._lock:
             if self._db.broken or self._db.closed:
                 self._db = self._connect()
+            if not write:
+                return work(self._db)
             with self._db.transaction():
                 return work(self._db)
 
     def record(self, rows: Sequence[ResultRow], heatmaps: Mapping[str, bytes] | None = None) -> int:
-        insert = (f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) "
-                  "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid")
+        values = [tuple(getattr(row, c) for c in COLUMNS) for row in rows]
+        one = f"({', '.join(['%s'] * len(COLUMNS))})"
 
         def write(db: psycopg.Connection) -> int:
             added = 0
-            with db.cursor() as cur:
-                for row in rows:  # one round trip per row; batches are small (the model's batch)
-                    added += cur.execute(insert, tuple(getattr(row, c) for c in COLUMNS)).fetchone() is not None
-                for uid, png in (heatmaps or {}).items():
-                    cur.execute("INSERT INTO heatmaps VALUES (%s, %s) ON CONFLICT DO NOTHING", (uid, png))
+            # One multi-row INSERT per chunk, not one round trip per row: on a busy machine each round trip
+            # waits for the server process to be scheduled (PostgreSQL's limit is 65,535 parameters a statement).
+            for start in range(0, len(values), _ROWS_PER_INSERT):
+                chunk = values[start:start + _ROWS_PER_INSERT]
+                query = (f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES {', '.join([one] * len(chunk))} "
+                         "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING sop_instance_uid")
+                added += len(db.execute(query, [v for row in chunk for v in row]).fetchall())
+            if heatmaps:
+                with db.cursor() as cur:  # executemany pipelines the statements: one round trip
+                    cur.executemany("INSERT INTO heatmaps VALUES (%s, %s) ON CONFLICT DO NOTHING", list(heatmaps.items()))
             return added
-        return self._run(write)
+        return self._run(write, write=True)
 
     def known(self, sop_instance_uids: Iterable[str]) -> set[str]:
         return self._uids("results", sop_instance_uids)
@@ -118,7 +130,7 @@ class PostgresResults(RowQueries):
 
     def set_report_status(self, sop_instance_uid: str, status: str) -> None:
         self._run(lambda db: db.execute("UPDATE results SET report_status = %s WHERE sop_instance_uid = %s",
-                                        (status, sop_instance_uid)))
+                                        (status, sop_instance_uid)), write=True)
 
     def close(self) -> None:
         with self._lock:

@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
                                                            "into this spool, classified and recorded as `listen` does")
+    sv.add_argument("--send-to-dicomweb", metavar="URL", help="with --dicomweb-spool: send a structured report per received "
+                                                             "instance to this DICOMweb root by STOW-RS")
     sites_flag(sv)
     sv.set_defaults(func=cmd_serve)
 
@@ -271,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
     app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
                      cors_origins=args.cors_origin, results_db=args.db,
-                     dicomweb_spool=args.dicomweb_spool, sites=args.sites)
+                     dicomweb_spool=args.dicomweb_spool, dicomweb_send_to=args.send_to_dicomweb, sites=args.sites)
     print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
           f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
     # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.

@@ -64,6 +64,7 @@ TRANSFER_SYNTAXES = (
     JPEG2000Lossless, JPEG2000, RLELossless,
 )
 _SENT = {0x0000, 0xB000, 0xB006, 0xB007}  # success, or success with a warning (coercion, elements discarded)
+_SLOW_SPOOL_S = 5.0  # a write + fsync slower than this is logged
 _REPORT_TRIES = 5  # then the report is recorded as failed and the file leaves the spool
 
 
@@ -277,12 +278,15 @@ class Listener:
             log.warning("refused an instance from %s: %s (0xA700)", sender, refusal.reason)
             self.telemetry.refused.labels(refusal.reason).inc()
             return 0xA700
+        start = time.monotonic()
         try:
             path = self.spool.put(sop_uid, encoded())
         except OSError as exc:
             log.error("cannot spool a received instance (%s): refused with 0xA700", exc.strerror)
             self.telemetry.refused.labels("spool_write_failed").inc()
             return 0xA700  # out of resources: the sender keeps the instance and may retry
+        if (took := time.monotonic() - start) > _SLOW_SPOOL_S:  # senders give up after their DIMSE timeout (often 30 s)
+            log.warning("spooling one instance from %s took %.1f s (a slow or busy disk)", sender, took)
         self._enqueue(sop_uid, path, utc_now(), received=True)
         return 0x0000
 

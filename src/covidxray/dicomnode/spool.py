@@ -62,7 +62,12 @@ class Spool:
 
     def pending(self) -> list[Path]:
         """The spooled files, oldest first (the order they arrived)."""
-        files = [(p.stat().st_mtime_ns, p) for p in self.folder.glob("*.dcm")]
+        files = []
+        for p in self.folder.glob("*.dcm"):
+            try:
+                files.append((p.stat().st_mtime_ns, p))
+            except FileNotFoundError:  # recorded and removed by the worker between the listing and the look
+                continue
         return [p for _, p in sorted(files)]
 
     def oldest_age_s(self) -> float:

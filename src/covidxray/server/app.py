@@ -71,6 +71,7 @@ def create_app(
     threads: int | None = None,
     results_db: str | os.PathLike | None = None,
     dicomweb_spool: str | os.PathLike | None = None,
+    dicomweb_send_to: str | None = None,
     sites: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The covidxray web service as a FastAPI app (serve it with uvicorn).
@@ -95,6 +96,8 @@ def create_app(
             and the page's results list; None: those answer 404 ``no_results_database``.
         dicomweb_spool: with ``results_db``, accept DICOMweb STOW-RS at ``/dicomweb/studies`` into this spool,
             classified and recorded as ``covidxray listen`` does (`covidxray.server.dicomweb_routes`).
+        dicomweb_send_to: with ``dicomweb_spool``, a DICOMweb root URL that gets a structured report per
+            received instance by STOW-RS (as ``listen --send-to-dicomweb``).
         sites: the site registry folder (`covidxray.sites`) that the ``site`` parameter and STOW-RS use;
             None: ``$COVIDXRAY_SITES``, else the per-user default.
 
@@ -111,7 +114,7 @@ def create_app(
     service = Service(path, backend, predictor, timeout_s, max_batch, threads, SiteRegistry(sites))
     store = open_results(results_db) if results_db is not None else None  # a bad file fails here, before serving
     app = FastAPI(
-        title="covidxray", version=__version__, lifespan=_lifespan(service, store, results_db, dicomweb_spool),
+        title="covidxray", version=__version__, lifespan=_lifespan(service, store, results_db, dicomweb_spool, dicomweb_send_to),
         description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
     )
     app.state.service = service
@@ -137,13 +140,14 @@ def create_app(
 
 
 def _lifespan(service: Service, store: ResultsStore | None, results_db: str | os.PathLike | None,
-              dicomweb_spool: str | os.PathLike | None) -> Callable[[FastAPI], AsyncIterator[None]]:
+              dicomweb_spool: str | os.PathLike | None,
+              dicomweb_send_to: str | None) -> Callable[[FastAPI], AsyncIterator[None]]:
     """Load the model when the app starts; stop the batcher and close the results database when it stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
-        node = (start_node(results_db, dicomweb_spool, service.predictor, service.sites.folder)
+        node = (start_node(results_db, dicomweb_spool, service.predictor, service.sites.folder, dicomweb_send_to)
                 if dicomweb_spool and results_db else None)
         app.state.dicom_node = node
         try:

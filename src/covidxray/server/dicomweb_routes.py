@@ -5,12 +5,15 @@ Each part of the ``multipart/related; type="application/dicom"`` request is chec
 exactly as a C-STORE is (`covidxray.dicomnode.listener.Listener.accept`: size and disk checks,
 fsync, then the answer), and the listener's worker classifies and records it; the answer is the
 standard STOW-RS response: Referenced SOP Sequence for what was stored, Failed SOP Sequence with a
-reason for what was not; 200 when all were stored, 202 when some, 409 when none.
+reason for what was not; 200 when all were stored, 202 when some, 409 when none. While the spool's
+disk has less free space than the listener's minimum, an upload is refused whole with 503 (the
+sender keeps it and retries), as new associations are.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any, Callable
@@ -27,19 +30,22 @@ if TYPE_CHECKING:
 
 __all__ = ["dicomweb_router", "start_node"]
 
+log = logging.getLogger(__name__)
+
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _CANNOT_UNDERSTAND = 0xC000  # a part that is not a DICOM file with a SOP Instance UID
 
 
 def start_node(results_db: str | os.PathLike, spool: str | os.PathLike, predictor: Predictor,
-               sites: str | os.PathLike | None = None) -> Listener:
-    """The listener's spool and worker without a DICOM port, on the server's already loaded model and site registry."""
+               sites: str | os.PathLike | None = None, send_to_dicomweb: str | None = None) -> Listener:
+    """The listener's spool and worker without a DICOM port, on the server's already loaded model and site registry;
+    with ``send_to_dicomweb`` (a DICOMweb root URL) a structured report per instance goes there by STOW-RS."""
     # Imported here: the DICOM stack (pynetdicom, highdicom) adds about a second to every `serve` start
     # (python -X importtime), and only --dicomweb-spool needs it.
     from ..dicomnode import Listener, ListenerConfig
 
     config = ListenerConfig(db=os.fspath(results_db), spool=os.fspath(spool), port=None,
-                            sites=os.fspath(sites) if sites is not None else None)
+                            sites=os.fspath(sites) if sites is not None else None, send_to_dicomweb=send_to_dicomweb)
     return Listener(config, predictor).start()
 
 
@@ -85,6 +91,9 @@ def dicomweb_router(node: Callable[[], Listener | None], max_bytes: int) -> APIR
         running = node()
         if running is None:
             raise ApiError(404, "no_dicomweb", "STOW-RS is off: start `covidxray serve --db DB --dicomweb-spool DIR`")
+        if running.guard.free_mb() < running.guard.min_free_mb:  # before reading a body that could not be kept
+            log.warning("refused a STOW-RS upload from %s: low_disk_space", request.client.host if request.client else "-")
+            raise ApiError(503, "low_disk_space", "the spool's disk is nearly full: nothing was stored; retry later")
         too_large = ApiError(413, "too_large", f"a STOW-RS request may hold at most {max_bytes // 2**20} MiB")
         if int(request.headers.get("content-length") or 0) > max_bytes:
             raise too_large
