@@ -161,6 +161,13 @@ def test_a_version_1_database_gains_the_site_column_and_keeps_its_rows(url: str)
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
 
 
+def test_the_results_command_reads_a_version_1_database(url: str, capsys: pytest.CaptureFixture):
+    """`covidxray results` opens without ``create``: that refuses an empty database, not an older schema."""
+    _version_1_database(url)
+    assert main(["results", "--db", url, "--format", "json"]) == 0
+    assert [json.loads(line)["sop_instance_uid"] for line in capsys.readouterr().out.splitlines()] == ["1.2.3.1"]
+
+
 def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytest.CaptureFixture):
     store = open_results(url)
     store.record([_row(1, "covid"), _row(2, "not_answered", reason="lateral_view", hours_ago=3)])

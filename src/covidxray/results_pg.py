@@ -70,7 +70,7 @@ class PostgresResults(RowQueries):
                                    f"version {SCHEMA_VERSION} (use the covidxray that wrote it, or another database)")
             if version == SCHEMA_VERSION:
                 return
-            if not create:
+            if not create and not has_table:  # an older schema is migrated, as SQLite's is; only an empty one refused
                 raise ResultsError(f"{redact(self.url)}: no covidxray results here "
                                    f"(`covidxray listen --db {redact(self.url)}` creates them)")
             if not has_table:
