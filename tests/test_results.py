@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import sqlite3
+import threading
 from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -159,6 +160,43 @@ def test_a_version_1_database_gains_the_site_column_and_keeps_its_rows(url: str)
     assert store.get("1.2.3.2").site == "st-elsewhere"
     store.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+
+
+def test_two_processes_opening_a_version_1_sqlite_file_at_once_both_migrate_it(tmp_path: Path, monkeypatch):
+    """A listener and ``serve --db`` started together on an old file: the second to read the version must not run the
+    migration the first has run meanwhile ("duplicate column name: site"). The other opener is let in right after this
+    one reads the version; it gets half a second, as long as it needs when nothing holds the file."""
+    path = tmp_path / "r.db"
+    _version_1_database(str(path))
+    connect, other = sqlite3.connect, {}
+
+    class ReadVersionThenLetTheOtherIn:
+        def __init__(self, db: sqlite3.Connection):
+            self._db = db
+
+        def __getattr__(self, name: str):
+            return getattr(self._db, name)
+
+        def execute(self, sql: str, *args):
+            cursor = self._db.execute(sql, *args)
+            if sql == "PRAGMA user_version" and "thread" not in other:
+                def opener() -> None:
+                    try:
+                        open_results(path).close()
+                    except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+                        other["error"] = exc
+                other["thread"] = threading.Thread(target=opener)
+                other["thread"].start()
+                other["thread"].join(0.5)
+            return cursor
+
+    monkeypatch.setattr("covidxray.results.sqlite3.connect",
+                        lambda *a, **k: ReadVersionThenLetTheOtherIn(connect(*a, **k)) if "thread" not in other else connect(*a, **k))
+    store = open_results(path)
+    other["thread"].join(60)
+    assert "error" not in other, other.get("error")
+    assert store.get("1.2.3.1").site is None and store.record([_row(2, site="north")]) == 1
+    store.close()
 
 
 def test_the_results_command_reads_a_version_1_database(url: str, capsys: pytest.CaptureFixture):
