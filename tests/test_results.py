@@ -206,6 +206,20 @@ def test_the_results_command_reads_a_version_1_database(url: str, capsys: pytest
     assert [json.loads(line)["sop_instance_uid"] for line in capsys.readouterr().out.splitlines()] == ["1.2.3.1"]
 
 
+def test_a_reader_without_the_right_to_migrate_an_older_postgresql_database_gets_a_message(postgres, capsys):
+    """A read-only role (a hospital's reporting account) on a database of an earlier covidxray: one line saying what
+    is wrong and who can fix it, not a traceback."""
+    url = postgres.new_database()
+    _version_1_database(url)
+    role = f"reader_{url.rsplit('/', 1)[1]}"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"CREATE ROLE {role} LOGIN")
+        db.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    assert main(["results", "--db", url.replace("postgres@", f"{role}@")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot bring the covidxray tables up to date" in err and "must be owner of table results" in err
+
+
 def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytest.CaptureFixture):
     store = open_results(url)
     store.record([_row(1, "covid"), _row(2, "not_answered", reason="lateral_view", hours_ago=3)])
