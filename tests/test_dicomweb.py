@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 import dicoms
+from covidxray.cli import main
 from covidxray.predictor import Predictor, default_model_path
 from covidxray.results import open_results
 from covidxray.server import create_app
@@ -77,3 +78,13 @@ def test_stow_rs_is_off_without_a_spool(tmp_path: Path):
     with TestClient(create_app(default_model_path(), predictor=Predictor(), results_db=tmp_path / "r.db")) as client:
         r = client.post("/dicomweb/studies", content=body, headers={"content-type": content_type})
     assert r.status_code == 404 and "--dicomweb-spool" in r.json()["error"]["message"]
+
+
+def test_reports_by_stow_rs_without_a_spool_and_database_are_refused_before_serving(tmp_path: Path, capsys):
+    """``serve --send-to-dicomweb URL`` alone would start and never send a report: refused, saying what it needs."""
+    for extra in ([], ["--db", str(tmp_path / "r.db")], ["--dicomweb-spool", str(tmp_path / "spool")]):
+        # --model names nothing: were the options not checked first, that would be the error (and nothing would serve)
+        assert main(["serve", "--model", str(tmp_path / "none"), "--send-to-dicomweb", "http://127.0.0.1:1/dicom-web",
+                     *extra]) == 2
+        assert "--send-to-dicomweb needs --db DB and --dicomweb-spool DIR" in capsys.readouterr().err
+    assert not (tmp_path / "r.db").exists()

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import sqlite3
+import threading
 from dataclasses import fields, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -159,6 +160,64 @@ def test_a_version_1_database_gains_the_site_column_and_keeps_its_rows(url: str)
     assert store.get("1.2.3.2").site == "st-elsewhere"
     store.close()
     assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+
+
+def test_two_processes_opening_a_version_1_sqlite_file_at_once_both_migrate_it(tmp_path: Path, monkeypatch):
+    """A listener and ``serve --db`` started together on an old file: the second to read the version must not run the
+    migration the first has run meanwhile ("duplicate column name: site"). The other opener is let in right after this
+    one reads the version; it gets half a second, as long as it needs when nothing holds the file."""
+    path = tmp_path / "r.db"
+    _version_1_database(str(path))
+    connect, other = sqlite3.connect, {}
+
+    class ReadVersionThenLetTheOtherIn:
+        def __init__(self, db: sqlite3.Connection):
+            self._db = db
+
+        def __getattr__(self, name: str):
+            return getattr(self._db, name)
+
+        def execute(self, sql: str, *args):
+            cursor = self._db.execute(sql, *args)
+            if sql == "PRAGMA user_version" and "thread" not in other:
+                def opener() -> None:
+                    try:
+                        open_results(path).close()
+                    except Exception as exc:  # noqa: BLE001  (reported by the assertion below)
+                        other["error"] = exc
+                other["thread"] = threading.Thread(target=opener)
+                other["thread"].start()
+                other["thread"].join(0.5)
+            return cursor
+
+    monkeypatch.setattr("covidxray.results.sqlite3.connect",
+                        lambda *a, **k: ReadVersionThenLetTheOtherIn(connect(*a, **k)) if "thread" not in other else connect(*a, **k))
+    store = open_results(path)
+    other["thread"].join(60)
+    assert "error" not in other, other.get("error")
+    assert store.get("1.2.3.1").site is None and store.record([_row(2, site="north")]) == 1
+    store.close()
+
+
+def test_the_results_command_reads_a_version_1_database(url: str, capsys: pytest.CaptureFixture):
+    """`covidxray results` opens without ``create``: that refuses an empty database, not an older schema."""
+    _version_1_database(url)
+    assert main(["results", "--db", url, "--format", "json"]) == 0
+    assert [json.loads(line)["sop_instance_uid"] for line in capsys.readouterr().out.splitlines()] == ["1.2.3.1"]
+
+
+def test_a_reader_without_the_right_to_migrate_an_older_postgresql_database_gets_a_message(postgres, capsys):
+    """A read-only role (a hospital's reporting account) on a database of an earlier covidxray: one line saying what
+    is wrong and who can fix it, not a traceback."""
+    url = postgres.new_database()
+    _version_1_database(url)
+    role = f"reader_{url.rsplit('/', 1)[1]}"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"CREATE ROLE {role} LOGIN")
+        db.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    assert main(["results", "--db", url.replace("postgres@", f"{role}@")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot bring the covidxray tables up to date" in err and "must be owner of table results" in err
 
 
 def test_results_command_in_every_format(url: str, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -87,6 +87,19 @@ def test_registry_round_trip_match_and_refusals(tmp_path: Path):
         registry.load("broken")
 
 
+def test_site_add_refuses_a_header_value_another_site_claims(tmp_path: Path, jsrt_normals, capsys):
+    """Two sites claiming one InstitutionName would stop every listener start: ``site add`` refuses it at once."""
+    registry = SiteRegistry(tmp_path / "sites")
+    registry.save(SiteProfile("north", 0.8, 0.95, "a rule", "ab" * 32, institutions=("North Hospital",)))
+    films = tmp_path / "films"
+    films.mkdir()
+    (films / jsrt_normals[1][0].name).symlink_to(jsrt_normals[1][0])  # one film: refused before any is scored
+    assert main(["site", "add", "south", "--normals", str(films), "--sites", str(registry.folder),
+                 "--institution", "NORTH  hospital", "--no-validation"]) == 2
+    assert "sites north and south both claim the institution 'NORTH  hospital'" in capsys.readouterr().err
+    assert registry.names() == ["north"]
+
+
 def test_site_add_moves_the_threshold_and_held_out_normals_gain(onboarded, jsrt_normals, predictor: Predictor):
     _, profile = onboarded
     cost = profile.cost["site_normals"]

@@ -64,15 +64,30 @@ class SqliteResults(RowQueries):
         self._lock = threading.Lock()
 
     def _migrate(self) -> None:
+        if self._version() == SCHEMA_VERSION:
+            return
+        # Migrated under the write lock, the version read again there: a second process opening the file at the same
+        # time (a listener and `serve --db`) waits, then finds it migrated, instead of running the same steps again.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(self._version() + 1, SCHEMA_VERSION + 1):  # the steps this file lacks, and the new version
+                for statement in migration_sql("sqlite", step):
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _version(self) -> int:
+        """The file's schema version; `ResultsError` for a file of other tables or of a newer covidxray."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and self._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]:
             raise ResultsError(f"{self.path}: an SQLite file with other tables, not a covidxray results database")
         if version > SCHEMA_VERSION:
             raise ResultsError(f"{self.path}: results schema version {version}; this covidxray reads version "
                                f"{SCHEMA_VERSION} (use the covidxray that wrote it, or a new --db file)")
-        if version < SCHEMA_VERSION:  # the steps this file lacks, and the new version, in one transaction
-            steps = [s for step in range(version + 1, SCHEMA_VERSION + 1) for s in migration_sql("sqlite", step)]
-            self._db.executescript(f"BEGIN; {'; '.join(steps)}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return version
 
     def record(self, rows: Sequence[ResultRow], heatmaps: Mapping[str, bytes] | None = None) -> int:
         insert = f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"

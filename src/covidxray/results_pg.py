@@ -49,6 +49,11 @@ class PostgresResults(RowQueries):
         self._db = self._connect()
         try:
             self._migrate(create)
+        except psycopg.Error as exc:  # e.g. a read-only role on the database of an earlier covidxray
+            self._db.close()
+            raise ResultsError(f"{redact(url)}: cannot bring the covidxray tables up to date "
+                               f"({str(exc).strip().splitlines()[0]}); start `covidxray listen --db` on it once as "
+                               "the role that owns them") from None
         except BaseException:
             self._db.close()
             raise
@@ -70,7 +75,7 @@ class PostgresResults(RowQueries):
                                    f"version {SCHEMA_VERSION} (use the covidxray that wrote it, or another database)")
             if version == SCHEMA_VERSION:
                 return
-            if not create:
+            if not create and not has_table:  # an older schema is migrated, as SQLite's is; only an empty one refused
                 raise ResultsError(f"{redact(self.url)}: no covidxray results here "
                                    f"(`covidxray listen --db {redact(self.url)}` creates them)")
             if not has_table:

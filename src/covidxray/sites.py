@@ -171,6 +171,14 @@ class SiteRegistry:
         """Every profile, each checked against ``weights_sha256`` (one made for other weights is an error)."""
         return [self.get(name, weights_sha256) for name in self.names()]
 
+    def check_claims(self, name: str, institutions: Sequence[str] = (), stations: Sequence[str] = (),
+                     ae_titles: Sequence[str] = ()) -> None:
+        """`DataError` when another site of the registry already claims one of these InstitutionName, StationName
+        or calling AE title values: the listener would refuse to start with both (`SiteMatcher`)."""
+        probe = SiteProfile(name, 0.0, 0.5, "", "", institutions=tuple(institutions), stations=tuple(stations),
+                            ae_titles=tuple(ae_titles))
+        SiteMatcher([*(self.load(other) for other in self.names() if other != name), probe])
+
     def remove(self, name: str) -> Path:
         path = self.path(name)
         if not path.is_file():

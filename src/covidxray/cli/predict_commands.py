@@ -267,6 +267,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..predictor import Predictor
     from ..server import create_app, limit_malloc_arenas
 
+    if args.send_to_dicomweb and not (args.dicomweb_spool and args.db):  # it would serve, and never send a report
+        raise CovidXrayError("--send-to-dicomweb needs --db DB and --dicomweb-spool DIR: reports are sent for what "
+                             "STOW-RS receives into the spool")
     limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
     # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
     predictor = Predictor(args.model, backend=args.backend, threads=args.threads)

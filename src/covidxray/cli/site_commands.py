@@ -64,6 +64,7 @@ def cmd_site_add(args: argparse.Namespace) -> int:
     registry = SiteRegistry(args.sites)
     if registry.path(args.name).exists() and not args.replace:
         raise DataError(f"{registry.path(args.name)}: site {args.name!r} is already onboarded; pass --replace to redo it")
+    registry.check_claims(args.name, args.institution, args.station, args.ae)  # before minutes of scoring films
     profile = onboard_site(args.name, args.normals, args.covid, args.target_specificity, model=args.model,
                            institutions=args.institution, stations=args.station, ae_titles=args.ae,
                            allow_lower=args.allow_lower, validation=args.validation, cache_dir=args.cache_dir)
