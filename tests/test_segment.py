@@ -151,3 +151,9 @@ def test_equalising_on_the_lungs_puts_every_origin_s_lungs_on_the_same_grey_leve
     assert all(abs(lung_mean(on_lungs, f) - 127.5) < 20 for f in films["shenzhen"])
     assert on_lungs.to_dict()["equalize_lungs"] is True and "equalize_lungs" not in plain.to_dict()
     assert Preprocess(**{k: v for k, v in on_lungs.to_dict().items()}) == replace(on_lungs, segmenter=None)
+
+
+def test_lung_only_equalisation_needs_the_lung_crop_and_equalisation():
+    for bad in ({"equalize_lungs": True}, {"equalize_lungs": True, "lung_crop": True, "equalize": False}):
+        with pytest.raises(ValueError, match="equalize_lungs"):
+            Preprocess(size=64, **bad)

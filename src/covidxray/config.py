@@ -67,7 +67,8 @@ class TrainConfig:
     freeze: bool = _f(True, "freeze the architecture's declared early layers (fast on CPU)")
     ema: float = _f(0.997, "per-step decay of the weight average that is validated and saved (0: off)")
     patience: int = _f(3, "stop after this many epochs without a better validation AUC (0: never)")
-    target_sensitivity: float | None = _f(None, "choose the threshold for at least this validation sensitivity "
+    target_sensitivity: float | None = _f(None, "choose the highest threshold at which every COVID-19 origin "
+                                                "of the validation films (20 or more) reaches this sensitivity "
                                                 "(default: Youden's J)")
     seed: int = _f(0, "seed of sampling, augmentation and initialisation")
     deterministic: bool = _f(False, "deterministic kernels (slower)")

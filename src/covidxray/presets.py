@@ -90,6 +90,8 @@ class Preprocess:
             raise ValueError(f"mask_border must be in [0, 0.5), got {self.mask_border}")
         if not 0.0 <= self.smooth <= 10.0:
             raise ValueError(f"smooth must be a blur sigma in [0, 10] pixels, got {self.smooth}")
+        if self.equalize_lungs and not (self.lung_crop and self.equalize):
+            raise ValueError("equalize_lungs needs lung_crop and equalize: it is equalisation on the lungs' pixels")
         if not 0.0 <= self.lung_margin <= 1.0 or not 0.0 <= self.outside <= 1.0:
             raise ValueError(f"lung_margin and outside must be in [0, 1], got {self.lung_margin} and {self.outside}")
 
@@ -121,11 +123,11 @@ class Preprocess:
         u8 = np.clip(np.round(small * 255.0), 0, 255).astype(np.uint8)
         if self.mask_border:
             u8 = mask_border(u8, self.mask_border)
-        if self.lung_crop and self.equalize_lungs:
+        if self.equalize_lungs:
             u8 = equalize(u8, _resize(lungs, self.size) > 0.5)
         if self.lung_crop and self.outside:
             u8 = _darken_outside(u8, lungs, self.outside)
-        return (equalize(u8) if self.equalize and not (self.lung_crop and self.equalize_lungs) else u8), box
+        return (equalize(u8) if self.equalize and not self.equalize_lungs else u8), box
 
     def input_lungs(self, lungs: np.ndarray) -> np.ndarray:
         """A whole-image lung map as the network input frames it: cut to the same box (with ``lung_crop``)

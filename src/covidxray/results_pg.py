@@ -25,7 +25,7 @@ __all__ = ["PostgresResults"]
 
 T = TypeVar("T")
 _MIGRATION_LOCK = 0x636F7669  # pg_advisory_xact_lock key: "covi"; one migrating process at a time
-_ROWS_PER_INSERT = 1000  # rows per INSERT statement: 15,000 parameters, well below PostgreSQL's 65,535
+_ROWS_PER_INSERT = 1000  # rows per INSERT statement: 16,000 parameters (16 columns), well below PostgreSQL's 65,535
 
 
 class PostgresResults(RowQueries):

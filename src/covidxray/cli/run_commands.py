@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
     ca = sub.add_parser("calibrate", parents=[run, data],
                         help="refit temperature and threshold on the validation split; rewrite model.json")
     rule = ca.add_mutually_exclusive_group()
-    rule.add_argument("--target-sensitivity", type=float, help="highest threshold reaching this validation sensitivity")
+    rule.add_argument("--target-sensitivity", type=float, help="highest threshold at which every COVID-19 origin of the validation split "
+                      "(20 films or more) and all of them together reach this sensitivity")
     rule.add_argument("--threshold", type=float, help="use this threshold as it is")
     rule.add_argument("--site-normals", metavar="DIR",
                       help="rewrite this run's own threshold for one site: a folder (or manifest) of its normal films reach "

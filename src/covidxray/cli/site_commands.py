@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import DataError
 from ..sites import SiteProfile, SiteRegistry
 
 __all__ = ["register", "sites_flag"]
@@ -58,7 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_site_add(args: argparse.Namespace) -> int:
-    from ..errors import DataError
     from ..evaluate import onboard_site
 
     registry = SiteRegistry(args.sites)

@@ -182,13 +182,13 @@ class Listener:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         if self.predictor is None:
             self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
-        # Every profile is checked now: one made for other weights stops the start with its file named.
-        self.sites = SiteMatcher(SiteRegistry(self.config.sites).all(self.predictor.meta.get("weights_sha256")))
+        registry = SiteRegistry(self.config.sites)  # checked now: a profile for other weights stops the start; read once
+        self.sites = SiteMatcher(registry.all(self.predictor.meta.get("weights_sha256")))
+        log.info("sites from %s: %s", registry.folder, ", ".join(p.name for p in self.sites.profiles) or "none")
         if self.heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
             self.explainer = self.predictor if self.predictor.model is not None else Predictor(
                 self.config.model, backend="torch", threads=self.config.threads)
-        leftovers = self.spool.pending()
-        for path in leftovers:
+        for path in (leftovers := self.spool.pending()):
             self._enqueue(path.stem, path, Spool.received_at(path))
         if leftovers:
             log.info("resuming %d instances left in the spool", len(leftovers))
