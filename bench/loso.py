@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--jsrt-normals", action="store_true", help="without --pooled: add JSRT's normals (never when held out)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; every group is trained once per seed")
     ap.add_argument("--recipe", default="default")
+    ap.add_argument("--result", help="result name (bench/results/loso-RESULT.json; default NAME): keeps tables of "
+                                     "other groups or seeds of the same runs apart")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: covidxray train flags")
     args = ap.parse_args()
     flags = argparse.ArgumentParser(add_help=False)
@@ -135,12 +137,14 @@ def main() -> None:
             print(json.dumps({"seed": seed, "group": group, **{k: v for k, v in results[seed][group].items() if k != "origins"}}),
                   flush=True)
     table, summary = summarise(results)
-    command = (f"python bench/loso.py --name {args.name} --groups {args.groups} --seeds {args.seeds}"
+    command = (f"python bench/loso.py --name {args.name}" + (f" --result {args.result}" if args.result else "")
+               + f" --groups {args.groups} --seeds {args.seeds}"
                + (" --pooled" if args.pooled else "") + (" --jsrt-normals" if args.jsrt_normals else "")
                + (f" --recipe {args.recipe}" if args.recipe != "default" else "")
                + (" -- " + " ".join(a for a in args.train_args if a != "--") if args.train_args else ""))
-    save(f"loso-{args.name}", {"title": f"Leave one origin out: {args.name}", "table": table, "summary": summary,
-                               "results": {str(k): v for k, v in results.items()}, "command": command, "overrides": overrides})
+    result = args.result or args.name
+    save(f"loso-{result}", {"title": f"Leave one origin out: {result}", "table": table, "summary": summary,
+                            "results": {str(k): v for k, v in results.items()}, "command": command, "overrides": overrides})
     print("\n".join(table))
 
 
