@@ -263,15 +263,14 @@ class Predictor:
         through it. The threshold is ``site``'s (a profile made for these weights: see `at_site`),
         else the model's own. An unusually unfamiliar film keeps its answer, with a warning in ``message``.
         """
-        threshold = self.threshold if site is None else site.threshold
+        threshold = self.threshold_at(site)
         label = "covid" if prob >= threshold else "normal"
         message = warning(unfamiliarity) if unfamiliarity is not None else None
         return Prediction(name, label, prob, threshold, message=message, unfamiliarity=unfamiliarity, **_site_fields(site))
 
     def refuse(self, name: str, verdict: Verdict, site: SiteProfile | None = None) -> Prediction:
         """The third outcome: no answer, with the gate's reason."""
-        threshold = self.threshold if site is None else site.threshold
-        return Prediction(name, NOT_ANSWERED, None, threshold, reason=verdict.reason, message=verdict.message,
+        return Prediction(name, NOT_ANSWERED, None, self.threshold_at(site), reason=verdict.reason, message=verdict.message,
                           **_site_fields(site))
 
     def at_site(self, prediction: Prediction, site: SiteProfile | None) -> Prediction:
@@ -284,7 +283,11 @@ class Predictor:
             site.check_weights(self.meta.get("weights_sha256"))
         if prediction.answered:
             return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site)
-        return replace(prediction, threshold=self.threshold if site is None else site.threshold, **_site_fields(site))
+        return replace(prediction, threshold=self.threshold_at(site), **_site_fields(site))
+
+    def threshold_at(self, site: SiteProfile | None) -> float:
+        """The threshold that decides a film of ``site``: the site's own, or (None) the model's."""
+        return self.threshold if site is None else site.threshold
 
 
 def _site_fields(site: SiteProfile | None) -> dict:

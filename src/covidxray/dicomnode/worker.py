@@ -107,7 +107,7 @@ def classify_batch(
         png, site = None, site_of(header, sites)
         if isinstance(outcome, ImageError):
             row = ResultRow(**base, label="error", reason=error_reason(outcome), message=outcome.reason,
-                            threshold=predictor.threshold if site is None else site.threshold,
+                            threshold=predictor.threshold_at(site),
                             site=site.name if site is not None else None)
         else:
             row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)))
