@@ -56,7 +56,7 @@ def test_stow_rs_refuses_uploads_with_503_while_the_disk_is_full(manifest: Path,
         guard = client.app.state.dicom_node.guard
         guard.min_free_mb = guard.free_mb() + 10**9
         r = client.post("/dicomweb/studies", content=body, headers={"content-type": content_type})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "low_disk_space"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "low_disk_space" and r.headers["retry-after"] == "60"
         metrics = client.get("/metrics").text
     assert 'covidxray_errors_total{code="low_disk_space"} 1.0' in metrics
     assert list((tmp_path / "spool").glob("*.dcm")) == [] and open_results(tmp_path / "r.db").recent() == []

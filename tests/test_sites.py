@@ -85,6 +85,9 @@ def test_registry_round_trip_match_and_refusals(tmp_path: Path):
     (tmp_path / "sites" / "broken.json").write_text("{")
     with pytest.raises(DataError, match=r"broken\.json: not a readable site profile"):
         registry.load("broken")
+    (tmp_path / "sites" / "copy.json").write_text((tmp_path / "sites" / "north.json").read_text())
+    with pytest.raises(DataError, match=r"copy\.json: holds the profile of site 'north', not 'copy'"):
+        registry.load("copy")
 
 
 def test_site_add_refuses_a_header_value_another_site_claims(tmp_path: Path, jsrt_normals, capsys):
@@ -149,12 +152,16 @@ def test_api_site_parameter(onboarded, jsrt_normals, predictor: Predictor):
         plain = client.post("/v1/predict", files={"file": ("a.jpg", data)}).json()
         unknown = client.post("/v1/predict?site=nowhere", files={"file": ("a.jpg", data)})
         batch = client.post("/v1/predict/batch?site=jsrt-site", files=[("files", ("a.jpg", data))]).json()
+        (registry / "broken.json").write_text("{")  # the server's fault, not the request's
+        broken = client.post("/v1/predict?site=broken", files={"file": ("a.jpg", data)})
+        (registry / "broken.json").unlink()
     assert (at_site["site"], at_site["site_onboarded"], at_site["threshold"]) == ("jsrt-site", True, profile.threshold)
     assert "note" not in at_site and at_site["probability"] == pytest.approx(plain["probability"])
     assert (plain.get("site"), plain["site_onboarded"], plain["threshold"], plain["note"]) == (
         None, False, predictor.threshold, NOT_ONBOARDED)
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_site"
     assert batch["results"][0]["site"] == "jsrt-site"
+    assert broken.status_code == 500 and broken.json()["error"]["code"] == "broken_site_profile"
 
 
 def test_listener_picks_the_site_by_institution_or_calling_ae(onboarded, jsrt_normals, predictor: Predictor, tmp_path: Path):

@@ -161,7 +161,11 @@ class SiteRegistry:
             known = ", ".join(self.names()) or "none"
             raise DataError(f"no site {name!r} in {self.folder} (onboarded sites: {known}); "
                             f"onboard it with: covidxray site add {name} --normals DIR")
-        return SiteProfile.from_json(read_json_object(path, FORMAT, "site profile", DataError), path)
+        profile = SiteProfile.from_json(read_json_object(path, FORMAT, "site profile", DataError), path)
+        if profile.name != name:  # a renamed or copied file: its threshold belongs to another site
+            raise DataError(f"{path}: holds the profile of site {profile.name!r}, not {name!r}; rename it "
+                            f"{profile.name}.json or onboard {name} with: covidxray site add {name} --normals DIR")
+        return profile
 
     def get(self, name: str, weights_sha256: str | None) -> SiteProfile:
         """The profile called ``name``, checked to be made for the model with ``weights_sha256``."""

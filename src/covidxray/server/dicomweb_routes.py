@@ -93,7 +93,8 @@ def dicomweb_router(node: Callable[[], Listener | None], max_bytes: int) -> APIR
             raise ApiError(404, "no_dicomweb", "STOW-RS is off: start `covidxray serve --db DB --dicomweb-spool DIR`")
         if running.guard.free_mb() < running.guard.min_free_mb:  # before reading a body that could not be kept
             log.warning("refused a STOW-RS upload from %s: low_disk_space", request.client.host if request.client else "-")
-            raise ApiError(503, "low_disk_space", "the spool's disk is nearly full: nothing was stored; retry later")
+            raise ApiError(503, "low_disk_space", "the spool's disk is nearly full: nothing was stored; retry later",
+                           headers={"Retry-After": "60"})  # what a STOW-RS client or proxy waits before retrying
         too_large = ApiError(413, "too_large", f"a STOW-RS request may hold at most {max_bytes // 2**20} MiB")
         if int(request.headers.get("content-length") or 0) > max_bytes:
             raise too_large

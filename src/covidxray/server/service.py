@@ -164,15 +164,19 @@ class Service:
         profile made for other weights."""
         if not name:
             return None
-        try:
-            return self.sites.get(name, self.loaded().meta.get("weights_sha256"))
-        except DataError:
+        if name not in self.sites.names():
             raise ApiError(400, "unknown_site", f"no onboarded site {name!r} (onboarded: "
                                                 f"{', '.join(self.sites.names()) or 'none'}); onboard it with "
-                                                f"`covidxray site add {name} --normals DIR`") from None
+                                                f"`covidxray site add {name} --normals DIR`")
+        try:
+            return self.sites.get(name, self.loaded().meta.get("weights_sha256"))
         except CheckpointError:
             raise ApiError(409, "site_for_other_model", f"site {name!r} was onboarded for another model's weights; "
                                                         "onboard it again for this one") from None
+        except DataError as e:  # the server's registry is broken, not the request: the log names the file
+            log.error("site %r: %s", name, e)
+            raise ApiError(500, "broken_site_profile", f"the profile of site {name!r} cannot be used; the server's "
+                                                       "log says why") from None
 
     async def classify(self, upload: Upload, explain: bool = False, preview: bool = False,
                        site: SiteProfile | None = None) -> dict[str, Any]:
