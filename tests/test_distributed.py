@@ -298,6 +298,16 @@ def test_predict_resume_skips_done_rows(predict_manifest: Path, unsharded: list[
     # A finished output resumes to itself with nothing left to predict.
     assert main(["predict", "--manifest", str(predict_manifest), "--out", str(out), "--resume", "--format", "json"]) == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    # Rows decided at another threshold (an onboarded site's, another model's) are not mixed with this run's.
+    rows = [{**r, "threshold": "0.5"} for r in unsharded[:3]]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(unsharded[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    out.unlink()
+    part_file(out, 0).write_text(buf.getvalue())
+    assert main(["predict", "--manifest", str(predict_manifest), "--out", str(out), "--resume"]) == 2
+    assert f"{out}: its rows were decided at no site, threshold 0.5; this run would decide at no site" in capsys.readouterr().err
 
 
 if __name__ == "__main__":  # the `ddp_job` worker, started by torchrun: DATA.npz OUT_DIR COVIDXRAY_ARGS...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from itertools import zip_longest
 from pathlib import Path
@@ -109,6 +110,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         if args.resume:
             done = read_predictions(args.out)
+            _check_same_rule(args.out, done.values(), site.name if site else "", predictor.threshold_at(site))
             log.info("resuming: %d of %d inputs already predicted", sum(str(p) in done for p in paths), len(paths))
             mine = [p for p in mine if str(p) not in done]
         distributed.barrier()  # every rank has read the old part files before any rank rewrites its own
@@ -147,6 +149,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
                  f"threshold {predictor.threshold:.4f}, site not onboarded (the model's default threshold)")
         print(f"# model {predictor.name}, {where}; positive class: COVID-19. {DISCLAIMER}", file=sys.stderr)
     return EXIT_UNREADABLE if failed else EXIT_NOT_ANSWERED if refused else 0
+
+
+def _check_same_rule(out: str, rows, site: str, threshold: float) -> None:
+    """`CovidXrayError` when rows already in ``out`` were decided at another site or threshold: one file, one rule."""
+    for row in rows:
+        if (row.get("site") or "") != site or (row.get("threshold") and not math.isclose(float(row["threshold"]), threshold)):
+            raise CovidXrayError(
+                f"{out}: its rows were decided at {('site ' + row['site']) if row.get('site') else 'no site'}, threshold "
+                f"{row.get('threshold')}; this run would decide at {('site ' + site) if site else 'no site'}, threshold "
+                f"{threshold:.4f}: resume with the same --site and --model, or write to a new --out")
 
 
 def _table_row(result) -> str:
