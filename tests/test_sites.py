@@ -124,6 +124,10 @@ def test_site_add_refuses_too_few_films_and_an_existing_name(onboarded, jsrt_nor
         (few / p.name).symlink_to(p)
     assert main(["site", "add", "tiny", "--normals", str(few), "--sites", str(registry), "--no-validation"]) == 2
     assert f"{few}: 10 answered normal films; at least 20" in capsys.readouterr().err
+    # A bad target is refused before the films are scored (else the 10 films would be the complaint).
+    assert main(["site", "add", "tiny", "--normals", str(few), "--sites", str(registry), "--no-validation",
+                 "--target-specificity", "1"]) == 2
+    assert "the target specificity must be in [0.5, 1), got 1.0" in capsys.readouterr().err
     assert main(["site", "add", "jsrt-site", "--normals", str(few), "--sites", str(registry)]) == 2
     assert "already onboarded; pass --replace" in capsys.readouterr().err
     assert main(["site", "list", "--sites", str(registry)]) == 0 and capsys.readouterr().out.startswith("jsrt-site\tthreshold")

@@ -33,7 +33,7 @@ from .inference import logits_and_features
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
 from .report import json_safe, write_report
-from .sites import SiteProfile, site_threshold
+from .sites import SiteProfile, check_target, site_threshold
 
 __all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "onboard_site", "predict_split", "resolve_data", "screen"]
 
@@ -291,6 +291,7 @@ def onboard_site(
     Raises:
         DataError: fewer than 20 answered normal films, a bad name or target, an unreadable folder.
     """
+    check_target(target_specificity)  # before minutes of scoring, not after
     predictor = Predictor(model)
     probs, counts = _answered_probs(predictor, normals)
     before = predictor.threshold

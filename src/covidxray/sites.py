@@ -32,7 +32,7 @@ from .config import settings
 from .errors import CheckpointError, DataError
 from .utils import atomic_write_json, read_json_object
 
-__all__ = ["FORMAT", "MIN_NORMALS", "NOT_ONBOARDED", "SiteMatcher", "SiteProfile", "SiteRegistry", "default_sites_folder",
+__all__ = ["FORMAT", "MIN_NORMALS", "NOT_ONBOARDED", "SiteMatcher", "SiteProfile", "SiteRegistry", "check_target", "default_sites_folder",
            "normalise", "site_threshold"]
 
 FORMAT = "covidxray-site-1"  # the ``format`` field of a profile file
@@ -53,6 +53,13 @@ def _check_name(name: str) -> str:
     return name
 
 
+def check_target(target_specificity: float) -> float:
+    """``target_specificity`` if it is in [0.5, 1), else `DataError` (checked before any film is scored)."""
+    if not 0.5 <= target_specificity < 1.0:
+        raise DataError(f"the target specificity must be in [0.5, 1), got {target_specificity}")
+    return target_specificity
+
+
 def site_threshold(normal_probs: Sequence[float], target_specificity: float, floor: float | None = None) -> float:
     """The lowest threshold, not below ``floor``, at which at least ``target_specificity`` of ``normal_probs`` stay
     below it (are called normal).
@@ -64,8 +71,7 @@ def site_threshold(normal_probs: Sequence[float], target_specificity: float, flo
     Raises:
         DataError: a target outside [0.5, 1), or fewer than `MIN_NORMALS` films.
     """
-    if not 0.5 <= target_specificity < 1.0:
-        raise DataError(f"the target specificity must be in [0.5, 1), got {target_specificity}")
+    check_target(target_specificity)
     probs = sorted(float(p) for p in normal_probs)
     if len(probs) < MIN_NORMALS:
         raise DataError(f"{len(probs)} answered normal films; at least {MIN_NORMALS} are needed to set a threshold")
