@@ -85,7 +85,7 @@ class OriginAdversary(nn.Module):
             if len(own) < 2:
                 continue  # one source: nothing beyond the label to hide
             self.target[label, own] = torch.arange(len(own))
-            head = nn.Linear(width, len(own))
+            head = nn.utils.skip_init(nn.Linear, width, len(own))  # nn.Linear's own init would draw from the global stream
             with torch.no_grad():
                 head.weight.normal_(0.0, 0.01, generator=g)
                 head.bias.zero_()
