@@ -83,6 +83,23 @@ def test_one_head_per_label_with_two_sources_and_only_such_labels_count(six_xray
     assert adversary.epoch_stats()["adv_loss"] == 0.0
 
 
+def test_every_label_gets_its_own_head_and_its_own_source_numbering(six_xrays: torch.Tensor):
+    """Normals from three sources, COVID-19 films from two others: each head names only its label's sources."""
+    model = build_model("cxrnet", weights=None)
+    labels, sources = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 2, 3, 4, 3])
+    adversary = OriginAdversary(model, "cxrnet", labels, sources, weight=1.0, seed=0)
+    assert {k: h.out_features for k, h in adversary.heads.items()} == {"0": 3, "1": 2}
+    assert adversary.target.tolist() == [[0, 1, 2, -1, -1], [-1, -1, -1, 0, 1]]
+    with adversary.watch(model):
+        model(six_xrays)
+    loss = adversary.loss(labels, sources, progress=1.0)
+    loss.backward()
+    assert all(h.weight.grad.abs().sum() > 0 for h in adversary.heads.values())
+    stats = adversary.epoch_stats()
+    assert stats["adv_origin_chance"] == pytest.approx((1 + 2) / 6)  # one of three normals, two of three COVID-19 films
+    assert float(loss.detach()) == pytest.approx(stats["adv_loss"], rel=1e-5)  # three films per label: the two means agree
+
+
 def test_the_features_are_pushed_against_the_heads(six_xrays: torch.Tensor):
     """The gradient reaching the features is the heads' own gradient, flipped and scaled by the reversal strength."""
     model = build_model("cxrnet", weights=None).eval()

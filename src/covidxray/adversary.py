@@ -92,7 +92,7 @@ class OriginAdversary(nn.Module):
             self.heads[str(label)] = head
         self._features: list[torch.Tensor] = []
         self._strength = 0.0
-        self._sums = torch.zeros(4, dtype=torch.float64)  # CE sum, correct, counted films, majority guesses
+        self._sums = torch.zeros(3, dtype=torch.float64)  # CE sum, correct, counted films
         self._counts = torch.zeros_like(self.target, dtype=torch.float64)  # counted films per (label, source)
         if distributed.get_env().enabled:
             for p in self.heads.parameters():  # the heads sit outside DDP: average their gradients here
@@ -126,7 +126,7 @@ class OriginAdversary(nn.Module):
             mine = labels == int(key)
             counted = mine & (torch.unique(target[mine]).numel() >= 2)
             logits = head(feats)
-            ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+            ce = F.cross_entropy(logits, torch.where(mine, target, 0).clamp(min=0), reduction="none")  # others: weight 0
             total = total + (ce * counted).sum() / counted.sum().clamp(min=1)
             if counted.any():
                 used += 1
@@ -144,8 +144,8 @@ class OriginAdversary(nn.Module):
         """This epoch's mean adversary cross-entropy per counted film, the heads' accuracy in naming the origin,
         the accuracy of always naming each label's most frequent origin (chance), and the final reversal strength;
         summed over ranks under DDP. Resets the tallies."""
-        majority = float(self._counts.max(1).values.sum())
-        ce, correct, n, majority = distributed.all_reduce_sum([*self._sums[:3].tolist(), majority])
+        ce, correct, n, *counts = distributed.all_reduce_sum([*self._sums.tolist(), *self._counts.flatten().tolist()])
+        majority = float(torch.tensor(counts).reshape(self._counts.shape).max(1).values.sum())
         self._sums.zero_()
         self._counts.zero_()
         n = max(n, 1.0)
