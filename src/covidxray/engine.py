@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
+from .adversary import OriginAdversary, build_adversary
 from .cache import readable_images
 from .calibration import calibrate, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
@@ -87,11 +89,13 @@ def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
     cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device, ema: nn.Module | None = None,
     dist: distributed.DistEnv = distributed.DistEnv(), sources: torch.Tensor | None = None,
+    adversary: OriginAdversary | None = None,
 ) -> dict[str, float]:
     """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds.
 
     With ``cfg.balanced`` both classes are drawn equally often; with ``cfg.balance_sources`` also
-    every source (``sources``: an index per image) equally often within its class.
+    every source (``sources``: an index per image) equally often within its class. An ``adversary`` adds its
+    loss on the batch's sources (`covidxray.adversary`) and its epoch numbers to the result.
 
     Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on its slice
     ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the
@@ -124,11 +128,12 @@ def train_one_epoch(
             x = augment(x, g, labels[idx])
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
-        with autocast(device):
+        with autocast(device), adversary.watch(model) if adversary is not None else nullcontext():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        adv = adversary.loss(y, sources[idx].to(device), (epoch + step / steps) / cfg.epochs) if adversary is not None else 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + adv).backward()  # train_loss stays the classification loss alone
         optimizer.step()
         if ema is not None:
             ema.update_parameters(distributed.unwrap(model))
@@ -143,7 +148,8 @@ def train_one_epoch(
     secs = time.perf_counter() - t0
     if dist.enabled:
         loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs}
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs,
+            **(adversary.epoch_stats() if adversary is not None else {})}
 
 
 def _sampling_weights(labels: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
@@ -154,7 +160,8 @@ def _sampling_weights(labels: torch.Tensor, sources: torch.Tensor | None) -> tor
     return 1.0 / (per_cell[cell] * cells_of_class[labels].float())
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[torch.optim.Optimizer, Any]:
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+                    extra: nn.Module | None = None) -> tuple[torch.optim.Optimizer, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -164,6 +171,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) ->
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
         raise DataError(f"unknown optimizer {cfg.optimizer!r} (adamw, adam or sgd)")
+    if extra is not None:  # a second parameter group (the origin adversary), on the same schedule
+        opt.add_param_group({"params": list(extra.parameters())})
     if cfg.scheduler == "step":
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.scheduler != "cosine":
@@ -272,18 +281,19 @@ def _load_data(cfg: TrainConfig, run: Path, pre: Preprocess) -> _Data:
     return _Data(*parts)
 
 
-def _build(cfg: TrainConfig, resume: bool, device: torch.device, steps_per_epoch: int):
-    """Model (frozen layers marked), optimiser, scheduler and the weight average that is validated and saved."""
+def _build(cfg: TrainConfig, resume: bool, device: torch.device, data: _Data):
+    """Model (frozen layers marked), origin adversary or None, optimiser, scheduler, and the weight average saved."""
     model = build_model(cfg.arch, in_chans=1, num_classes=2, weights=None if resume else cfg.weights)
     frozen = get_spec(cfg.arch).freezable if cfg.freeze else ()
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     model = model.to(device).to(memory_format=torch.channels_last)
-    optimizer, scheduler = _make_optimizer(model, cfg, steps_per_epoch)
+    adversary = build_adversary(model, cfg.arch, data.ytr, data.source_index, cfg.origin_adversary, cfg.seed, device)
+    optimizer, scheduler = _make_optimizer(model, cfg, math.ceil(len(data.ytr) / cfg.batch_size), adversary)
     # An exponential moving average of the weights is what gets validated and shipped: on small,
     # noisy data it is steadier from epoch to epoch than the raw weights.
     ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
-    return model, frozen, optimizer, scheduler, ema
+    return model, frozen, adversary, optimizer, scheduler, ema
 
 
 def _validate(scored: nn.Module, data: _Data, pre: Preprocess, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -344,9 +354,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if dist.enabled:
         log.info("DDP on %d processes (%s): %d images per process per step; rank 0 validates and writes",
                  dist.world_size, device.type, cfg.batch_size // dist.world_size)
-    model, frozen, optimizer, scheduler, ema = _build(cfg, resume, device, math.ceil(len(data.ytr) / cfg.batch_size))
+    model, frozen, adversary, optimizer, scheduler, ema = _build(cfg, resume, device, data)
     scored = ema.module if ema is not None else model
-    modules = {"model": model, **({"ema": ema} if ema is not None else {})}
+    # the adversary is training state only: resumed with the rest, never part of the saved classifier
+    modules = {k: m for k, m in {"model": model, "ema": ema, "adversary": adversary}.items() if m is not None}
     fingerprint = data_fingerprint(cfg.data, cfg.splits)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, start = -1.0, -1, 0
@@ -364,7 +375,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
         stats = train_one_epoch(trained, optimizer, scheduler, data.xtr, data.ytr, cfg, pre, epoch, frozen, device, ema,
-                                dist=dist, sources=data.source_index)
+                                dist=dist, sources=data.source_index, adversary=adversary)
         # rank 0 validates; its numbers decide best epoch and early stop on every rank
         row = {"epoch": epoch + 1, **stats, **_validate(scored, data, pre, cfg, device),
                "lr": optimizer.param_groups[0]["lr"]} if dist.is_main else None
