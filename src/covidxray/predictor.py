@@ -18,7 +18,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import OnnxRunner, Runner, TorchRunner, onnx_file
+from .backends import OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
@@ -80,7 +79,8 @@ class Predictor:
     Args:
         model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        threads: torch intra-op threads for CPU inference (None: leave torch's default).
+        threads: intra-op threads of the networks, ONNX Runtime's and torch's (None: `covidxray.backends.thread_plan`'s,
+            every core; torch's own setting is then left as it is).
         backend: ``auto`` (the fastest exported graph there: ``model.int8.onnx``, then ``model.onnx``; else
             PyTorch), ``onnx`` or ``torch`` (needed for Grad-CAM, evaluation and the audit).
         gate: refuse what is not a frontal chest X-ray (False: answer everything, for research).
@@ -102,6 +102,8 @@ class Predictor:
             raise CheckpointError(f"{path}: no ONNX model here; make one with `covidxray export {path} --onnx {path}/model.onnx`")
         if threads:
             torch.set_num_threads(threads)
+        self.threads = thread_plan(intra_op=threads)  # the one thread plan: networks, decoders
+        threads = self.threads.intra_op
         self.device = default_device(device)
         self.model: torch.nn.Module | None = None  # the PyTorch network (Grad-CAM, evaluation); None under ONNX
         self.onnx_contract: dict | None = None
@@ -137,15 +139,16 @@ class Predictor:
 
     def check(self, image: np.ndarray, info: ImageInfo | None = None) -> np.ndarray | Verdict:
         """The prepared network input (uint8 ``S x S``) of a decoded image, or the gate's reason not to answer it."""
-        verdict, lungs = self._gate(image, info)
-        return verdict if verdict is not None else self.preprocess.prepare(image, lungs)
+        return self.check_many([image], [info])[0]
+
+    def check_many(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[np.ndarray | Verdict]:
+        """`check` for many decoded images, the segmenter and gate run on them in one batch (as the classifier is)."""
+        return [verdict if verdict is not None else self.preprocess.prepare(image, lungs)
+                for image, (verdict, lungs) in zip(images, self._gate_many(images, infos))]
 
     def verdicts(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Verdict | None]:
         """The input gate's reason not to answer each decoded image (None: it may be answered), in one batch."""
         return [verdict for verdict, _ in self._gate_many(images, infos)]
-
-    def _gate(self, image: np.ndarray, info: ImageInfo | None) -> tuple[Verdict | None, np.ndarray | None]:
-        return self._gate_many([image], [info])[0]
 
     def _gate_many(
         self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None],
@@ -223,38 +226,45 @@ class Predictor:
     ) -> Iterator[Prediction | ImageError]:
         """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
-        With ``workers=0`` two threads decode, gate and preprocess ahead (Pillow and torch release
-        the GIL) while the model runs; with ``workers > 0`` a DataLoader with that many processes
-        does, for large runs on machines with cores to spare.
+        With ``workers=0`` the thread plan's decoders (`covidxray.backends.thread_plan`) read and decode the
+        next batch while this one goes through the segmenter and gate, then the classifier, each in one
+        call per batch. With ``workers > 0`` a DataLoader with that many processes decodes, gates and
+        preprocesses, for large runs on machines with cores to spare.
         """
-        prepare = partial(_prepare, self)
-
-        def classify(batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
-            good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
-            probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
-            by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
-                        for k, ((i, _), p) in enumerate(zip(good, probs))}
-            for i, (name, img) in enumerate(batch):
-                if isinstance(img, ImageError):
-                    yield img
-                elif isinstance(img, Verdict):
-                    yield self.refuse(name, img)
-                else:
-                    yield self.decide(name, *by_index[i])
-
         if workers > 0:
             loader = DataLoader(_PreparedFiles(list(paths), self), batch_size=batch_size, num_workers=workers, collate_fn=list)
             for batch in loader:
-                yield from classify(batch)
+                yield from self._answer_batch(batch)
             return
         todo = iter(paths)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
+        with ThreadPoolExecutor(max_workers=self.threads.decoders) as pool:
+            pending = [pool.submit(_decode, p) for p in islice(todo, batch_size)]
             while pending:
-                batch = [f.result() for f in pending]
-                # Decode the next batch while this one is classified; at most two batches are held.
-                pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
-                yield from classify(batch)
+                decoded = [f.result() for f in pending]
+                # Decode the next batch while this one is gated and classified; at most two batches are held.
+                pending = [pool.submit(_decode, p) for p in islice(todo, batch_size)]
+                yield from self._answer_batch(self._check_decoded(decoded))
+
+    def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]],
+                       ) -> list[tuple[str, np.ndarray | Verdict | ImageError]]:
+        """`check_many` over the decoded files of a batch; unreadable ones keep their `ImageError`."""
+        good = [i for i, (_, d) in enumerate(decoded) if not isinstance(d, ImageError)]
+        checked = dict(zip(good, self.check_many([decoded[i][1][0] for i in good], [decoded[i][1][1] for i in good])))
+        return [(name, checked.get(i, d)) for i, (name, d) in enumerate(decoded)]
+
+    def _answer_batch(self, batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
+        """The classifier on a batch's prepared images in one call; refusals and errors pass through, in order."""
+        good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
+        probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
+        by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
+                    for k, ((i, _), p) in enumerate(zip(good, probs))}
+        for i, (name, img) in enumerate(batch):
+            if isinstance(img, ImageError):
+                yield img
+            elif isinstance(img, Verdict):
+                yield self.refuse(name, img)
+            else:
+                yield self.decide(name, *by_index[i])
 
     def decide(self, name: str, prob: float, unfamiliarity: float | None = None, site: SiteProfile | None = None) -> Prediction:
         """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
@@ -293,6 +303,14 @@ class Predictor:
 def _site_fields(site: SiteProfile | None) -> dict:
     return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED} if site is None else {
         "site": site.name, "site_onboarded": True, "note": None}
+
+
+def _decode(path: str | os.PathLike) -> tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]:
+    """``(name, (pixels, info))`` of a file, or ``(name, ImageError)``."""
+    try:
+        return str(path), read_image(path)
+    except ImageError as e:
+        return str(path), e
 
 
 def _prepare(predictor: Predictor, path: str | os.PathLike) -> tuple[str, np.ndarray | Verdict | ImageError]:
