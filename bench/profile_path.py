@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128, help="JPEGs in the folder case")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--name", default="profile-path", help="result file bench/results/NAME.json")
+    ap.add_argument("--note", default="", help="a sentence added under the table (e.g. which code was profiled)")
     args = ap.parse_args()
     pred = Predictor(args.model or default_model_path())  # the default backend, as `covidxray predict`
     data = Path(os.environ.get("COVIDXRAY_DATA", ROOT.parent / "shared" / "datasets" / "covid-cxr"))
@@ -106,6 +107,7 @@ def main() -> None:
                  "each stage timed alone (one thread of the caller); the product's own call is `predict_paths` (folder) or "
                  f"`predict_bytes` (one image). Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min) "
                  f"on {os.cpu_count()} CPUs.")
+    table += [args.note] if args.note else []
     save(args.name, {"title": f"Where the time goes, stage by stage — {pred.name}", "model": pred.name, "backend": pred.backend,
                      "rows": rows, "loadavg_before": load_before, "loadavg_after": load_after, "table": table,
                      "command": " ".join(["python bench/profile_path.py", *sys.argv[1:]])})
