@@ -10,7 +10,9 @@ The folder case runs each stage over all files with the batch size `predict_path
 case runs each on one JPEG (bytes in). Beside the sum of the stages, the product's own end-to-end call is
 timed (`predict_paths` on the folder, `predict_bytes` on the one image): above the sum means overhead
 (threads fighting for the cores), under it means overlap (decoding while the classifier runs).
-Each figure is the median of ``--repeats`` passes. The files are the ones `bench/infer_speed.py` uses.
+Each figure is the median of ``--repeats`` passes, in CPU time (every thread of the process) and wall time;
+the shares are of CPU time, which other work on a shared machine moves far less. The files are the ones
+`bench/infer_speed.py` uses.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ from covidxray.predictor import Predictor
 STAGES = ("read + decode", "header rules", "segmenter + gate", "crop/resize/equalise", "classifier", "familiarity", "answer")
 
 
-def run_stages(pred: Predictor, sources: list, batch: int) -> dict[str, float]:
-    """Seconds per stage for one pass over ``sources`` (paths or bytes), in batches of ``batch``."""
-    spent = dict.fromkeys(STAGES, 0.0)
+def run_stages(pred: Predictor, sources: list, batch: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Wall and CPU seconds (all the process's threads) per stage for one pass over ``sources`` (paths or bytes),
+    in batches of ``batch``."""
+    spent, cpu = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
 
     def clock(stage: str, fn: Callable, *args):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn(*args)
         spent[stage] += time.perf_counter() - start
+        cpu[stage] += time.process_time() - start_cpu
         return out
 
     for first in range(0, len(sources), batch):
@@ -58,25 +62,32 @@ def run_stages(pred: Predictor, sources: list, batch: int) -> dict[str, float]:
             clock("familiarity", pred.familiarity, feats)
         clock("answer", lambda: [pred.decide(str(i), float(p)) for i, p in
                                  enumerate(torch.softmax(torch.from_numpy(logits) / pred.temperature, 1)[:, 1].numpy())])
-    return spent
+    return spent, cpu
 
 
 def profile(pred: Predictor, sources: list, batch: int, end_to_end: Callable[[], object], repeats: int) -> dict:
-    """Median seconds per stage and of the product's own call over ``repeats`` passes, after one warm-up pass."""
+    """Median wall and CPU seconds per stage and of the product's own call over ``repeats`` passes, after a warm-up.
+
+    The shares are of CPU time: on a shared machine it moves far less with other work than wall time does."""
     run_stages(pred, sources, batch)
     end_to_end()
     passes = [run_stages(pred, sources, batch) for _ in range(repeats)]
-    stages = {s: statistics.median(p[s] for p in passes) for s in STAGES}
-    walls = []
+    stages = {s: statistics.median(p[0][s] for p in passes) for s in STAGES}
+    cpu = {s: statistics.median(p[1][s] for p in passes) for s in STAGES}
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         end_to_end()
         walls.append(time.perf_counter() - start)
-    total = sum(stages.values())
+        cpus.append(time.process_time() - start_cpu)
+    total, total_cpu = sum(stages.values()), sum(cpu.values())
     n = len(sources)
     return {"images": n, "batch": batch, "ms_per_image": {s: 1000 * t / n for s, t in stages.items()},
-            "share": {s: t / total for s, t in stages.items()}, "sum_ms_per_image": 1000 * total / n,
-            "end_to_end_ms_per_image": 1000 * statistics.median(walls) / n, "end_to_end_img_per_s": n / statistics.median(walls)}
+            "cpu_ms_per_image": {s: 1000 * t / n for s, t in cpu.items()},
+            "cpu_share": {s: t / total_cpu for s, t in cpu.items()},
+            "sum_ms_per_image": 1000 * total / n, "sum_cpu_ms_per_image": 1000 * total_cpu / n,
+            "end_to_end_ms_per_image": 1000 * statistics.median(walls) / n, "end_to_end_img_per_s": n / statistics.median(walls),
+            "end_to_end_cpu_ms_per_image": 1000 * statistics.median(cpus) / n}
 
 
 def main() -> None:
@@ -100,13 +111,15 @@ def main() -> None:
     table = ["| Case | " + " | ".join(STAGES) + " | sum of stages | product's own call |",
              "|---|" + "---:|" * (len(STAGES) + 2)]
     for case, r in rows.items():
-        cells = [f"{r['ms_per_image'][s]:.2f} ms ({100 * r['share'][s]:.0f} %)" for s in STAGES]
-        table.append(f"| {case} | " + " | ".join(cells) + f" | {r['sum_ms_per_image']:.2f} ms | "
-                     f"{r['end_to_end_ms_per_image']:.2f} ms ({r['end_to_end_img_per_s']:.0f} img/s) |")
-    table.append(f"\nModel {pred.name}, backend {pred.backend}; milliseconds per image and share of the sum of the stages, "
-                 "each stage timed alone (one thread of the caller); the product's own call is `predict_paths` (folder) or "
-                 f"`predict_bytes` (one image). Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min) "
-                 f"on {os.cpu_count()} CPUs.")
+        cells = [f"{r['cpu_ms_per_image'][s]:.2f} / {r['ms_per_image'][s]:.2f} ({100 * r['cpu_share'][s]:.0f} %)" for s in STAGES]
+        table.append(f"| {case} | " + " | ".join(cells) + f" | {r['sum_cpu_ms_per_image']:.2f} / {r['sum_ms_per_image']:.2f} | "
+                     f"{r['end_to_end_cpu_ms_per_image']:.2f} / {r['end_to_end_ms_per_image']:.2f} "
+                     f"({r['end_to_end_img_per_s']:.0f} img/s) |")
+    table.append(f"\nModel {pred.name}, backend {pred.backend}; per image: CPU ms (every thread of the process) / wall ms, and "
+                 "the stage's share of the CPU time of all stages; each stage timed alone, called from one thread; the "
+                 "product's own call is `predict_paths` (folder) or `predict_bytes` (one image). Load average before/after: "
+                 f"{load_before[0]:.2f} / {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs: wall times on a busy machine "
+                 "are long, CPU times much less so.")
     table += [args.note] if args.note else []
     save(args.name, {"title": f"Where the time goes, stage by stage — {pred.name}", "model": pred.name, "backend": pred.backend,
                      "rows": rows, "loadavg_before": load_before, "loadavg_after": load_after, "table": table,
