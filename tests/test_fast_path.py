@@ -20,7 +20,7 @@ import dicoms
 from covidxray.backends import ThreadPlan, thread_plan
 from covidxray.errors import ImageError
 from covidxray.imaging import MAX_PIXELS, read_image
-from covidxray.predictor import Predictor, decode_side
+from covidxray.predictor import SEGMENTER_BATCH, Predictor, decode_side
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +60,7 @@ class _Counting:
         return self.runner(**inputs)
 
 
-def test_the_segmenter_runs_once_per_batch(predictor: Predictor, films: list[Path]):
+def test_the_segmenter_runs_batched(predictor: Predictor, films: list[Path]):
     counting = _Counting(predictor.segmenter.runner)
     predictor.segmenter.use_runner(counting)
     try:
@@ -68,7 +68,8 @@ def test_the_segmenter_runs_once_per_batch(predictor: Predictor, films: list[Pat
     finally:
         predictor.segmenter.use_runner(counting.runner)
     assert counting.images == len(films)  # no header refusals among image files: every film is seen once
-    assert counting.calls == 2, counting.calls  # 50 films in batches of 32: two calls, not one per film
+    # 50 films in batches of 32, each in segmenter calls of SEGMENTER_BATCH (8): 4 + 3 calls, not one per film
+    assert counting.calls == 7 == -(-32 // SEGMENTER_BATCH) + -(-18 // SEGMENTER_BATCH), counting.calls
 
 
 def test_a_batched_pass_answers_as_one_film_at_a_time(predictor: Predictor, films: list[Path]):
