@@ -121,7 +121,8 @@ def main() -> None:
                  f"{load_before[0]:.2f} / {load_after[0]:.2f} (1 min) on {os.cpu_count()} CPUs: wall times on a busy machine "
                  "are long, CPU times much less so.")
     table += [args.note] if args.note else []
-    save(args.name, {"title": f"Where the time goes, stage by stage — {pred.name}", "model": pred.name, "backend": pred.backend,
+    title = f"Where the time goes, stage by stage — {pred.name}" + (f" ({args.name})" if args.name != "profile-path" else "")
+    save(args.name, {"title": title, "model": pred.name, "backend": pred.backend,
                      "rows": rows, "loadavg_before": load_before, "loadavg_after": load_after, "table": table,
                      "command": " ".join(["python bench/profile_path.py", *sys.argv[1:]])})
     print("\n".join(table))
