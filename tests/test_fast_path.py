@@ -72,6 +72,17 @@ def test_the_segmenter_runs_batched(predictor: Predictor, films: list[Path]):
     assert counting.calls == 7 == -(-32 // SEGMENTER_BATCH) + -(-18 // SEGMENTER_BATCH), counting.calls
 
 
+def test_a_batched_segmenter_gives_the_masks_of_one_film_at_a_time(predictor: Predictor, films: list[Path]):
+    decoded = [read_image(f) for f in films[::5]]
+    images, infos = [d[0] for d in decoded], [d[1] for d in decoded]
+    batched = predictor.segmenter.analyse(images, infos)
+    single = [predictor.segmenter.analyse([image], [info])[0] for image, info in decoded]
+    assert np.abs(np.stack([a.lungs for a in batched]) - np.stack([a.lungs for a in single])).max() <= 1e-4
+    assert np.abs(np.stack([a.gate for a in batched]) - np.stack([a.gate for a in single])).max() <= 1e-4
+    masks = [int(((a.lungs >= 0.5) != (b.lungs >= 0.5)).sum()) for a, b in zip(batched, single)]
+    assert max(masks) <= 5, masks  # a pixel within 1e-4 of 0.5 may fall either side; the crop box does not move
+
+
 def test_a_batched_pass_answers_as_one_film_at_a_time(predictor: Predictor, films: list[Path]):
     batched = list(predictor.predict_paths(films, batch_size=32))
     single = [predictor.predict_path(f) for f in films]
