@@ -31,7 +31,7 @@ __all__ = ["Runner", "TorchRunner", "OnnxRunner", "ThreadPlan", "onnx_file", "th
 class ThreadPlan:
     """How many threads each part of inference gets; `thread_plan` is the one place that decides it."""
 
-    intra_op: int  # ONNX Runtime intra-op threads of every session, and torch's: one network call at a time uses every core
+    intra_op: int  # ONNX Runtime intra-op threads of every session: one network call at a time uses every core
     decoders: int  # threads that read and decode files ahead of the networks (`Predictor.predict_paths`, the REST API)
 
 
@@ -41,11 +41,14 @@ def thread_plan(cores: int | None = None, intra_op: int | None = None) -> Thread
     The networks run one call at a time (the classifier and the segmenter alternate, batched), each on all
     cores: ``intra_op = cores``. Decoding runs beside them in ``decoders`` threads; Pillow, pydicom's codecs and
     NumPy release the GIL, and a decoder works while a network's call waits on its slowest thread. Two decoders
-    keep the networks fed on 2 cores; more only make each call slower (they compete for the same cores), so the
-    pool grows with half the cores beyond that. ONNX Runtime's threads do not spin (`OnnxRunner`), so a decoder
-    that wakes up finds a core. ``intra_op`` overrides the networks' share (``--threads``).
+    (what `predict` had before this plan) on 2 cores, half the cores on larger machines: decoding is a few percent
+    of the CPU time (`bench/profile_path.py`), and every decoder competes with the networks for the same cores
+    (only 2 cores measured). ONNX Runtime's threads do not spin (`OnnxRunner`), so a decoder that wakes up finds
+    a core. ``intra_op`` overrides the networks' share (``--threads``; it sets torch's threads too).
     """
-    cores = max(1, cores or os.cpu_count() or 1)
+    if not cores:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cores)
     return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=max(2, cores // 2))
 
 
