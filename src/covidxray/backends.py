@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +24,32 @@ import torch
 
 from .utils import read_verified
 
-__all__ = ["Runner", "TorchRunner", "OnnxRunner", "onnx_file"]
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "ThreadPlan", "onnx_file", "thread_plan"]
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How many threads each part of inference gets; `thread_plan` is the one place that decides it."""
+
+    intra_op: int  # ONNX Runtime intra-op threads of every session: one network call at a time uses every core
+    decoders: int  # threads that read and decode files ahead of the networks (`Predictor.predict_paths`, the REST API)
+
+
+def thread_plan(cores: int | None = None, intra_op: int | None = None) -> ThreadPlan:
+    """The thread plan of `covidxray predict`, `serve` and `listen` on a machine with ``cores`` cores.
+
+    The networks run one call at a time (the classifier and the segmenter alternate, batched), each on all
+    cores: ``intra_op = cores``. Decoding runs beside them in ``decoders`` threads; Pillow, pydicom's codecs and
+    NumPy release the GIL, and a decoder works while a network's call waits on its slowest thread. Two decoders
+    (what `predict` had before this plan) on 2 cores, half the cores on larger machines: decoding is a few percent
+    of the CPU time (`bench/profile_path.py`), and every decoder competes with the networks for the same cores
+    (only 2 cores measured). ONNX Runtime's threads do not spin (`OnnxRunner`), so a decoder that wakes up finds
+    a core. ``intra_op`` overrides the networks' share (``--threads``; it sets torch's threads too).
+    """
+    if not cores:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cores)
+    return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=max(2, cores // 2))
 
 
 class Runner(ABC):

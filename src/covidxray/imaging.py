@@ -119,7 +119,9 @@ def load_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
     return read_image(source, name=name)[0]
 
 
-def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) -> tuple[np.ndarray, ImageInfo]:
+def read_image(
+    source: str | os.PathLike | bytes, *, name: str | None = None, min_side: int | None = None,
+) -> tuple[np.ndarray, ImageInfo]:
     """Decode an image file into a 2-D float32 grayscale array with values in [0, 1], and its `ImageInfo`.
 
     8-bit images are divided by 255; 16-bit, 32-bit, float and DICOM images are scaled by
@@ -133,6 +135,10 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
         source: a path, or the raw bytes of a file (an upload).
         name: how to call ``source`` in error messages when it is bytes (default ``"<bytes>"``);
             it never appears in log lines.
+        min_side: decode at a reduced scale where the format allows it, keeping at least this many pixels
+            on each side: a JPEG through its DCT scaling (1/2, 1/4 or 1/8, Pillow's ``draft``), a DICOM frame
+            shrunk once by a whole factor (box filter) after its LUTs and checks. None (the default, and what training
+            and evaluation use): full resolution. The size limits apply to the file's own size either way.
 
     Returns:
         ``(pixels, info)``: array of shape (height, width), dtype float32, values in [0, 1], and what the
@@ -161,9 +167,9 @@ def read_image(source: str | os.PathLike | bytes, *, name: str | None = None) ->
         raise ImageError(label, f"not a recognised image format ({_KNOWN})", "not_an_image")
     try:
         if fmt == "dicom":
-            pixels, info = _decode_dicom(data, label, log_name)
+            pixels, info = _decode_dicom(data, label, log_name, min_side)
         else:
-            pixels, info = _decode_pillow(data, fmt, label, log_name)
+            pixels, info = _decode_pillow(data, fmt, label, log_name, min_side)
     except ImageError:
         raise
     except Exception as exc:  # decoders raise anything (OSError, ValueError, struct.error...)
@@ -236,7 +242,7 @@ def _colour_share(rgb: np.ndarray, full_scale: float, log_name: str) -> float:
     return share
 
 
-def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> tuple[np.ndarray, ImageInfo]:
+def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str, min_side: int | None) -> tuple[np.ndarray, ImageInfo]:
     with warnings.catch_warnings():
         # Pillow only warns between its limit and twice that limit; treat the warning as a bomb.
         # (The filter is process-wide, not per thread; _check_size below is the real limit.)
@@ -245,6 +251,8 @@ def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str) -> tuple[np
             # formats= stops Pillow from trying other decoders than the one the magic named.
             with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as img:
                 _check_size(label, *img.size)  # open() parsed only the header so far
+                if min_side and fmt == "jpeg":  # the largest DCT scaling that keeps min_side on each side
+                    img.draft(img.mode, (min_side, min_side))
                 img.load()  # decodes the first frame; raises on truncated data
                 img = ImageOps.exif_transpose(img)  # a new image, independent of the file
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -303,7 +311,16 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
     return syntax
 
 
-def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, ImageInfo]:
+def _shrink(values: np.ndarray, min_side: int | None) -> np.ndarray:
+    """A float32 image in [0, 1] shrunk by the largest whole factor that keeps ``min_side`` on each side
+    (box filter: the mean of each factor x factor block, a partial block at the edge included)."""
+    factor = min(values.shape) // min_side if min_side else 1
+    if factor < 2:
+        return values
+    return np.asarray(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F").reduce(factor))
+
+
+def _decode_dicom(data: bytes, label: str, log_name: str, min_side: int | None) -> tuple[np.ndarray, ImageInfo]:
     # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
     # pydicom decodes pixels only when pixel_array is read, after the checks below. force=True
     # reads a data set without the preamble (sniff_format has already checked how it starts).
@@ -333,9 +350,9 @@ def _decode_dicom(data: bytes, label: str, log_name: str) -> tuple[np.ndarray, I
     if pixels.ndim == 3:  # colour; pydicom has already converted YBR to RGB
         full = np.iinfo(pixels.dtype).max if pixels.dtype.kind in "iu" else 1.0  # palette LUTs are 16-bit
         colour = _colour_share(pixels[..., :3], full, log_name)
-        return _min_max(pixels[..., :3] @ _RGB_TO_GRAY, label), _dicom_info(ds, colour)
+        return _shrink(_min_max(pixels[..., :3] @ _RGB_TO_GRAY, label), min_side), _dicom_info(ds, colour)
     with np.errstate(over="ignore", invalid="ignore"):  # a crazy rescale is refused below
         values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
-    gray = _min_max(values, label)
+    gray = _shrink(_min_max(values, label), min_side)  # checked at full resolution, then shrunk once
     # MONOCHROME1 stores bone dark; every other source (and the model) expects bone bright.
     return (1 - gray if ds.get("PhotometricInterpretation") == "MONOCHROME1" else gray), _dicom_info(ds)

@@ -18,7 +18,6 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import OnnxRunner, Runner, TorchRunner, onnx_file
+from .backends import OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
@@ -35,12 +34,17 @@ from .familiarity import Familiarity, warning
 from .gate import InputGate, Verdict
 from .imaging import ImageInfo, read_image
 from .inference import classifier_forward
+from .presets import Preprocess
 from .segment import LungSegmenter
 from .sites import NOT_ONBOARDED, SiteProfile
 
 __all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
 
 NOT_ANSWERED = "not_answered"  # the third outcome: the input is not a frontal chest X-ray
+# Films per segmenter call: past a few, batching saves no CPU time on the segmenter (measured: batch 1 and 32 cost the
+# same per film) while ONNX Runtime's arena grows with it (peak RSS of `predict` +250 MB at 32, +80 MB at 8).
+SEGMENTER_BATCH = 8
+DECODE_SIDE_FACTOR = 2  # files are decoded with at least this many times the larger network input per side: `decode_side`
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +84,19 @@ class Predictor:
     Args:
         model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        threads: torch intra-op threads for CPU inference (None: leave torch's default).
+        threads: intra-op threads of the networks, ONNX Runtime's and torch's (None: `covidxray.backends.thread_plan`'s,
+            every core; torch's own setting is then left as it is).
         backend: ``auto`` (the fastest exported graph there: ``model.int8.onnx``, then ``model.onnx``; else
             PyTorch), ``onnx`` or ``torch`` (needed for Grad-CAM, evaluation and the audit).
         gate: refuse what is not a frontal chest X-ray (False: answer everything, for research).
+        reduced_decode: decode files at reduced scale where the format allows it (`decode_side`): about 3x less
+            time per large film, but 1.0 % of 500 enlarged films changed decision (`bench/decode_scale.py`), so
+            it is off by default: files are decoded at full resolution, as training and evaluation do.
     """
 
     def __init__(
         self, model: str | os.PathLike | None = None, device: str = "cpu", threads: int | None = None, backend: str = "auto",
-        gate: bool = True,
+        gate: bool = True, reduced_decode: bool = False,
     ):
         path = Path(model) if model else default_model_path()
         if model is None and not path.exists():
@@ -102,6 +110,8 @@ class Predictor:
             raise CheckpointError(f"{path}: no ONNX model here; make one with `covidxray export {path} --onnx {path}/model.onnx`")
         if threads:
             torch.set_num_threads(threads)
+        self.threads = thread_plan(intra_op=threads)  # the one thread plan: networks, decoders
+        threads = self.threads.intra_op
         self.device = default_device(device)
         self.model: torch.nn.Module | None = None  # the PyTorch network (Grad-CAM, evaluation); None under ONNX
         self.onnx_contract: dict | None = None
@@ -132,30 +142,34 @@ class Predictor:
         self.gate = gate
         pixel_head = self.segmenter is not None and self.segmenter.gate is not None
         self.input_gate = InputGate(self.segmenter.gate_threshold if pixel_head else None, enabled=gate)
+        self.decode_side = decode_side(self.preprocess, self.segmenter) if reduced_decode else None
         fam = self.meta.get("familiarity")
         self.familiarity = Familiarity.load(contract.parent, fam["sha256"]) if fam else None
 
     def check(self, image: np.ndarray, info: ImageInfo | None = None) -> np.ndarray | Verdict:
         """The prepared network input (uint8 ``S x S``) of a decoded image, or the gate's reason not to answer it."""
-        verdict, lungs = self._gate(image, info)
-        return verdict if verdict is not None else self.preprocess.prepare(image, lungs)
+        return self.check_many([image], [info])[0]
+
+    def check_many(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[np.ndarray | Verdict]:
+        """`check` for many decoded images, the segmenter and gate run on them in one batch (as the classifier is)."""
+        return [verdict if verdict is not None else self.preprocess.prepare(image, lungs)
+                for image, (verdict, lungs) in zip(images, self.gate_many(images, infos))]
 
     def verdicts(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Verdict | None]:
         """The input gate's reason not to answer each decoded image (None: it may be answered), in one batch."""
-        return [verdict for verdict, _ in self._gate_many(images, infos)]
+        return [verdict for verdict, _ in self.gate_many(images, infos)]
 
-    def _gate(self, image: np.ndarray, info: ImageInfo | None) -> tuple[Verdict | None, np.ndarray | None]:
-        return self._gate_many([image], [info])[0]
-
-    def _gate_many(
+    def gate_many(
         self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None],
     ) -> list[tuple[Verdict | None, np.ndarray | None]]:
-        """The `InputGate`'s verdicts (header, then pixels from one segmenter pass); also the lung maps for the crop."""
+        """The `InputGate`'s verdicts (header, then pixels from the segmenter, `SEGMENTER_BATCH` films a call); also
+        the lung maps for the crop (`Preprocess.prepare` takes them: `check_many` is both steps)."""
         out: list[tuple[Verdict | None, np.ndarray | None]] = [(self.input_gate.header(info), None) for info in infos]
         if not (self.input_gate.uses_pixels or self.preprocess.lung_crop):
             return out
         todo = [i for i, (verdict, _) in enumerate(out) if verdict is None]
-        analyses = self.segmenter.analyse([images[i] for i in todo], [infos[i] for i in todo]) if todo else []
+        analyses = [analysis for start in range(0, len(todo), SEGMENTER_BATCH) for analysis in self.segmenter.analyse(
+            [images[i] for i in todo[start:start + SEGMENTER_BATCH]], [infos[i] for i in todo[start:start + SEGMENTER_BATCH]])]
         for i, analysis in zip(todo, analyses):
             out[i] = self.input_gate.pixels(analysis.gate), analysis.lungs
         return out
@@ -203,13 +217,17 @@ class Predictor:
 
     def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
         """Classify the raw bytes of an image file (PNG, JPEG, DICOM, ...). Raises `ImageError`."""
-        image, info = read_image(data, name=name)
+        image, info = self.read(data, name=name)
         return self.predict_array(image, name, info)
 
     def predict_path(self, path: str | os.PathLike, name: str | None = None) -> Prediction:
         """Classify one image file. Raises `ImageError` naming the file when it cannot be read."""
-        image, info = read_image(path)
+        image, info = self.read(path)
         return self.predict_array(image, name or str(path), info)
+
+    def read(self, source: str | os.PathLike | bytes, name: str | None = None) -> tuple[np.ndarray, ImageInfo]:
+        """`read_image` as this model's inputs need it: at reduced scale where the format allows (`decode_side`)."""
+        return read_image(source, name=name, min_side=self.decode_side)
 
     def answer(self, name: str, checked: np.ndarray | Verdict) -> Prediction:
         """The `Prediction` for one `check` result: classified, or not answered."""
@@ -223,38 +241,45 @@ class Predictor:
     ) -> Iterator[Prediction | ImageError]:
         """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
-        With ``workers=0`` two threads decode, gate and preprocess ahead (Pillow and torch release
-        the GIL) while the model runs; with ``workers > 0`` a DataLoader with that many processes
-        does, for large runs on machines with cores to spare.
+        With ``workers=0`` the thread plan's decoders (`covidxray.backends.thread_plan`) read and decode the
+        next batch while this one goes through the segmenter and gate, then the classifier, each in one
+        call per batch. With ``workers > 0`` a DataLoader with that many processes decodes, gates and
+        preprocesses, for large runs on machines with cores to spare.
         """
-        prepare = partial(_prepare, self)
-
-        def classify(batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
-            good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
-            probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
-            by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
-                        for k, ((i, _), p) in enumerate(zip(good, probs))}
-            for i, (name, img) in enumerate(batch):
-                if isinstance(img, ImageError):
-                    yield img
-                elif isinstance(img, Verdict):
-                    yield self.refuse(name, img)
-                else:
-                    yield self.decide(name, *by_index[i])
-
         if workers > 0:
             loader = DataLoader(_PreparedFiles(list(paths), self), batch_size=batch_size, num_workers=workers, collate_fn=list)
             for batch in loader:
-                yield from classify(batch)
+                yield from self._answer_batch(batch)
             return
         todo = iter(paths)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
+        with ThreadPoolExecutor(max_workers=self.threads.decoders) as pool:
+            pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
             while pending:
-                batch = [f.result() for f in pending]
-                # Decode the next batch while this one is classified; at most two batches are held.
-                pending = [pool.submit(prepare, p) for p in islice(todo, batch_size)]
-                yield from classify(batch)
+                decoded = [f.result() for f in pending]
+                # Decode the next batch while this one is gated and classified; at most two batches are held.
+                pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
+                yield from self._answer_batch(self._check_decoded(decoded))
+
+    def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]],
+                       ) -> list[tuple[str, np.ndarray | Verdict | ImageError]]:
+        """`check_many` over the decoded files of a batch; unreadable ones keep their `ImageError`."""
+        good = [i for i, (_, d) in enumerate(decoded) if not isinstance(d, ImageError)]
+        checked = dict(zip(good, self.check_many([decoded[i][1][0] for i in good], [decoded[i][1][1] for i in good])))
+        return [(name, checked.get(i, d)) for i, (name, d) in enumerate(decoded)]
+
+    def _answer_batch(self, batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
+        """The classifier on a batch's prepared images in one call; refusals and errors pass through, in order."""
+        good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
+        probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
+        by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
+                    for k, ((i, _), p) in enumerate(zip(good, probs))}
+        for i, (name, img) in enumerate(batch):
+            if isinstance(img, ImageError):
+                yield img
+            elif isinstance(img, Verdict):
+                yield self.refuse(name, img)
+            else:
+                yield self.decide(name, *by_index[i])
 
     def decide(self, name: str, prob: float, unfamiliarity: float | None = None, site: SiteProfile | None = None) -> Prediction:
         """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
@@ -295,10 +320,31 @@ def _site_fields(site: SiteProfile | None) -> dict:
         "site": site.name, "site_onboarded": True, "note": None}
 
 
+def decode_side(preprocess: Preprocess, segmenter: LungSegmenter | None) -> int:
+    """The fewest pixels per side a film is decoded with (`read_image`'s ``min_side``) for this model's networks.
+
+    Twice the larger network input: the segmenter squashes the whole film to its side, and the classifier's
+    lung crop (with its margin) spans half of each side or more, so the crop still has at least the
+    classifier's side and both resize down, as from the full film. Measured on 500 films enlarged to 2048 px
+    (`bench/decode_scale.py`, docs/benchmarks.md): 99.0 % of the decisions unchanged (JSRT and Shenzhen 98 %),
+    3x less time per film; a larger side (1/2 instead of 1/4 DCT scaling) kept fewer (98.8 %): the answers move
+    with the down-sampling filter, not with the resolution kept.
+    """
+    return DECODE_SIDE_FACTOR * max(preprocess.size, segmenter.size if segmenter is not None else 0)
+
+
+def _decode(predictor: Predictor, path: str | os.PathLike) -> tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]:
+    """``(name, (pixels, info))`` of a file, or ``(name, ImageError)``."""
+    try:
+        return str(path), predictor.read(path)
+    except ImageError as e:
+        return str(path), e
+
+
 def _prepare(predictor: Predictor, path: str | os.PathLike) -> tuple[str, np.ndarray | Verdict | ImageError]:
     """``(name, prepared uint8 image)``, ``(name, Verdict)`` when the gate refuses it, or ``(name, ImageError)``."""
     try:
-        return str(path), predictor.check(*read_image(path))
+        return str(path), predictor.check(*predictor.read(path))
     except ImageError as e:
         return str(path), e
 

@@ -25,6 +25,7 @@ text and markers).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass, field, fields
@@ -210,6 +211,14 @@ def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, 
     return image[rows, cols], full[rows, cols]
 
 
+@functools.lru_cache(maxsize=8)
+def _window_share(shape: tuple[int, int], k: int) -> np.ndarray:
+    """The share of each pixel's k x k window that lies inside an image of ``shape`` (the same for every film: kept)."""
+    share = ndimage.uniform_filter(np.ones(shape), k, mode="constant")
+    share.flags.writeable = False
+    return share
+
+
 def _darken_outside(u8: np.ndarray, lungs: np.ndarray, strength: float) -> np.ndarray:
     """Blend the pixels outside the dilated lung map toward black by ``strength`` (soft edge)."""
     size = u8.shape[0]
@@ -217,7 +226,7 @@ def _darken_outside(u8: np.ndarray, lungs: np.ndarray, strength: float) -> np.nd
     k = max(3, int(round(size * 0.04)) | 1)  # dilate by ~2 % of the side: keep the pleura and the lung edge
     m = ndimage.maximum_filter(m, k, mode="nearest")  # a k x k max over the pixels inside the image
     # k x k mean over the pixels inside the image (the window's share of the image divides it out)
-    m = ndimage.uniform_filter(m, k, mode="constant") / ndimage.uniform_filter(np.ones_like(m), k, mode="constant")
+    m = ndimage.uniform_filter(m, k, mode="constant") / _window_share(m.shape, k)
     m = np.clip(m, 0, 1)
     keep = 1.0 - strength * (1.0 - m)
     return np.clip(np.round(u8 * keep), 0, 255).astype(np.uint8)

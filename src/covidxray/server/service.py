@@ -1,7 +1,9 @@
 """The loaded model and everything that calls it: decoding in threads, batching, Grad-CAM, previews.
 
-Concurrent requests are decoded in worker threads and classified together: while the model runs
-one batch, the next requests queue up and become the next batch (see `Batcher`).
+Concurrent requests are decoded in worker threads (the thread plan's decoders) and go through the
+networks together: the segmenter and input gate in one batch, then the classifier in another; while a
+network runs one batch, the next requests queue up and become its next batch (see `Batcher`). The two
+networks take turns (one lock), each on every core, as `covidxray.backends.thread_plan` plans.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import base64
 import io
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import suppress
@@ -28,7 +29,7 @@ from ..checkpoint import run_dir
 from ..errors import CheckpointError, CovidXrayError, DataError, ImageError
 from ..explain import explain as grad_cam, overlay_png
 from ..gate import Verdict
-from ..imaging import read_image
+from ..backends import thread_plan
 from ..predictor import Predictor
 from ..sites import SiteProfile, SiteRegistry
 from .api_errors import ApiError, image_error
@@ -50,9 +51,10 @@ class Batcher:
     with more than one intra-op thread the cores are busier on a batch than on a single image.
     """
 
-    def __init__(self, run: Callable[[np.ndarray], Sequence[Any]], max_batch: int):
-        self._run, self._max_batch = run, max_batch
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Any]]] = asyncio.Queue()
+    def __init__(self, run: Callable[[Any], Sequence[Any]], max_batch: int,
+                 collate: Callable[[list[Any]], Any] = np.stack):
+        self._run, self._max_batch, self._collate = run, max_batch, collate
+        self._queue: asyncio.Queue[tuple[Any, asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -64,10 +66,11 @@ class Batcher:
             with suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, prepared: np.ndarray) -> Any:
-        """The model's result for one prepared uint8 image ``(S, S)`` (`Service`: P(covid) and unfamiliarity)."""
+    async def submit(self, item: Any) -> Any:
+        """The result for one item: `Service`'s classifier takes a prepared uint8 image ``(S, S)`` (P(covid) and
+        unfamiliarity), its gate a decoded image and its `ImageInfo` (the verdict and the lung map)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((prepared, future))
+        self._queue.put_nowait((item, future))
         return await future
 
     async def _loop(self) -> None:
@@ -79,7 +82,7 @@ class Batcher:
             if not batch:
                 continue
             try:
-                results = await anyio.to_thread.run_sync(self._run, np.stack([image for image, _ in batch]))
+                results = await anyio.to_thread.run_sync(self._run, self._collate([item for item, _ in batch]))
             except Exception as exc:  # handed to each waiting request, which answers 500 for it
                 for _, future in batch:
                     if not future.done():
@@ -109,13 +112,15 @@ class Service:
         self.model_path, self.backend, self.predictor, self.threads = model, backend, predictor, threads
         self.sites = sites or SiteRegistry()
         self.timeout_s, self.max_batch = timeout_s, max_batch
-        self.batcher: Batcher | None = None
-        # Grad-CAM registers a hook on the model: a forward of another thread would run through it.
+        self.batcher: Batcher | None = None  # the classifier
+        self.gate_batcher: Batcher | None = None  # the segmenter and the input gate
+        # Grad-CAM registers a hook on the model: a forward of another thread would run through it. The segmenter
+        # takes the same lock: one network call at a time, on every core (the thread plan).
         self._model_lock = threading.Lock()
         self._explainer: tuple[Predictor, threading.Lock] | None = None
         self._explainer_init = threading.Lock()
-        # Decoding beyond the core count only makes every request slower; queued ones wait their turn.
-        self._decoders = anyio.CapacityLimiter(max(2, os.cpu_count() or 1))
+        # Decoding beyond the thread plan's decoders only makes every request slower; queued ones wait their turn.
+        self._decoders = anyio.CapacityLimiter(thread_plan().decoders)
 
     @property
     def ready(self) -> bool:
@@ -126,13 +131,16 @@ class Service:
             path, backend, threads = self.model_path, self.backend, self.threads
             self.predictor = await anyio.to_thread.run_sync(lambda: Predictor(path, backend=backend, threads=threads))
         self.batcher = Batcher(self._classify_batch, self.max_batch)
+        self.gate_batcher = Batcher(self._gate_batch, self.max_batch, collate=list)
         self.batcher.start()
+        self.gate_batcher.start()
         log.info("model %s (%s backend) ready", self.predictor.name, self.predictor.backend)
 
     async def stop(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.stop()
-            self.batcher = None
+        for batcher in (self.batcher, self.gate_batcher):
+            if batcher is not None:
+                await batcher.stop()
+        self.batcher = self.gate_batcher = None
 
     def model_ref(self) -> dict[str, Any]:
         p = self.loaded()
@@ -186,7 +194,7 @@ class Service:
         start = time.perf_counter()
         try:
             with anyio.fail_after(self.timeout_s):
-                image, checked = await self._in_thread(self._decode, upload)
+                image, checked = await self._check(upload)
                 if isinstance(checked, Verdict):  # not a frontal chest X-ray: no answer, and nothing to explain
                     answer = predictor.refuse(upload.name, checked, site=site)
                     explain = False
@@ -203,13 +211,24 @@ class Service:
         # Abandoned on timeout: the request answers at once, the thread finishes in the background.
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._decoders, abandon_on_cancel=True)
 
-    def _decode(self, upload: Upload) -> tuple[np.ndarray, np.ndarray | Verdict]:
-        """The decoded image, and its network input or the input gate's refusal."""
+    async def _check(self, upload: Upload) -> tuple[np.ndarray, np.ndarray | Verdict]:
+        """The decoded image, and its network input or the input gate's refusal (`Predictor.check`, the gate batched)."""
+        image, info = await self._in_thread(self._decode, upload)
+        verdict, lungs = await self.gate_batcher.submit((image, info))
+        if verdict is not None:
+            return image, verdict
+        return image, await self._in_thread(self.loaded().preprocess.prepare, image, lungs)
+
+    def _decode(self, upload: Upload) -> tuple[np.ndarray, Any]:
         try:
-            image, info = read_image(upload.data, name=upload.name)
+            return self.loaded().read(upload.data, name=upload.name)
         except ImageError as exc:
             raise image_error(exc) from None
-        return image, self.loaded().check(image, info)
+
+    def _gate_batch(self, items: list[tuple[np.ndarray, Any]]) -> list[tuple[Verdict | None, np.ndarray | None]]:
+        """The input gate's verdict and the lung map of each decoded image, from one segmenter call."""
+        with self._model_lock:
+            return self.loaded().gate_many([image for image, _ in items], [info for _, info in items])
 
     def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
         """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
