@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from covidxray.cache import prepare_images
-from covidxray.checkpoint import contract_path, copy_model, model_files, read_model_meta, resolve_data, update_model_meta
+from covidxray.checkpoint import (contract_path, copy_model, load_model, model_files, read_model_meta, resolve_data,
+                                 update_model_meta)
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.errors import CheckpointError
-from covidxray.export import export_onnx, quantise
+from covidxray.export import bias_corrected, export_onnx, quantise
 from covidxray.imaging import read_image
 from covidxray.predictor import Predictor, default_model_path
 
@@ -80,6 +82,35 @@ def test_int8_graph_runs_every_convolution_in_int8(onnx_dir: Path, xrays: list, 
     assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9
     assert ops["Conv"] == 0 and ops["Add"] == 0 and ops["Clip"] == 0
     assert ops["QuantizeLinear"] <= 1 and ops["DequantizeLinear"] <= 2  # the input, and the two outputs
+
+
+def _round_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Every convolution's and linear layer's weights rounded as ONNX Runtime does: per output channel, -127..127."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                scale = (m.weight.abs().flatten(1).amax(1).clamp_min(1e-12) / 127).view((-1,) + (1,) * (m.weight.dim() - 1))
+                m.weight.copy_(torch.round(m.weight / scale).clamp(-127, 127) * scale)
+    return model
+
+
+def test_bias_correction_cancels_the_mean_error_of_int8_weights(xrays: list):
+    """Calibrated on half the films, the corrected biases bring the other half's logits closer to the float
+    model's once the weights are rounded to int8, and leave the float weights as they were."""
+    pred = Predictor(default_model_path(), backend="torch")
+    images, failed = prepare_images(xrays, pred.preprocess, cache_dir="")
+    assert failed == []
+    x = pred.preprocess.to_tensor(images)
+    calibrate, held_out = x[::2], x[1::2]
+    reference = load_model(default_model_path())[0].eval()
+    corrected = bias_corrected(load_model(default_model_path())[0], calibrate.numpy())
+    weights = {k: v for k, v in corrected.state_dict().items() if k.endswith("weight")}
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in weights.items())
+    with torch.no_grad():
+        want = reference(held_out)
+        plain_error = (_round_weights(load_model(default_model_path())[0].eval())(held_out) - want).abs().mean()
+        corrected_error = (_round_weights(corrected)(held_out) - want).abs().mean()
+    assert corrected_error < 0.8 * plain_error, (float(corrected_error), float(plain_error))
 
 
 def _copy_exported(onnx_dir: Path, folder: Path) -> Path:

@@ -187,7 +187,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if "int8" in contract:
         q = contract["int8"]
         print(f"int8 vs PyTorch on {q['test_images']} test films: ROC-AUC {q['roc_auc_torch']:.4f} -> {q['roc_auc_int8']:.4f}, "
-              f"{q['agreement']:.2%} of decisions unchanged")
+              f"{q['agreement']:.2%} of decisions unchanged; validation, by source: "
+              + ", ".join(f"{k} {r['agreement']:.2%}" for k, r in q.get("val_sources", {}).items()))
     return 0
 
 
