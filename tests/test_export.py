@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from covidxray.cache import prepare_images
-from covidxray.checkpoint import contract_path, copy_model, model_files, update_model_meta
+from covidxray.checkpoint import (contract_path, copy_model, load_model, model_files, read_model_meta, resolve_data,
+                                 update_model_meta)
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.errors import CheckpointError
-from covidxray.export import export_onnx
+from covidxray.export import bias_corrected, export_onnx, quantise
 from covidxray.imaging import read_image
 from covidxray.predictor import Predictor, default_model_path
 
@@ -45,6 +48,69 @@ def test_onnx_matches_torch_on_real_xrays(onnx_dir: Path, xrays: list):
         assert np.max(np.abs(p_torch - p_onnx)) < 1e-4
     assert onnx_pred.threshold == torch_pred.threshold and onnx_pred.preprocess == torch_pred.preprocess
     assert len({round(float(p), 3) for p in p_torch}) > 3  # real, varied answers, not a constant
+
+
+def _optimised_ops(blob: bytes, tmp_path: Path) -> Counter:
+    """Operator counts of ``blob`` after ONNX Runtime's own graph optimisation (what actually runs)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(blob, sess_options=opts, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+
+
+def test_classifier_graph_has_no_runtime_padding(onnx_dir: Path):
+    """timm's TensorFlow-'SAME' convolutions computed their padding from the input shape at run time (Shape,
+    Gather, Ceil, Pad before each strided convolution); at the classifier's fixed size it is a constant inside
+    the convolution, which lets ONNX Runtime fuse the int8 graph."""
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(onnx_dir / "model.onnx").graph.node)
+    assert ops["Conv"] == 49 and not {"Pad", "Shape", "Ceil", "Gather"} & set(ops)
+
+
+def test_int8_graph_runs_every_convolution_in_int8(onnx_dir: Path, xrays: list, tmp_path: Path):
+    """The quantised graph ONNX Runtime runs: every convolution and residual sum in its int8 kernels, with no
+    float convolution and no quantise/dequantise pair left between layers (else int8 is barely faster)."""
+    pred = Predictor(default_model_path(), backend="torch")
+    images, failed = prepare_images(xrays, pred.preprocess, cache_dir="")
+    assert failed == []
+    float_blob = (onnx_dir / "model.onnx").read_bytes()
+    ops = _optimised_ops(quantise(float_blob, pred.preprocess.to_tensor(images).numpy()), tmp_path)
+    assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9
+    assert ops["Conv"] == 0 and ops["Add"] == 0 and ops["Clip"] == 0
+    assert ops["QuantizeLinear"] <= 1 and ops["DequantizeLinear"] <= 2  # the input, and the two outputs
+
+
+def _round_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Every convolution's and linear layer's weights rounded as ONNX Runtime does: per output channel, -127..127."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                scale = (m.weight.abs().flatten(1).amax(1).clamp_min(1e-12) / 127).view((-1,) + (1,) * (m.weight.dim() - 1))
+                m.weight.copy_(torch.round(m.weight / scale).clamp(-127, 127) * scale)
+    return model
+
+
+def test_bias_correction_cancels_the_mean_error_of_int8_weights(xrays: list):
+    """Calibrated on half the films, the corrected biases bring the other half's logits closer to the float
+    model's once the weights are rounded to int8, and leave the float weights as they were."""
+    pred = Predictor(default_model_path(), backend="torch")
+    images, failed = prepare_images(xrays, pred.preprocess, cache_dir="")
+    assert failed == []
+    x = pred.preprocess.to_tensor(images)
+    calibrate, held_out = x[::2], x[1::2]
+    reference = load_model(default_model_path())[0].eval()
+    corrected = bias_corrected(load_model(default_model_path())[0], calibrate.numpy())
+    weights = {k: v for k, v in corrected.state_dict().items() if k.endswith("weight")}
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in weights.items())
+    with torch.no_grad():
+        want = reference(held_out)
+        plain_error = (_round_weights(load_model(default_model_path())[0].eval())(held_out) - want).abs().mean()
+        corrected_error = (_round_weights(corrected)(held_out) - want).abs().mean()
+    assert corrected_error < 0.8 * plain_error, (float(corrected_error), float(plain_error))
 
 
 def _copy_exported(onnx_dir: Path, folder: Path) -> Path:
@@ -149,6 +215,10 @@ def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: lis
     parity = int8.onnx_contract["int8"]
     assert int8.backend == "onnx" and parity["calibration_images"] == 32 and 0.0 <= parity["agreement"] <= 1.0
     assert parity["roc_auc_drop"] == pytest.approx(parity["roc_auc_torch"] - parity["roc_auc_int8"])
+    val = [s for s in load_samples(*resolve_data(trained_run, read_model_meta(trained_run)[0])) if s.split == "val"]
+    assert set(parity["val_sources"]) == {s.source for s in val} and len(parity["val_sources"]) >= 2  # every source
+    for source, r in parity["val_sources"].items():
+        assert r["images"] == sum(s.source == source for s in val) and 0.0 <= r["agreement"] <= 1.0
     export_onnx(trained_run, out.with_name("model.onnx"))
     assert out.stat().st_size < 0.5 * out.with_name("model.onnx").stat().st_size  # int8 weights, not float
     torch_pred = Predictor(out.parent, backend="torch")
