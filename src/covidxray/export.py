@@ -158,6 +158,9 @@ def _fold_pads(blob: bytes) -> bytes:
         conv.attribute.extend(kept + [helper.make_attribute("pads", new)])
         conv.input[0] = pad.input[0]
         graph.node.remove(pad)
+    used = {i for n in graph.node for i in n.input}  # the folded pads' amounts: else ONNX Runtime warns at every load
+    for unused in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(unused)
     return onnx.shape_inference.infer_shapes(model).SerializeToString()
 
 
