@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from covidxray.backends import CascadeRunner, OnnxRunner, near_thresholds
 from covidxray.cache import prepare_images
 from covidxray.checkpoint import (contract_path, copy_model, load_model, model_files, read_model_meta, resolve_data,
                                  update_model_meta)
@@ -84,6 +86,47 @@ def test_int8_graph_runs_every_convolution_in_int8(onnx_dir: Path, xrays: list, 
     assert ops["QuantizeLinear"] <= 1 and ops["DequantizeLinear"] <= 2  # the input, and the two outputs
 
 
+def _int8_only(blob: bytes, pred: Predictor, images: torch.Tensor) -> np.ndarray:
+    """P(covid) of the graph ``blob`` alone (no re-check), for prepared ``images``."""
+    logits = OnnxRunner(blob)(image=pred.preprocess.to_tensor(images))[0]
+    return torch.softmax(torch.from_numpy(logits) / pred.temperature, dim=1)[:, 1].numpy()
+
+
+def test_int8_cascade_rechecks_films_near_a_threshold_in_float(onnx_dir: Path, xrays: list, tmp_path: Path):
+    """Served int8 (`CascadeRunner`): a film whose int8 P(covid) lies within the band of a threshold in play gets the
+    float graph's answer and features, the others the int8 graph's; a site threshold given to `Predictor.watch` is in
+    play too. The int8 graph here is quantised plainly on the films themselves: its errors are real, not made up."""
+    folder = _copy_exported(onnx_dir, tmp_path / "m")
+    plain = Predictor(folder / "model.onnx")  # the float graph
+    images, failed = prepare_images(xrays, plain.preprocess, cache_dir="")
+    assert failed == [] and not isinstance(plain.runner, CascadeRunner)
+    blob = quantise((folder / "model.onnx").read_bytes(), plain.preprocess.to_tensor(images).numpy())
+    p_int8, (p_float, u_float), t = _int8_only(blob, plain, images), plain.classify(images), plain.threshold
+    band = float(np.median(np.abs(p_int8 - t)))  # about half the films lie within it
+    contract = json.loads((folder / "model.onnx.json").read_text())
+    recheck = {"band": band, "float_onnx": "model.onnx", "float_onnx_sha256": contract["onnx_sha256"]}
+    (folder / "model.int8.onnx").write_bytes(blob)
+    (folder / "model.int8.onnx.json").write_text(json.dumps(contract | {
+        "onnx_file": "model.int8.onnx", "onnx_sha256": hashlib.sha256(blob).hexdigest(), "int8": {"recheck": recheck}}))
+    served = Predictor(folder)  # auto: the int8 graph, with its float re-check
+    assert isinstance(served.runner, CascadeRunner)
+    p, u = served.classify(images, batch_size=5)
+    near = near_thresholds(p_int8, band, [t])
+    assert 0 < near.sum() < len(near) and np.abs(p_int8 - p_float)[near].max() > 1e-4  # int8 alone differs there
+    np.testing.assert_allclose(p[near], p_float[near], atol=1e-5)  # the float graph's answer, decision and all
+    np.testing.assert_allclose(u[near], u_float[near], atol=1e-5)
+    np.testing.assert_allclose(p[~near], p_int8[~near], atol=1e-6)
+    assert served.runner.rechecked == near.sum() and served.runner.scored == len(near)
+    # A site whose threshold lies at a film the model's threshold leaves to int8: after watch() it is re-checked.
+    far = int(np.flatnonzero(~near)[np.argmax(np.abs(p_int8 - p_float)[~near])])
+    served.watch([float(p_int8[far])])
+    p_site = served.predict_prepared(images)
+    assert abs(p_site[far] - p_float[far]) < 1e-5 and abs(p[far] - p_float[far]) > 1e-5
+    near_site = near | near_thresholds(p_int8, band, [float(p_int8[far])])
+    np.testing.assert_allclose(p_site[near_site], p_float[near_site], atol=1e-5)
+    np.testing.assert_allclose(p_site[~near_site], p_int8[~near_site], atol=1e-6)
+
+
 def _round_weights(model: torch.nn.Module) -> torch.nn.Module:
     """Every convolution's and linear layer's weights rounded as ONNX Runtime does: per output channel, -127..127."""
     with torch.no_grad():
@@ -136,7 +179,7 @@ def test_a_graph_of_other_weights_is_refused(onnx_dir: Path, tmp_path: Path):
     contract = json.loads((tmp_path / "model.onnx.json").read_text())
     (tmp_path / "model.onnx.json").write_text(json.dumps({**contract, "weights_sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="other weights"):
-        Predictor(tmp_path, backend="onnx")
+        Predictor(tmp_path / "model.onnx", backend="onnx")
 
 
 def test_tampered_onnx_is_refused(onnx_dir: Path, tmp_path: Path):
@@ -174,7 +217,7 @@ def test_backend_choice(onnx_dir: Path, tmp_path: Path):
         Predictor(bare, backend="onnx")
     assert Predictor(bare, backend="auto").backend == "torch"
     assert Predictor(onnx_dir, backend="auto").backend == "onnx"
-    float_onnx = Predictor(onnx_dir)
+    float_onnx = Predictor(onnx_dir / "model.onnx")  # the folder may hold the int8 graph too (copied with the model)
     assert "int8" not in float_onnx.onnx_contract
     # The preprocessing of an ONNX-backed predictor (segmenter in ONNX Runtime too) still describes itself
     # (cache keys, contracts); asdict() once tried to deep-copy the session.
@@ -191,7 +234,7 @@ def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
     path = str(xrays[0].path)
     assert main(["predict", path, "--model", str(out), "--backend", "onnx", "--format", "json"]) == 0
     onnx_row = json.loads(capsys.readouterr().out)
-    assert main(["predict", path, "--format", "json"]) == 0
+    assert main(["predict", path, "--backend", "torch", "--format", "json"]) == 0
     torch_row = json.loads(capsys.readouterr().out)
     assert onnx_row["label"] == torch_row["label"]
     assert abs(onnx_row["probability"] - torch_row["probability"]) < 1e-4
@@ -199,20 +242,25 @@ def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
 
 def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: list, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
-    from covidxray import export
+    from covidxray import int8_check
 
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 1.01)  # no graph can keep more than all decisions: refused
+    monkeypatch.setattr(int8_check, "INT8_MIN_AGREEMENT", 1.01)  # no graph can keep more than all decisions: refused
     refused = tmp_path / "refused" / "model.int8.onnx"
     with pytest.raises(CheckpointError, match=r"int8 quantisation changed the model too much .* use the float ONNX file"):
         export_onnx(trained_run, refused, int8=True, calibration_images=32)
     assert not refused.exists() and not contract_path(refused).exists()  # nothing half-written to be picked up
 
-    monkeypatch.setattr(export, "INT8_MIN_AGREEMENT", 0.0)
-    monkeypatch.setattr(export, "INT8_MAX_AUC_DROP", 1.0)
+    monkeypatch.setattr(int8_check, "INT8_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(int8_check, "INT8_MAX_AUC_DROP", 1.0)
+    monkeypatch.setattr(int8_check, "RECHECK_BANDS", (0.25, 0.5))
     out = tmp_path / "ok" / "model.int8.onnx"
     export_onnx(trained_run, out, int8=True, calibration_images=32)
-    int8 = Predictor(out.parent)  # auto takes the int8 graph
+    int8 = Predictor(out.parent)  # auto takes the int8 graph, with the float one beside it for the re-check
     parity = int8.onnx_contract["int8"]
+    recheck = parity["recheck"]  # the narrowest band that holds the limits (here any), and the float graph it uses
+    assert recheck["band"] == 0.25 and isinstance(int8.runner, CascadeRunner) and int8.runner.band == 0.25
+    assert recheck["float_onnx_sha256"] == hashlib.sha256(out.with_name("model.onnx").read_bytes()).hexdigest()
+    assert 0.0 <= recheck["share_test"] == parity["rechecked"] <= 1.0 and 0.0 <= recheck["share_val"] <= 1.0
     assert int8.backend == "onnx" and parity["calibration_images"] == 32 and 0.0 <= parity["agreement"] <= 1.0
     assert parity["roc_auc_drop"] == pytest.approx(parity["roc_auc_torch"] - parity["roc_auc_int8"])
     val = [s for s in load_samples(*resolve_data(trained_run, read_model_meta(trained_run)[0])) if s.split == "val"]

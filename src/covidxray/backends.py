@@ -17,14 +17,15 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from .utils import read_verified
 
-__all__ = ["Runner", "TorchRunner", "OnnxRunner", "ThreadPlan", "onnx_file", "thread_plan"]
+__all__ = ["Runner", "TorchRunner", "OnnxRunner", "CascadeRunner", "ThreadPlan", "near_thresholds", "onnx_file",
+           "thread_plan"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,55 @@ class OnnxRunner(Runner):
 
     def __call__(self, **inputs: torch.Tensor) -> list[np.ndarray]:
         return self.session.run(None, {name: x.numpy() for name, x in inputs.items()})
+
+
+def near_thresholds(probs: np.ndarray, band: float, thresholds: Iterable[float]) -> np.ndarray:
+    """Which of the P(covid) ``probs`` lie closer than ``band`` to one of ``thresholds``: the films a `CascadeRunner`
+    scores again with the float graph (the one rule, for serving and for `export --int8`'s choice of band)."""
+    near = np.zeros(len(probs), dtype=bool)
+    for t in thresholds:
+        near |= np.abs(np.asarray(probs, dtype=np.float64) - t) < band
+    return near
+
+
+class CascadeRunner(Runner):
+    """The int8 classifier graph on every film, the float one again on the films it puts near a decision.
+
+    A film whose int8 P(covid) (``softmax(logits / temperature)[:, 1]``) lies within ``band`` of a threshold in
+    play (`near_thresholds`) gets the float graph's logits and features instead, so its answer, unfamiliarity
+    included, is the float graph's; the others keep the int8 graph's. Decisions then change only where int8
+    moved a probability by more than ``band``; `covidxray.export` picks the band that keeps the parity limits.
+
+    Args:
+        fast: the int8 graph; exact: the float graph of the same weights (both ``image`` -> logits, features).
+        band: the re-check band, in probability.
+        temperature: the model's temperature.
+        thresholds: the thresholds in play (the model's; `watch` adds sites').
+    """
+
+    kind = "onnx"
+
+    def __init__(self, fast: Runner, exact: Runner, band: float, temperature: float, thresholds: Iterable[float]):
+        self.fast, self.exact, self.band, self.temperature = fast, exact, float(band), float(temperature)
+        self.thresholds: frozenset[float] = frozenset()
+        self.watch(thresholds)
+        self.scored = self.rechecked = 0  # films, since loading
+
+    def watch(self, thresholds: Iterable[float]) -> None:
+        """Re-check films near these thresholds too (a new set replaces the old one whole: safe beside a running call)."""
+        self.thresholds = self.thresholds | frozenset(float(t) for t in thresholds)
+
+    def __call__(self, **inputs: torch.Tensor) -> list[np.ndarray]:
+        out = self.fast(**inputs)
+        logits = out[0].astype(np.float64) / self.temperature
+        probs = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax(...)[:, 1]
+        near = np.flatnonzero(near_thresholds(probs, self.band, self.thresholds))
+        self.scored, self.rechecked = self.scored + len(probs), self.rechecked + len(near)
+        if len(near):
+            index = torch.from_numpy(near)
+            for mine, exact in zip(out, self.exact(**{name: x[index] for name, x in inputs.items()})):
+                mine[near] = exact
+        return out
 
 
 def onnx_file(path: str | os.PathLike) -> Path | None:

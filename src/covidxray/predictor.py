@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .backends import OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
+from .backends import CascadeRunner, OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
 from .errors import CheckpointError, ImageError
@@ -118,7 +118,7 @@ class Predictor:
         self.runner: Runner  # the classifier: normalised ``image`` -> logits, features
         if graph is not None:
             self.onnx_contract, self.meta, contract = read_onnx_contract(graph)
-            self.runner = OnnxRunner.load(graph, self.onnx_contract.get("onnx_sha256"), contract_path(graph).name, threads)
+            self.runner = _onnx_classifier(graph, self.onnx_contract, self.meta, threads)
         else:
             model_, self.meta = load_model(path)
             self.model = model_.to(self.device).to(memory_format=torch.channels_last).eval()
@@ -310,9 +310,28 @@ class Predictor:
             return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site)
         return replace(prediction, threshold=self.threshold_at(site), **_site_fields(site))
 
+    def watch(self, thresholds: Iterable[float]) -> None:
+        """Decide films near these thresholds too (onboarded sites') as the float graph would: an int8 graph's
+        `CascadeRunner` scores those within its band again in float. Call it before classifying their films;
+        under other backends it does nothing (their probabilities are the float ones already)."""
+        if isinstance(self.runner, CascadeRunner):
+            self.runner.watch(thresholds)
+
     def threshold_at(self, site: SiteProfile | None) -> float:
         """The threshold that decides a film of ``site``: the site's own, or (None) the model's."""
         return self.threshold if site is None else site.threshold
+
+
+def _onnx_classifier(graph: Path, contract: dict, meta: dict, threads: int) -> Runner:
+    """The exported classifier; an int8 one with a re-check band (`covidxray.export`) behind a `CascadeRunner` with the
+    float graph its contract names, checked against the hash recorded there."""
+    runner = OnnxRunner.load(graph, contract.get("onnx_sha256"), contract_path(graph).name, threads)
+    recheck = (contract.get("int8") or {}).get("recheck")
+    if not recheck or not recheck["band"]:
+        return runner
+    exact = OnnxRunner.load(graph.parent / Path(recheck["float_onnx"]).name, recheck["float_onnx_sha256"],
+                            contract_path(graph).name, threads)
+    return CascadeRunner(runner, exact, recheck["band"], meta.get("temperature", 1.0), [meta["threshold"]])
 
 
 def _site_fields(site: SiteProfile | None) -> dict:

@@ -184,6 +184,7 @@ class Listener:
             self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
         registry = SiteRegistry(self.config.sites)  # checked now: a profile for other weights stops the start; read once
         self.sites = SiteMatcher(registry.all(self.predictor.meta.get("weights_sha256")))
+        self.predictor.watch(p.threshold for p in self.sites.profiles)  # int8: films near them re-checked in float
         log.info("sites from %s: %s", registry.folder, ", ".join(p.name for p in self.sites.profiles) or "none")
         if self.heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
             self.explainer = self.predictor if self.predictor.model is not None else Predictor(

@@ -177,7 +177,7 @@ class Service:
                                                 f"{', '.join(self.sites.names()) or 'none'}); onboard it with "
                                                 f"`covidxray site add {name} --normals DIR`")
         try:
-            return self.sites.get(name, self.loaded().meta.get("weights_sha256"))
+            profile = self.sites.get(name, self.loaded().meta.get("weights_sha256"))
         except CheckpointError:
             raise ApiError(409, "site_for_other_model", f"site {name!r} was onboarded for another model's weights; "
                                                         "onboard it again for this one") from None
@@ -185,6 +185,8 @@ class Service:
             log.error("site %r: %s", name, e)
             raise ApiError(500, "broken_site_profile", f"the profile of site {name!r} cannot be used; the server's "
                                                        "log says why") from None
+        self.loaded().watch([profile.threshold])  # before its film is classified: an int8 graph re-checks near it
+        return profile
 
     async def classify(self, upload: Upload, explain: bool = False, preview: bool = False,
                        site: SiteProfile | None = None) -> dict[str, Any]:
