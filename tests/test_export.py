@@ -252,13 +252,13 @@ def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: lis
 
     monkeypatch.setattr(int8_check, "INT8_MIN_AGREEMENT", 0.0)
     monkeypatch.setattr(int8_check, "INT8_MAX_AUC_DROP", 1.0)
-    monkeypatch.setattr(int8_check, "RECHECK_BANDS", (0.25, 0.5))
+    monkeypatch.setattr(int8_check, "RECHECK_BANDS", (0.25, 0.5, 0.6))
     out = tmp_path / "ok" / "model.int8.onnx"
-    export_onnx(trained_run, out, int8=True, calibration_images=32)
+    export_onnx(trained_run, out, int8=True, calibration_images=32, min_band=0.3)  # 0.25 would hold: not tried
     int8 = Predictor(out.parent)  # auto takes the int8 graph, with the float one beside it for the re-check
     parity = int8.onnx_contract["int8"]
-    recheck = parity["recheck"]  # the narrowest band that holds the limits (here any), and the float graph it uses
-    assert recheck["band"] == 0.25 and isinstance(int8.runner, CascadeRunner) and int8.runner.band == 0.25
+    recheck = parity["recheck"]  # the narrowest band from min_band up that holds the limits, and the float graph it uses
+    assert recheck["band"] == 0.5 and isinstance(int8.runner, CascadeRunner) and int8.runner.band == 0.5
     assert recheck["float_onnx_sha256"] == hashlib.sha256(out.with_name("model.onnx").read_bytes()).hexdigest()
     assert 0.0 <= recheck["share_test"] == parity["rechecked"] <= 1.0 and 0.0 <= recheck["share_val"] <= 1.0
     assert int8.backend == "onnx" and parity["calibration_images"] == 32 and 0.0 <= parity["agreement"] <= 1.0

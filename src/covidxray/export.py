@@ -185,7 +185,7 @@ def classifier_onnx(model: nn.Module, meta: dict[str, Any], opset: int = 17) -> 
 
 
 def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17, int8: bool = False,
-                calibration_images: int = 300) -> Path:
+                calibration_images: int = 300, min_band: float = 0.0) -> Path:
     """Export the model in ``run`` to ONNX at ``out`` (+ ``.json`` contract, + ``segmenter.onnx``); returns ``out``."""
     out = Path(out)
     if out.suffix != ".onnx":
@@ -207,7 +207,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
         if out.name == FLOAT_ONNX:
             raise CheckpointError(f"{out}: name the int8 graph otherwise (model.int8.onnx); its float graph, which "
                                   f"re-checks films near the threshold, is written beside it as {FLOAT_ONNX}")
-        quantised, contract["int8"] = _quantise(run, meta, calibration_images, opset, blob)
+        quantised, contract["int8"] = _quantise(run, meta, calibration_images, opset, blob, min_band)
         _write_graph(out.with_name(FLOAT_ONNX), blob, {**contract, "onnx_file": FLOAT_ONNX, "int8": None})
         blob = quantised
     _write_graph(out, blob, contract)
@@ -231,7 +231,7 @@ def _export_segmenter(seg: LungSegmenter, path: Path, opset: int) -> dict[str, s
 
 
 def _quantise(run: str | os.PathLike, meta: dict[str, Any], n_calibration: int, opset: int,
-              float_graph: bytes) -> tuple[bytes, dict[str, Any]]:
+              float_graph: bytes, min_band: float = 0.0) -> tuple[bytes, dict[str, Any]]:
     """Static QDQ int8 with per-channel weights, calibrated on training films; refuses a model that drifts even with
     the float re-check (of ``float_graph``) at the widest band."""
     predictor = Predictor(run, backend="torch", gate=False)
@@ -246,7 +246,7 @@ def _quantise(run: str | os.PathLike, meta: dict[str, Any], n_calibration: int, 
     # MinMax, 300 films: test 98.74 -> 99.46 % of decisions kept, every origin's validation films pooled
     # 97.16 -> 98.26 %, still 2.3x float (bench/int8_variants.py); keeping 6 or 9 float kept fewer.
     quantised = quantise(blob, x, activation_type="QUInt8", nodes_to_exclude=_convolutions(blob)[:INT8_FLOAT_CONVOLUTIONS])
-    parity = int8_parity(predictor, quantised, samples, float_graph)
+    parity = int8_parity(predictor, quantised, samples, float_graph, min_band)
     if failed := failures({"test split": parity, **parity["val_sources"]}):
         raise CheckpointError(
             f"int8 quantisation changed the model too much on the {', '.join(failed)}, even with films within "

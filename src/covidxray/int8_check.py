@@ -30,12 +30,14 @@ FLOAT_ONNX = "model.onnx"  # the float graph an int8 one re-checks with, written
 RECHECK_BANDS = (0.0, 0.02, 0.03, 0.05, 0.08, 0.10, 0.15)
 
 
-def int8_parity(predictor: Predictor, quantised: bytes, samples: list, float_graph: bytes) -> dict[str, Any]:
+def int8_parity(predictor: Predictor, quantised: bytes, samples: list, float_graph: bytes,
+                min_band: float = 0.0) -> dict[str, Any]:
     """PyTorch vs the int8 graph served with its float re-check (`near_thresholds` of the stored threshold, then
     ``float_graph``), at the narrowest of `RECHECK_BANDS` that keeps the limits (else the widest, ``recheck``):
     ROC-AUC of each, the share of equal decisions and of films re-checked on the run's test split, and the same
     on the validation films of each source (``val_sources``; ROC-AUC None where a source gives one class only).
-    ``int8_only`` holds the int8 graph's own numbers."""
+    ``int8_only`` holds the int8 graph's own numbers. Bands below ``min_band`` are not tried (for origins the
+    run's data does not hold)."""
     import onnxruntime as ort  # the int8 path only
 
     test = [s for s in samples if s.split == "test"]
@@ -45,7 +47,8 @@ def int8_parity(predictor: Predictor, quantised: bytes, samples: list, float_gra
     val = [s for s in samples if s.split == "val"]
     groups = {"test split": test, **{src: [s for s in val if s.source == src] for src in sorted({s.source for s in val})}}
     scores = {name: _scores(predictor, sessions, group, f"int8 check, {name}") for name, group in groups.items()}
-    for band in RECHECK_BANDS:
+    bands = [b for b in RECHECK_BANDS if b >= min_band] or [max(RECHECK_BANDS)]
+    for band in bands:
         results = {name: _compare(*scored, band, predictor.threshold) for name, scored in scores.items()}
         if not failures(results):
             break

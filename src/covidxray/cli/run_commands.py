@@ -96,6 +96,9 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
                          "again by the float graph (written beside it as model.onnx) within the narrowest band that keeps "
                          "the ROC-AUC drop <= 0.002 and >= 99%% of decisions on each; refused when no band does")
     ex.add_argument("--calibration-images", type=int, default=300, help="training films that calibrate int8 (default 300)")
+    ex.add_argument("--min-band", type=float, default=0.0,
+                    help="with --int8: the narrowest re-check band the check may choose (default 0), for origins it "
+                         "cannot see (bench/int8_cascade.py measures every shared origin)")
     ex.add_argument("--opset", type=int, default=17)
     ex.set_defaults(func=cmd_export)
 
@@ -183,7 +186,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_onnx
 
     onnx = args.onnx or run_dir(args.run) / ("model.int8.onnx" if args.int8 else "model.onnx")
-    out = export_onnx(args.run, onnx, opset=args.opset, int8=args.int8, calibration_images=args.calibration_images)
+    out = export_onnx(args.run, onnx, opset=args.opset, int8=args.int8, calibration_images=args.calibration_images,
+                      min_band=args.min_band)
     print(f"wrote {out} and {contract_path(out)}")
     contract = json.loads(contract_path(out).read_text())
     if "int8" in contract:
