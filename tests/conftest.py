@@ -89,6 +89,30 @@ def one_torch_thread() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def crash_in_second_epoch(monkeypatch: pytest.MonkeyPatch):
+    """A context manager: training inside it raises KeyboardInterrupt as its second epoch starts (a simulated crash,
+    for the resume tests); outside it training runs as usual."""
+    from covidxray import engine  # training code: only these tests need it
+
+    @contextmanager
+    def crashing() -> Iterator[None]:
+        real = engine.train_one_epoch
+
+        def crash(*args, **kwargs):
+            if args[7] == 1:  # epoch index
+                raise KeyboardInterrupt("simulated crash")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "train_one_epoch", crash)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(engine, "train_one_epoch", real)
+
+    return crashing
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path) -> Path:
     """A real (small) training run on shared X-rays: 400 train / 400 val images at 96 px, 3 epochs.

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from covidxray import engine
 from covidxray.adversary import OriginAdversary, build_adversary, reversal_strength, reverse_gradient
 from covidxray.checkpoint import read_state_header
 from covidxray.config import config_for
@@ -170,19 +169,9 @@ def test_the_adversary_trains_but_the_saved_model_is_the_plain_classifier(runs: 
 
 @pytest.mark.slow
 def test_resume_with_the_adversary_replays_the_uninterrupted_run(runs: dict[str, Path], tmp_path: Path, manifest: Path,
-                                                                 split_file: Path, cache_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch):
-    real = engine.train_one_epoch
-
-    def crash_in_second_epoch(*args, **kwargs):
-        if args[7] == 1:  # epoch index
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+                                                                 split_file: Path, cache_dir: Path, crash_in_second_epoch):
+    with crash_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         train(_config(manifest, split_file, cache_dir, tmp_path / "crashed", 0.5))
-    monkeypatch.setattr(engine, "train_one_epoch", real)
     resumed = train(config_for("default", out=str(tmp_path / "crashed"), epochs=0), resume=True)
 
     full = runs["on"]

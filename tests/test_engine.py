@@ -10,7 +10,6 @@ import pytest
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
-from covidxray import engine
 from covidxray.cache import prepare_images
 from covidxray.data import load_samples
 from covidxray.config import config_for
@@ -50,7 +49,7 @@ def test_run_writes_checkpoint_history_and_curves(trained_run: Path):
 
 
 def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path: Path, manifest: Path, split_file: Path,
-                                                         cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+                                                         cache_dir: Path, crash_in_second_epoch):
     # Two epochs are enough: the crash lands after a saved epoch, so the resumed run has to restore the
     # weights, EMA, optimiser, schedule and random streams mid-run (a third epoch added 50% to the
     # test's time and checked nothing more).
@@ -58,18 +57,9 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path: Path, manifes
                   deterministic=True, patience=0, seed=3)
     full = train(config_for("default", out=str(tmp_path / "full"), **common))
 
-    real = engine.train_one_epoch
-
-    def crash_in_second_epoch(*args, **kwargs):
-        if args[7] == 1:  # epoch index
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_in_second_epoch(), pytest.raises(KeyboardInterrupt):
         train(config_for("default", out=str(tmp_path / "crashed"), **common))
     assert len(json.loads((tmp_path / "crashed" / "history.json").read_text())) == 1
-    monkeypatch.setattr(engine, "train_one_epoch", real)
     resumed = train(config_for("default", out=str(tmp_path / "crashed"), epochs=0), resume=True)
 
     h_full = json.loads((full / "history.json").read_text())
