@@ -15,6 +15,7 @@ repeats every group per seed and reports mean and spread.
     python bench/loso.py --name pooled-acq --pooled -- --augment acquisition --balance-sources
     python bench/loso.py --name lungs --groups jsrt                   # covid-cxr only, JSRT held out
     python bench/loso.py --name X --pooled --seeds 0,1,2 -- ...       # train flags after --
+    python bench/loso.py --name X --merge X-a,X-b -- ...              # one table of results saved in turn
 
 ``--pooled`` trains on every shared origin (covid-cxr, JSRT and tb-cxr: `origins.pooled_rows`, other
 findings as not COVID-19); without it, on covid-cxr alone (plus ``--jsrt-normals``). Runs go to
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="default")
     ap.add_argument("--result", help="result name (bench/results/loso-RESULT.json; default NAME): keeps tables of "
                                      "other groups or seeds of the same runs apart")
+    ap.add_argument("--merge", help="comma-separated result names: one table of their runs' results, nothing trained "
+                                    "(e.g. the groups and seeds of one recipe screened in turn)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: covidxray train flags")
     args = ap.parse_args()
     flags = argparse.ArgumentParser(add_help=False)
@@ -131,14 +134,17 @@ def main() -> None:
     overrides = {f.name: getattr(extra, f.name) for f in fields(TrainConfig)
                  if f.name not in ("recipe", "data", "splits", "out", "seed") and getattr(extra, f.name) is not None}
     results: dict[int, dict[str, dict]] = {}
-    for seed in map(int, args.seeds.split(",")):
+    for name in filter(None, (args.merge or "").split(",")):
+        for seed, groups in json.loads((ROOT / "bench" / "results" / f"loso-{name}.json").read_text())["results"].items():
+            results.setdefault(int(seed), {}).update(groups)
+    for seed in [] if args.merge else map(int, args.seeds.split(",")):
         for group in args.groups.split(","):
             results.setdefault(seed, {})[group] = run_group(args.name, seed, group, args, overrides)
             print(json.dumps({"seed": seed, "group": group, **{k: v for k, v in results[seed][group].items() if k != "origins"}}),
                   flush=True)
     table, summary = summarise(results)
     command = (f"python bench/loso.py --name {args.name}" + (f" --result {args.result}" if args.result else "")
-               + f" --groups {args.groups} --seeds {args.seeds}"
+               + (f" --merge {args.merge}" if args.merge else f" --groups {args.groups} --seeds {args.seeds}")
                + (" --pooled" if args.pooled else "") + (" --jsrt-normals" if args.jsrt_normals else "")
                + (f" --recipe {args.recipe}" if args.recipe != "default" else "")
                + (" -- " + " ".join(a for a in args.train_args if a != "--") if args.train_args else ""))

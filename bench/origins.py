@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--no-other", action="store_true", help="leave the other-finding films (tuberculosis, nodules) out of --out")
     ap.add_argument("--score", help="a model folder (run or bundled) to score on every origin")
     ap.add_argument("--name", default="bundled", help="result name with --score (bench/results/origins-NAME.json)")
+    ap.add_argument("--split", choices=("train", "val", "test"),
+                    help="with --score: only this split's films of each origin (the test patients, for a model trained "
+                         "on the pooled origins); default every film")
     args = ap.parse_args()
     if args.out:
         rows = pooled_rows(set(filter(None, args.exclude.split(","))), other=not args.no_other)
@@ -169,11 +172,15 @@ def main() -> None:
 
         predictor = Predictor(args.score, backend="torch")
         internal = internal_anchors(predictor)
-        results = score_origins(predictor, ORIGINS, internal)
+        results = score_origins(predictor, ORIGINS, internal, split=args.split)
         table = table_rows(results)
-        save(f"origins-{args.name}", {"title": f"Every origin: {args.name} (a model trained on covid-cxr has seen covid-cxnet and ieee8023, never JSRT, Shenzhen or Montgomery)",
+        seen = (f"the {args.split} patients of every origin" if args.split else
+                "every film of every origin: a model trained on covid-cxr alone has seen covid-cxnet and ieee8023, never "
+                "JSRT, Shenzhen or Montgomery")
+        save(f"origins-{args.name}", {"title": f"Every origin: {args.name}, scored on {seen}",
                                       "table": table, "results": results, "threshold": predictor.threshold,
-                                      "command": f"python bench/origins.py --score {args.score} --name {args.name}"})
+                                      "command": f"python bench/origins.py --score {args.score} --name {args.name}"
+                                                 + (f" --split {args.split}" if args.split else "")})
         print("\n".join(table))
 
 
