@@ -16,7 +16,7 @@ from covidxray.checkpoint import default_model_path, load_preprocess
 from covidxray.cli import main
 from covidxray.errors import CheckpointError
 from covidxray.imaging import load_image
-from covidxray.presets import Preprocess, box_pixels, lung_box
+from covidxray.presets import Preprocess, _crop, box_pixels, lung_box
 from covidxray.segment import LungNet, LungSegmenter, dice, full_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,6 +88,22 @@ def test_lung_crop_is_the_box_of_the_image_resized(segmenter: LungSegmenter, man
     np.testing.assert_array_equal(pre.prepare(image, lungs), cropped)  # same map, same crop
     assert box != (0.0, 0.0, 1.0, 1.0)
     assert "segmenter" not in pre.to_dict() and Preprocess(size=64).to_dict().keys() == {"size", "equalize", "mean", "std"}
+
+
+def test_the_lung_map_is_cut_as_if_brought_to_the_films_size_first(segmenter: LungSegmenter, manifest: Path):
+    """`_crop` resamples only the box's part of the map: the same map as the whole map enlarged and then cut (to float
+    rounding), on real films of two sizes, one enlarged to a hospital film's 2500 x 3000 px."""
+    image = load_image(manifest.parent / "images/ieee8023/covid/00010.jpg")
+    big = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((2500, 3000), Image.Resampling.BILINEAR))
+    for film in (image, big):
+        lungs = segmenter(film)
+        box = lung_box(lungs, 0.1)
+        rows, cols = box_pixels(box, film.shape)
+        whole = np.asarray(Image.fromarray(lungs.astype(np.float32), mode="F").resize(film.shape[::-1], Image.Resampling.BILINEAR))
+        cut, cut_lungs = _crop(film, lungs, box)
+        np.testing.assert_array_equal(cut, film[rows, cols])
+        assert cut_lungs.shape == cut.shape and box != (0.0, 0.0, 1.0, 1.0)
+        np.testing.assert_allclose(cut_lungs, whole[rows, cols], atol=1e-4)
 
 
 def test_a_model_refuses_another_segmenter(tmp_path: Path, segmenter: LungSegmenter):
