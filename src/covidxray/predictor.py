@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -150,10 +150,14 @@ class Predictor:
         """The prepared network input (uint8 ``S x S``) of a decoded image, or the gate's reason not to answer it."""
         return self.check_many([image], [info])[0]
 
-    def check_many(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[np.ndarray | Verdict]:
-        """`check` for many decoded images, the segmenter and gate run on them in one batch (as the classifier is)."""
-        return [verdict if verdict is not None else self.preprocess.prepare(image, lungs)
-                for image, (verdict, lungs) in zip(images, self.gate_many(images, infos))]
+    def check_many(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None],
+                   pool: Executor | None = None) -> list[np.ndarray | Verdict]:
+        """`check` for many decoded images, the segmenter and gate run on them in one batch (as the classifier is);
+        the lung crops are made in ``pool``'s threads when given (Pillow and NumPy release the GIL)."""
+        def prepare(image: np.ndarray, gated: tuple[Verdict | None, np.ndarray | None]) -> np.ndarray | Verdict:
+            return gated[0] if gated[0] is not None else self.preprocess.prepare(image, gated[1])
+
+        return list((pool.map if pool is not None else map)(prepare, images, self.gate_many(images, infos)))
 
     def verdicts(self, images: Sequence[np.ndarray], infos: Sequence[ImageInfo | None]) -> list[Verdict | None]:
         """The input gate's reason not to answer each decoded image (None: it may be answered), in one batch."""
@@ -258,13 +262,13 @@ class Predictor:
                 decoded = [f.result() for f in pending]
                 # Decode the next batch while this one is gated and classified; at most two batches are held.
                 pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
-                yield from self._answer_batch(self._check_decoded(decoded))
+                yield from self._answer_batch(self._check_decoded(decoded, pool))
 
-    def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]],
+    def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]], pool: Executor,
                        ) -> list[tuple[str, np.ndarray | Verdict | ImageError]]:
         """`check_many` over the decoded files of a batch; unreadable ones keep their `ImageError`."""
         good = [i for i, (_, d) in enumerate(decoded) if not isinstance(d, ImageError)]
-        checked = dict(zip(good, self.check_many([decoded[i][1][0] for i in good], [decoded[i][1][1] for i in good])))
+        checked = dict(zip(good, self.check_many([decoded[i][1][0] for i in good], [decoded[i][1][1] for i in good], pool)))
         return [(name, checked.get(i, d)) for i, (name, d) in enumerate(decoded)]
 
     def _answer_batch(self, batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
