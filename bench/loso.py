@@ -69,12 +69,13 @@ def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
     predictor = Predictor(run, backend="torch")
     internal = internal_anchors(predictor)
     y, p = internal.pop("y"), internal.pop("p")
+    seen = tuple(o for o in ("jsrt", "shenzhen", "montgomery") if o not in held_out)  # origins of other findings it saw
     return {"run": str(run.relative_to(ROOT)), "threshold": predictor.threshold, "val_auc": predictor.meta.get("val_auc"),
             "internal_test_auc": float(roc_auc_score(y, p)), "train_minutes": predictor.meta.get("train_seconds", 0) / 60,
             "origins": score_origins(predictor, tuple(sorted(held_out)), internal),
             # another finding from a hospital the run did see: its patients kept back in the pooled test split
-            "other_findings_test": {k: v for k, v in score_origins(predictor, tuple(o for o in ("jsrt", "shenzhen", "montgomery")
-                                    if o not in held_out), internal, split="test").items() if v["finding"] in ("tuberculosis", "nodule")}}
+            "other_findings_test": {k: v for k, v in (score_origins(predictor, seen, internal, split="test") if seen else {}).items()
+                                    if v["finding"] in ("tuberculosis", "nodule")}}
 
 
 def summarise(results: dict[int, dict[str, dict]]) -> tuple[list[str], dict]:
