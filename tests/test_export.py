@@ -240,6 +240,22 @@ def test_cli_export_then_predict_with_onnx(tmp_path: Path, xrays: list, capsys):
     assert abs(onnx_row["probability"] - torch_row["probability"]) < 1e-4
 
 
+def test_a_film_on_the_threshold_is_a_tie_not_a_changed_decision():
+    """A validation-chosen threshold is one validation film's P(covid): float rounding alone decides that film, so the
+    parity check counts it as kept; a film 0.001 from the threshold that crosses it is a changed decision."""
+    from covidxray.int8_check import TIE, _compare
+
+    t = 0.7213476
+    y = np.array([1, 0, 1, 0])
+    p_torch = np.array([t, t - 0.001, 0.95, 0.05])
+    p_float = p_torch + np.array([-TIE / 10, 0.0, 0.0, 0.0])  # the tie falls just below in float
+    p_int8 = p_torch + np.array([-0.01, 0.002, 0.0, 0.0])  # near the threshold: both re-checked at band 0.02
+    assert _compare(y, p_torch, p_int8, p_float, 0.02, t)["agreement"] == 1.0
+    assert _compare(y, p_torch, p_int8, p_float, 0.0, t)["agreement"] == 0.75  # int8 alone: the second film crosses
+    beyond = p_torch + np.array([2 * TIE, 0.0, 0.0, 0.0])  # two tie widths above the threshold: no longer a tie
+    assert _compare(y, beyond, p_int8, p_float, 0.02, t)["agreement"] == 0.75
+
+
 def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: list, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
     from covidxray import int8_check

@@ -28,6 +28,9 @@ INT8_MIN_AGREEMENT = 0.99
 FLOAT_ONNX = "model.onnx"  # the float graph an int8 one re-checks with, written beside it
 # Bands (in P(covid)) around each threshold within which the float graph scores an int8-scored film again.
 RECHECK_BANDS = (0.0, 0.02, 0.03, 0.05, 0.08, 0.10, 0.15)
+# A film whose PyTorch P(covid) is this close to the threshold is a tie that float rounding alone decides (float ONNX
+# and PyTorch differ by ~1e-6): it counts as kept. A threshold chosen on validation sits exactly on one of its films.
+TIE = 1e-5
 
 
 def int8_parity(predictor: Predictor, quantised: bytes, samples: list, float_graph: bytes,
@@ -82,7 +85,8 @@ def _compare(y: np.ndarray, p_torch: np.ndarray, p_int8: np.ndarray, p_float: np
     near = near_thresholds(p_int8, band, [t])
     p_served = np.where(near, p_float, p_int8)
     auc = [float(roc_auc_score(y, p)) if len(set(y)) == 2 else None for p in (p_torch, p_served, p_int8)]
-    agree = [float(((p_torch >= t) == (p >= t)).mean()) for p in (p_served, p_int8)]
+    tie = np.abs(p_torch - t) < TIE
+    agree = [float((((p_torch >= t) == (p >= t)) | tie).mean()) for p in (p_served, p_int8)]
     return {"images": len(y), "roc_auc_torch": auc[0], "roc_auc_int8": auc[1],
             "roc_auc_drop": None if auc[0] is None else auc[0] - auc[1], "agreement": agree[0],
             "rechecked": float(near.mean()), "int8_only": {"roc_auc": auc[2], "agreement": agree[1]}}
