@@ -256,13 +256,15 @@ class Predictor:
                 yield from self._answer_batch(batch)
             return
         todo = iter(paths)
-        with ThreadPoolExecutor(max_workers=self.threads.decoders) as pool:
+        # Crops get threads of their own: behind the next batch's decoding (a JPEG Lossless DICOM takes ~40 ms) in one
+        # queue, this batch's crops would wait for all of it.
+        with ThreadPoolExecutor(self.threads.decoders) as pool, ThreadPoolExecutor(self.threads.decoders) as crops:
             pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
             while pending:
                 decoded = [f.result() for f in pending]
                 # Decode the next batch while this one is gated and classified; at most two batches are held.
                 pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
-                yield from self._answer_batch(self._check_decoded(decoded, pool))
+                yield from self._answer_batch(self._check_decoded(decoded, crops))
 
     def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]], pool: Executor,
                        ) -> list[tuple[str, np.ndarray | Verdict | ImageError]]:
