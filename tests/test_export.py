@@ -70,7 +70,14 @@ def test_classifier_graph_has_no_runtime_padding(onnx_dir: Path):
     import onnx
 
     ops = Counter(n.op_type for n in onnx.load(onnx_dir / "model.onnx").graph.node)
-    assert ops["Conv"] == 49 and not {"Pad", "Shape", "Ceil", "Gather"} & set(ops)
+    assert ops["Conv"] == _layers()[0] and not {"Pad", "Shape", "Ceil", "Gather"} & set(ops)
+
+
+def _layers() -> tuple[int, int]:
+    """The bundled classifier's convolutions and residual sums, counted in PyTorch (Lite0: 49 and 9; Lite1: 64 and 14)."""
+    model = load_model(default_model_path())[0]
+    return (sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
+            sum(bool(getattr(m, "has_skip", False)) for m in model.modules()))
 
 
 def test_int8_graph_runs_every_convolution_in_int8(onnx_dir: Path, xrays: list, tmp_path: Path):
@@ -81,7 +88,7 @@ def test_int8_graph_runs_every_convolution_in_int8(onnx_dir: Path, xrays: list, 
     assert failed == []
     float_blob = (onnx_dir / "model.onnx").read_bytes()
     ops = _optimised_ops(quantise(float_blob, pred.preprocess.to_tensor(images).numpy()), tmp_path)
-    assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9
+    assert (ops["QLinearConv"], ops["QLinearAdd"]) == _layers() and ops["QLinearAdd"] > 0
     assert ops["Conv"] == 0 and ops["Add"] == 0 and ops["Clip"] == 0
     assert ops["QuantizeLinear"] <= 1 and ops["DequantizeLinear"] <= 2  # the input, and the two outputs
 
@@ -137,11 +144,13 @@ def _round_weights(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def test_bias_correction_cancels_the_mean_error_of_int8_weights(xrays: list):
-    """Calibrated on half the films, the corrected biases bring the other half's logits closer to the float
-    model's once the weights are rounded to int8, and leave the float weights as they were."""
+def test_bias_correction_cancels_the_mean_error_of_int8_weights(manifest: Path, split_file: Path):
+    """Calibrated on half of 31 test films (every 37th), the corrected biases bring the other half's logits closer to
+    the float model's once the weights are rounded to int8, and leave the float weights as they were. (On 6 + 6 films
+    the Lite1 model's error fell by less than a fifth: too few films to estimate a mean error from.)"""
     pred = Predictor(default_model_path(), backend="torch")
-    images, failed = prepare_images(xrays, pred.preprocess, cache_dir="")
+    films = [s for s in load_samples(manifest, split_file) if s.split == "test"][::37]
+    images, failed = prepare_images(films, pred.preprocess, cache_dir="")
     assert failed == []
     x = pred.preprocess.to_tensor(images)
     calibrate, held_out = x[::2], x[1::2]

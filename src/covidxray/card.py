@@ -3,9 +3,8 @@
 The sections follow the CLAIM (Checklist for Artificial Intelligence in Medical Imaging, 2024
 update) and TRIPOD+AI (BMJ 2024) reporting items that apply to a research model: intended use,
 data provenance, how the data were split, the model, results with 95% CIs (internal and external),
-calibration, the shortcut audit and the limitations. The card is built once as a list of blocks
-and rendered twice: Markdown (pictures linked) and HTML (pictures embedded as base64 data URIs,
-so the file can be mailed or archived on its own).
+calibration, the shortcut audit and the limitations. Built once as a list of blocks, rendered twice:
+Markdown (pictures linked) and HTML (pictures embedded as data URIs, to mail or archive on its own).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from statistics import mean, pstdev
 from typing import Any
 
 from . import DISCLAIMER
@@ -37,8 +37,8 @@ _METRIC_NAMES = {
     "ppv": "PPV (precision, COVID-19)", "npv": "NPV", "f1": "F1 (COVID-19)", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC",
 }
 
-# A block is (kind, payload): ("h2", text), ("p", text), ("ul", [text]), ("table", (header, rows)),
-# ("img", (path, alt)) or ("note", text). Text may use **bold** and `code`.
+# A block is (kind, payload): ("h2", text), ("p", text), ("ul", [text]), ("table", (header, rows)), ("img", (path, alt))
+# or ("note", text). Text may use **bold** and `code`.
 Block = tuple[str, Any]
 
 
@@ -110,17 +110,18 @@ def _results_blocks(reports: dict[str, dict[str, Any]], meta: dict[str, Any]) ->
 
 
 def _loso_blocks(loso: dict[str, Any] | None) -> list[Block]:
-    """Leave one source out (`bench/loso.py`, its JSON copied beside the model as ``loso.json``)."""
+    """Leave one origin out (`bench/loso.py`, its JSON copied beside the model as ``loso.json``)."""
     if not loso:
-        return [("note", "No leave-one-source-out results beside this model: run `bench/loso.py` for its recipe and "
+        return [("note", "No leave-one-origin-out results beside this model: run `bench/loso.py` for its recipe and "
                          "copy the JSON beside the model as `loso.json`.")]
-    rows = [[f"`{src}` ({r['n']} films)", r["metric"], format_ci(r["value"], digits=3), f"{r['threshold']:.3f}",
-             format_ci(r["internal_test"]["roc_auc"], digits=3)] for src, r in loso["results"].items()]
-    return [("p", "The same recipe trained once per source with that source left out (threshold chosen on validation, "
-                  "as for this model), then scored on every film of the held-out source: specificity on a normal-only "
-                  "origin, sensitivity on a COVID-19-only one. This is the nearest the shared data comes to a hospital "
-                  f"the model never saw. Command: `{loso.get('command', 'bench/loso.py')}`."),
-            ("table", (["Held-out source", "Metric", "Value (95% CI)", "Threshold", "Internal test ROC-AUC"], rows))]
+    ms = lambda v: f"{mean(v):.3f}" + (f" ± {pstdev(v):.3f}" if len(v) > 1 else "")  # noqa: E731
+    rows = [[f"`{k}`", str(c["n"]), c["metric"], *map(ms, (c["at_threshold"], c["threshold_free"], c["ece"]))]
+            for k, c in loso["summary"]["cells"].items()]
+    return [("p", "The same recipe trained with origins left out (all of their films), threshold chosen on validation as "
+                  "for this model, then scored on every film of the held-out origins: the nearest the shared data comes to "
+                  "a hospital the model never saw. Mean ± spread over seeds where there are several. "
+                  f"{loso['table'][-1]} Command: `{loso.get('command', 'bench/loso.py')}`."),
+            ("table", (["Held-out origin, finding", "Films", "Metric", "At its threshold", "Threshold-free", "ECE"], rows))]
 
 
 def _origins_blocks(origins: dict[str, Any] | None) -> list[Block]:
@@ -288,12 +289,11 @@ def build_card(
     ]
     if (run_dir / "eval-test" / "roc.png").is_file():
         blocks.append(("img", (run_dir / "eval-test" / "roc.png", "ROC curve, test split")))
-    blocks += [("h3", "Leave one source out (TRIPOD+AI: external validation)"), *_loso_blocks(_load(run_dir / "loso.json")),
+    blocks += [("h3", "Leave one origin out (TRIPOD+AI: external validation)"), *_loso_blocks(_load(run_dir / "loso.json")),
                ("h3", "Every origin of the shared data"), *_origins_blocks(_load(run_dir / "origins.json"))]
     if not any(k.startswith("external") for k in reports) and not (run_dir / "origins.json").is_file():
-        blocks.append(("note", "No external validation: every number above comes from the same sources as the "
-                               "training data. Evaluate on another hospital's films with `covidxray evaluate RUN "
-                               "--external DATA` before trusting them."))
+        blocks.append(("note", "No external validation: every number above comes from the training data's sources. "
+                               "Evaluate on another hospital's films (`covidxray evaluate RUN --external DATA`)."))
     blocks += [
         ("h2", "6. Calibration (TRIPOD+AI: calibration)"), *_calibration_blocks(meta, test, run_dir),
         ("h2", "7. Operating points (CLAIM: thresholds)"), *_operating_blocks(test),

@@ -82,11 +82,13 @@ class TrainConfig:
 
 
 RECIPES: dict[str, dict[str, Any]] = {
-    # Chosen on validation and leave-one-source-out (docs/benchmarks.md), never on test: ImageNet EfficientNet-Lite0
-    # (offline), frozen stem, 5 epochs, on the lungs only (crop to the segmenter's lung box at 160 px, the rest of
-    # the crop darkened by 70%) with augmentation that softens normal films (so sharpness and contrast, which
-    # differ by hospital, stop predicting the label). Needs the lung segmenter ('bundled' by default).
-    "default": dict(lung_crop=True, size=160, outside=0.7, augment="soft-normals"),
+    # Chosen on validation and leave-one-origin-out (bench/loso.py, README), never on test: ImageNet
+    # EfficientNet-Lite1 (offline), frozen stem, 5 epochs, on the lungs only (crop to the segmenter's lung box at
+    # 160 px, the rest of the crop darkened by 70%) with augmentation that softens normal films (so sharpness and
+    # contrast, which differ by hospital, stop predicting the label). Needs the lung segmenter ('bundled' by default).
+    "default": dict(lung_crop=True, size=160, outside=0.7, augment="soft-normals", arch="tf_efficientnet_lite1"),
+    # The default before it, with EfficientNet-Lite0 (the model shipped until 2026-12-05).
+    "lungs-lite0": dict(lung_crop=True, size=160, outside=0.7, augment="soft-normals"),
     # The default until the lung crop: the whole film at 192 px (the base the screened lung recipes override).
     "whole-film": {},
     # The project this grew from: ResNet18, 224 px, Adam 1e-3, StepLR(3, 0.1), 15 epochs, flips/rotation.
