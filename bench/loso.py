@@ -69,7 +69,8 @@ def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
     predictor = Predictor(run, backend="torch")
     internal = internal_anchors(predictor)
     y, p = internal.pop("y"), internal.pop("p")
-    seen = tuple(o for o in ("jsrt", "shenzhen", "montgomery") if o not in held_out)  # origins of other findings it saw
+    # origins of other findings the run saw in training (pooled only: covid-cxr alone has none)
+    seen = tuple(o for o in ("jsrt", "shenzhen", "montgomery") if o not in held_out) if args.pooled else ()
     return {"run": str(run.relative_to(ROOT)), "threshold": predictor.threshold, "val_auc": predictor.meta.get("val_auc"),
             "internal_test_auc": float(roc_auc_score(y, p)), "train_minutes": predictor.meta.get("train_seconds", 0) / 60,
             "origins": score_origins(predictor, tuple(sorted(held_out)), internal),

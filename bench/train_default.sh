@@ -48,7 +48,7 @@ for s in val test; do
 done
 cp -r "$RUN/audit" "$BUNDLED/"
 # The recipe's leave-one-source-out results (bench/loso.py with the default recipe's flags), for the card.
-LOSO=${LOSO:-bench/results/loso-lungs-lite1-soft.json}
+LOSO=${LOSO:-bench/results/loso-lungs-lite1-soft-all.json}
 if [ -f "$LOSO" ]; then cp "$LOSO" "$BUNDLED/loso.json"; fi
 # The model itself on every origin of the shared data (what it never saw, and other findings), for the card.
 (cd bench && PYTHONPATH=../src ../.venv/bin/python origins.py --score "../$BUNDLED" --name bundled)
