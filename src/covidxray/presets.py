@@ -189,11 +189,12 @@ def lung_box(prob: np.ndarray, margin: float = 0.1, threshold: float = 0.5, min_
     return float(max(0.0, top - dy)), float(max(0.0, left - dx)), float(min(1.0, bottom + dy)), float(min(1.0, right + dx))
 
 
-def _resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Float image -> ``size`` (side, or (height, width)); Pillow's filters widen with the scale, so shrinking antialiases."""
+def _resize(image: np.ndarray, size: int | tuple[int, int], box: tuple[float, ...] | None = None) -> np.ndarray:
+    """Float image -> ``size`` (side, or (height, width)); Pillow's filters widen with the scale, so shrinking antialiases.
+    ``box``: only that part of the image, ``(left, top, right, bottom)`` in its pixels (Pillow's ``box``)."""
     h, w = (size, size) if isinstance(size, int) else size
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
-    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
 def box_pixels(box: tuple[float, float, float, float], shape: tuple[int, ...]) -> tuple[slice, slice]:
@@ -213,9 +214,7 @@ def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, 
     rows, cols = box_pixels(box, image.shape)
     (h, w), (map_h, map_w) = image.shape[:2], np.shape(lungs)
     region = (cols.start * map_w / w, rows.start * map_h / h, cols.stop * map_w / w, rows.stop * map_h / h)
-    pil = Image.fromarray(np.ascontiguousarray(lungs, dtype=np.float32), mode="F")
-    cut = pil.resize((cols.stop - cols.start, rows.stop - rows.start), Image.Resampling.BILINEAR, box=region)
-    return image[rows, cols], np.asarray(cut, dtype=np.float32)
+    return image[rows, cols], _resize(lungs, (rows.stop - rows.start, cols.stop - cols.start), box=region)
 
 
 @functools.lru_cache(maxsize=8)
