@@ -28,13 +28,13 @@ from covidxray.backends import CascadeRunner, near_thresholds
 from covidxray.cache import readable_images
 from covidxray.checkpoint import resolve_data
 from covidxray.data import load_samples
-from covidxray.int8_check import INT8_MAX_AUC_DROP, INT8_MIN_AGREEMENT, RECHECK_BANDS, TIE
+from covidxray.int8_check import INT8_MAX_AUC_DROP, INT8_MIN_AGREEMENT, RECHECK_BANDS, same_decision
 from covidxray.predictor import Predictor
 from origins import pooled_rows, write_manifest
 
 
 def _agreement(reference: np.ndarray, served: np.ndarray, y: np.ndarray, t: float) -> dict:
-    same = ((reference >= t) == (served >= t)) | (np.abs(reference - t) < TIE)  # a film on the threshold is a tie
+    same = same_decision(reference, served, t)  # a film on the threshold is a tie, as in the export's check
     drop = float(roc_auc_score(y, reference) - roc_auc_score(y, served)) if len(set(y)) == 2 else None
     return {"images": len(y), "agreement": float(same.mean()), "flipped": int((~same).sum()), "roc_auc_drop": drop}
 

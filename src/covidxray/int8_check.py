@@ -21,7 +21,7 @@ from .cache import readable_images
 from .errors import DataError
 from .predictor import Predictor
 
-__all__ = ["int8_parity", "failures", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT", "RECHECK_BANDS", "FLOAT_ONNX"]
+__all__ = ["int8_parity", "failures", "same_decision", "INT8_MAX_AUC_DROP", "INT8_MIN_AGREEMENT", "RECHECK_BANDS", "FLOAT_ONNX"]
 
 INT8_MAX_AUC_DROP = 0.002
 INT8_MIN_AGREEMENT = 0.99
@@ -79,14 +79,18 @@ def _scores(predictor: Predictor, sessions: list, samples: list, desc: str) -> t
             *(torch.softmax(torch.from_numpy(p) / predictor.temperature, dim=1)[:, 1].numpy() for p in probs))
 
 
+def same_decision(reference: np.ndarray, served: np.ndarray, t: float) -> np.ndarray:
+    """Per film: does ``served`` decide as ``reference`` does at threshold ``t`` (a film within `TIE` of it: yes)?"""
+    return ((reference >= t) == (served >= t)) | (np.abs(reference - t) < TIE)
+
+
 def _compare(y: np.ndarray, p_torch: np.ndarray, p_int8: np.ndarray, p_float: np.ndarray, band: float,
              t: float) -> dict[str, Any]:
     """PyTorch vs the cascade (int8, float within ``band`` of ``t``) at threshold ``t``."""
     near = near_thresholds(p_int8, band, [t])
     p_served = np.where(near, p_float, p_int8)
     auc = [float(roc_auc_score(y, p)) if len(set(y)) == 2 else None for p in (p_torch, p_served, p_int8)]
-    tie = np.abs(p_torch - t) < TIE
-    agree = [float((((p_torch >= t) == (p >= t)) | tie).mean()) for p in (p_served, p_int8)]
+    agree = [float(same_decision(p_torch, p, t).mean()) for p in (p_served, p_int8)]
     return {"images": len(y), "roc_auc_torch": auc[0], "roc_auc_int8": auc[1],
             "roc_auc_drop": None if auc[0] is None else auc[0] - auc[1], "agreement": agree[0],
             "rechecked": float(near.mean()), "int8_only": {"roc_auc": auc[2], "agreement": agree[1]}}
