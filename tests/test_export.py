@@ -21,6 +21,7 @@ from covidxray.errors import CheckpointError
 from covidxray.export import bias_corrected, export_onnx, quantise
 from covidxray.imaging import read_image
 from covidxray.predictor import Predictor, default_model_path
+from covidxray.segment import LungSegmenter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,14 +64,20 @@ def _optimised_ops(blob: bytes, tmp_path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
-def test_classifier_graph_has_no_runtime_padding(onnx_dir: Path):
+def test_graphs_have_no_runtime_padding(onnx_dir: Path):
     """timm's TensorFlow-'SAME' convolutions computed their padding from the input shape at run time (Shape,
     Gather, Ceil, Pad before each strided convolution); at the classifier's fixed size it is a constant inside
-    the convolution, which lets ONNX Runtime fuse the int8 graph."""
+    the convolution, which lets ONNX Runtime fuse the int8 graph. The segmenter's encoder is the same kind of
+    network at its own fixed size: no Pad either (each kept ONNX Runtime's blocked layout from running through)."""
     import onnx
 
     ops = Counter(n.op_type for n in onnx.load(onnx_dir / "model.onnx").graph.node)
     assert ops["Conv"] == _layers()[0] and not {"Pad", "Shape", "Ceil", "Gather"} & set(ops)
+    seg = LungSegmenter(default_model_path())
+    seg_ops = Counter(n.op_type for n in onnx.load(onnx_dir / "segmenter.onnx").graph.node)
+    same = sum(type(m).__name__ == "Conv2dSame" for m in seg.graph.modules())
+    assert same > 0 and "Pad" not in seg_ops and "Ceil" not in seg_ops
+    assert seg_ops["Conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in seg.graph.modules())
 
 
 def _layers() -> tuple[int, int]:

@@ -14,9 +14,9 @@
   weights are refused. The model's other files (weights, segmenter, familiarity) are copied beside
   ``out`` when it is another folder, so the folder is a complete model.
 
-The classifier graph has its TensorFlow-'SAME' padding fixed at the model's input size (a constant
-inside each convolution, not Shape/Ceil/Pad nodes at run time): same numbers, and the int8 graph
-then runs every convolution in ONNX Runtime's int8 kernels.
+The classifier and segmenter graphs have their TensorFlow-'SAME' padding fixed at their input sizes (a
+constant inside each convolution, not Shape/Ceil/Pad nodes at run time): same numbers, the int8 graph
+then runs every convolution in ONNX Runtime's int8 kernels, and the float segmenter runs 1.3x faster.
 
 With ``int8`` the classifier is quantised statically (ONNX Runtime, QDQ, per-channel int8 weights,
 asymmetric uint8 activations calibrated on training films of every source and label through the
@@ -91,20 +91,22 @@ class _StaticPad(nn.Module):
         return self.conv(nn.functional.pad(x, self.pads))
 
 
-def _fix_same_padding(model: nn.Module, size: int) -> None:
-    """Replace each 'SAME'-padded convolution of ``model`` by its padding at input ``size`` and a plain convolution.
+def _fix_same_padding(model: nn.Module, *example: torch.Tensor) -> None:
+    """Replace each 'SAME'-padded convolution of ``model`` by its padding at the ``example`` inputs' size and a plain
+    convolution.
 
     timm's ``Conv2dSame`` computes its padding from the input's shape at run time, which the ONNX graph
     then does with Shape/Gather/Ceil/Pad nodes before every strided convolution; those stop ONNX Runtime
-    fusing the int8 convolutions around them (measured: int8 no faster than float). The classifier's input
-    size is fixed, so the padding is a constant that `_fold_pads` moves into the convolution. Same numbers.
+    fusing the int8 convolutions around them (measured: int8 no faster than float), and keep even the float
+    segmenter out of ONNX Runtime's blocked layout around each Pad (measured: 24 % of its time). The graphs' input
+    sizes are fixed, so the padding is a constant that `_fold_pads` moves into the convolution. Same numbers.
     """
     shapes: dict[str, tuple[int, int]] = {}
     same = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv2dSame"}
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=name: shapes.__setitem__(n, tuple(args[0].shape[-2:])))
              for name, m in same.items()]
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, size, size))  # the classifier's input: one grey channel
+        model.eval()(*example)
     for h in hooks:
         h.remove()
     for name, m in same.items():
@@ -179,7 +181,7 @@ def classifier_onnx(model: nn.Module, meta: dict[str, Any], opset: int = 17) -> 
     The graph is float; `quantise` makes the int8 one. ``model`` is consumed (its head is swapped for identity).
     """
     size = meta["preprocess"]["size"]
-    _fix_same_padding(model, size)
+    _fix_same_padding(model, torch.zeros(1, 1, size, size))  # one grey channel
     return _fold_pads(_onnx_bytes(_WithFeatures(model, get_spec(meta["arch"]).head), (torch.zeros(1, 1, size, size),),
                                   ["image"], ["logits", "features"], opset))
 
@@ -223,9 +225,10 @@ def _write_graph(path: Path, blob: bytes, contract: dict[str, Any]) -> None:
 
 
 def _export_segmenter(seg: LungSegmenter, path: Path, opset: int) -> dict[str, str]:
-    s = seg.size
+    example = (torch.zeros(1, 1, seg.size, seg.size), torch.zeros(1, 2))
     outputs = ["lungs", "gate"] if seg.gate is not None else ["lungs"]
-    blob = _onnx_bytes(seg.graph, (torch.zeros(1, 1, s, s), torch.zeros(1, 2)), ["image", "extras"], outputs, opset)
+    _fix_same_padding(graph := seg.graph, *example)
+    blob = _fold_pads(_onnx_bytes(graph, example, ["image", "extras"], outputs, opset))
     atomic_write_bytes(path, blob)
     return {"file": path.name, "sha256": hashlib.sha256(blob).hexdigest(), "segmenter_sha256": seg.sha256}
 
