@@ -10,6 +10,8 @@ hospital film's size) get the same decisions, and nearly the same P(COVID-19), a
 from __future__ import annotations
 
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +54,23 @@ def films(data_root: Path) -> list[Path]:
 
 
 class _Counting:
-    """A runner that counts its calls and the images they carried."""
+    """A runner that counts its calls, the images they carried and the most calls at once (each held ``hold`` s)."""
 
-    def __init__(self, runner):
-        self.runner, self.calls, self.images = runner, 0, 0
+    def __init__(self, runner, hold: float = 0.0):
+        self.runner, self.calls, self.images, self.hold = runner, 0, 0, hold
+        self.running = self.most = 0
+        self.lock = threading.Lock()
 
     def __call__(self, **inputs):
-        self.calls += 1
-        self.images += len(inputs["image"])
-        return self.runner(**inputs)
+        with self.lock:
+            self.calls, self.images, self.running = self.calls + 1, self.images + len(inputs["image"]), self.running + 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.hold)
+            return self.runner(**inputs)
+        finally:
+            with self.lock:
+                self.running -= 1
 
 
 def test_the_segmenter_runs_batched(predictor: Predictor, films: list[Path]):
@@ -73,6 +83,26 @@ def test_the_segmenter_runs_batched(predictor: Predictor, films: list[Path]):
     assert counting.images == len(films)  # no header refusals among image files: every film is seen once
     # 50 films in batches of 32, each in segmenter calls of SEGMENTER_BATCH (8): 4 + 3 calls, not one per film
     assert counting.calls == 7 == -(-32 // SEGMENTER_BATCH) + -(-18 // SEGMENTER_BATCH), counting.calls
+
+
+def test_lanes_classify_batches_side_by_side_and_answer_in_order(predictor: Predictor, films: list[Path]):
+    """With two lanes (the plan on 2 cores), two batches go through the classifier at once, and the answers come
+    back in the files' order, the same as one lane's."""
+    plan, runner = predictor.threads, predictor.runner
+
+    def answers(lanes: int, counting: _Counting) -> list[tuple]:
+        predictor.threads, predictor.runner = ThreadPlan(intra_op=1, decoders=2, lanes=lanes), counting
+        try:
+            return [(a.path, a.label, a.probability) for a in predictor.predict_paths(films, batch_size=4)]
+        finally:
+            predictor.threads, predictor.runner = plan, runner
+
+    one_lane = answers(1, alone := _Counting(runner, 0.01))
+    two_lanes = answers(2, counting := _Counting(runner, 0.05))
+    assert alone.most == 1
+    assert counting.most == 2 and counting.images == sum(p is not None for _, _, p in one_lane)
+    assert [a[:2] for a in two_lanes] == [a[:2] for a in one_lane] == [(str(f), a[1]) for f, a in zip(films, one_lane)]
+    assert np.allclose([p or 0 for *_, p in two_lanes], [p or 0 for *_, p in one_lane], atol=1e-6)
 
 
 def test_a_batched_segmenter_gives_the_masks_of_one_film_at_a_time(predictor: Predictor, films: list[Path]):
@@ -97,9 +127,13 @@ def test_a_batched_pass_answers_as_one_film_at_a_time(predictor: Predictor, film
 
 
 def test_one_thread_plan_for_every_network():
-    assert thread_plan(2) == ThreadPlan(intra_op=2, decoders=2)
-    assert thread_plan(16) == ThreadPlan(intra_op=16, decoders=8)
-    assert thread_plan(16, intra_op=1).intra_op == 1
+    # ONNX Runtime: one thread per network call, as many calls side by side as there are cores; PyTorch: one call
+    # at a time on every core.
+    assert thread_plan(2) == ThreadPlan(intra_op=1, decoders=2, lanes=2)
+    assert thread_plan(16) == ThreadPlan(intra_op=1, decoders=8, lanes=16)
+    assert thread_plan(16, intra_op=4) == ThreadPlan(intra_op=4, decoders=8, lanes=4)
+    assert thread_plan(16, intra_op=32).lanes == 1
+    assert thread_plan(2, backend="torch") == ThreadPlan(intra_op=2, decoders=2, lanes=1)
     plan = thread_plan()
     predictor = Predictor()  # the default: the bundled int8 graph with its float re-check, and the segmenter
     assert predictor.threads == plan and isinstance(predictor.runner, CascadeRunner)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from itertools import islice
+from itertools import islice, takewhile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -84,8 +85,8 @@ class Predictor:
     Args:
         model: run folder, ``model.json`` or ``model.safetensors``; None uses `default_model_path`.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-        threads: intra-op threads of the networks, ONNX Runtime's and torch's (None: `covidxray.backends.thread_plan`'s,
-            every core; torch's own setting is then left as it is).
+        threads: intra-op threads per network call, ONNX Runtime's and torch's (None: `covidxray.backends.thread_plan`'s:
+            one per ONNX Runtime call, a call per core side by side; torch's own setting is then left as it is).
         backend: ``auto`` (the fastest exported graph there: ``model.int8.onnx``, then ``model.onnx``; else
             PyTorch), ``onnx`` or ``torch`` (needed for Grad-CAM, evaluation and the audit).
         gate: refuse what is not a frontal chest X-ray (False: answer everything, for research).
@@ -110,7 +111,7 @@ class Predictor:
             raise CheckpointError(f"{path}: no ONNX model here; make one with `covidxray export {path} --onnx {path}/model.onnx`")
         if threads:
             torch.set_num_threads(threads)
-        self.threads = thread_plan(intra_op=threads)  # the one thread plan: networks, decoders
+        self.threads = thread_plan(intra_op=threads, backend="onnx" if graph is not None else "torch")  # networks, decoders
         threads = self.threads.intra_op
         self.device = default_device(device)
         self.model: torch.nn.Module | None = None  # the PyTorch network (Grad-CAM, evaluation); None under ONNX
@@ -246,8 +247,8 @@ class Predictor:
         """Classify many files in batches; yields a `Prediction` or the `ImageError` of each, in order.
 
         With ``workers=0`` the thread plan's decoders (`covidxray.backends.thread_plan`) read and decode the
-        next batch while this one goes through the segmenter and gate, then the classifier, each in one
-        call per batch. With ``workers > 0`` a DataLoader with that many processes decodes, gates and
+        next batch while the plan's lanes each take one through the segmenter and gate, then the classifier,
+        each in one call per batch. With ``workers > 0`` a DataLoader with that many processes decodes, gates and
         preprocesses, for large runs on machines with cores to spare.
         """
         if workers > 0:
@@ -255,16 +256,25 @@ class Predictor:
             for batch in loader:
                 yield from self._answer_batch(batch)
             return
-        todo = iter(paths)
+        todo, lanes = iter(paths), self.threads.lanes
         # Crops get threads of their own: behind the next batch's decoding (a JPEG Lossless DICOM takes ~40 ms) in one
-        # queue, this batch's crops would wait for all of it.
-        with ThreadPoolExecutor(self.threads.decoders) as pool, ThreadPoolExecutor(self.threads.decoders) as crops:
-            pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
-            while pending:
-                decoded = [f.result() for f in pending]
-                # Decode the next batch while this one is gated and classified; at most two batches are held.
-                pending = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
-                yield from self._answer_batch(self._check_decoded(decoded, crops))
+        # queue, this batch's crops would wait for all of it. The networks run `lanes` batches side by side.
+        with ThreadPoolExecutor(self.threads.decoders) as pool, ThreadPoolExecutor(self.threads.decoders) as crops, \
+                ThreadPoolExecutor(lanes) as networks:
+
+            def start() -> Future | None:
+                """Decode the next batch ahead (in ``pool``), then gate, crop and classify it in a lane of its own."""
+                decoding = [pool.submit(_decode, self, p) for p in islice(todo, batch_size)]
+                return networks.submit(lambda: list(self._answer_batch(self._check_decoded(
+                    [f.result() for f in decoding], crops)))) if decoding else None
+
+            # One batch more than there are lanes: the next one decodes while every lane works.
+            running = deque(takewhile(lambda f: f is not None, (start() for _ in range(lanes + 1))))
+            while running:
+                answers = running.popleft().result()
+                if (following := start()) is not None:
+                    running.append(following)
+                yield from answers
 
     def _check_decoded(self, decoded: list[tuple[str, tuple[np.ndarray, ImageInfo] | ImageError]], pool: Executor,
                        ) -> list[tuple[str, np.ndarray | Verdict | ImageError]]:

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="auto (default: the fastest exported ONNX graph beside the model, else PyTorch), onnx or torch; "
                          "heat maps always come from the PyTorch weights")
     li.add_argument("--threads", type=int,
-                    help="intra-op threads of the networks (default: every core, as covidxray.backends.thread_plan says)")
+                    help="intra-op threads per network call (default: ONNX Runtime 1, a call per core side by side, "
+                         "as covidxray.backends.thread_plan says)")
     li.add_argument("--batch-size", type=int, default=32, help="most instances per model call (default 32)")
     li.add_argument("--heatmaps", action="store_true",
                     help="store a Grad-CAM heat map per answered instance for the results list (one backward pass each)")

@@ -78,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds per image before the answer is 504 (default 30)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser calls from this origin (repeatable; default: none)")
-    sv.add_argument("--threads", type=int, help="intra-op threads of the networks (default: every core, as "
-                                                "covidxray.backends.thread_plan says; 1 is faster on a busy machine)")
+    sv.add_argument("--threads", type=int, help="intra-op threads per network call (default: ONNX Runtime 1, a call "
+                                                "per core side by side, as covidxray.backends.thread_plan says)")
     sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "

@@ -5,7 +5,7 @@ Three kinds of threads, joined by two queues:
 1. pynetdicom's, one per association (several senders at once): each C-STORE is written to the
    `Spool` (fsync, rename) and only then acknowledged with status 0x0000; nothing is decoded there.
 2. one worker: takes whatever is queued (up to ``batch_size``), skips instances already recorded
-   (a resend is recorded once), classifies the rest in one batched model call and commits the
+   (a resend is recorded once), classifies the rest in batched model calls (one per lane) and commits the
    rows in one transaction; then the files leave the spool.
 3. with ``send_to``, one reporter: sends each instance's structured report (and heat map capture)
    back to the PACS over one association per batch, retries with back-off, records the outcome.

@@ -82,7 +82,7 @@ def classify_batch(
     predictor: Predictor, items: Sequence[tuple[str, Path, str]], explainer: Predictor | None = None,
     sites: SiteMatcher | None = None,
 ) -> list[Classified]:
-    """Classify spooled instances in one batched model call.
+    """Classify spooled instances in batched model calls: one per lane of the thread plan, side by side.
 
     Args:
         predictor: the model.
@@ -97,7 +97,8 @@ def classify_batch(
         reason; answers that are not answers (the input gate) are rows with label ``not_answered``.
     """
     headers = [read_header(path) for _, path, _ in items]
-    outcomes = predictor.predict_paths([path for _, path, _ in items], batch_size=max(1, len(items)))
+    lanes = predictor.threads.lanes
+    outcomes = predictor.predict_paths([path for _, path, _ in items], batch_size=max(1, -(-len(items) // lanes)))
     meta = {"model": predictor.name, "weights_sha256": predictor.meta.get("weights_sha256")}
     done = []
     for (sop_uid, path, received_at), header, outcome in zip(items, headers, outcomes, strict=True):

@@ -3,7 +3,8 @@
 Concurrent requests are decoded in worker threads (the thread plan's decoders) and go through the
 networks together: the segmenter and input gate in one batch, then the classifier in another; while a
 network runs one batch, the next requests queue up and become its next batch (see `Batcher`). The two
-networks take turns (one lock), each on every core, as `covidxray.backends.thread_plan` plans.
+networks run side by side, each call on one core, as many at once as `covidxray.backends.thread_plan` has
+lanes (ONNX Runtime: one per core); under PyTorch they take turns, each on every core.
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ class Service:
         self.timeout_s, self.max_batch = timeout_s, max_batch
         self.batcher: Batcher | None = None  # the classifier
         self.gate_batcher: Batcher | None = None  # the segmenter and the input gate
-        # Grad-CAM registers a hook on the model: a forward of another thread would run through it. The segmenter
-        # takes the same lock: one network call at a time, on every core (the thread plan).
-        self._model_lock = threading.Lock()
+        # As many network calls at once as the thread plan has lanes (set when the model loads). PyTorch has one:
+        # Grad-CAM registers a hook on its model, and a forward of another thread would run through it.
+        self._networks = threading.BoundedSemaphore(1)
         self._explainer: tuple[Predictor, threading.Lock] | None = None
         self._explainer_init = threading.Lock()
         # Decoding beyond the thread plan's decoders only makes every request slower; queued ones wait their turn.
@@ -130,6 +131,7 @@ class Service:
         if self.predictor is None:
             path, backend, threads = self.model_path, self.backend, self.threads
             self.predictor = await anyio.to_thread.run_sync(lambda: Predictor(path, backend=backend, threads=threads))
+        self._networks = threading.BoundedSemaphore(self.predictor.threads.lanes)
         self.batcher = Batcher(self._classify_batch, self.max_batch)
         self.gate_batcher = Batcher(self._gate_batch, self.max_batch, collate=list)
         self.batcher.start()
@@ -229,12 +231,12 @@ class Service:
 
     def _gate_batch(self, items: list[tuple[np.ndarray, Any]]) -> list[tuple[Verdict | None, np.ndarray | None]]:
         """The input gate's verdict and the lung map of each decoded image, from one segmenter call."""
-        with self._model_lock:
+        with self._networks:
             return self.loaded().gate_many([image for image, _ in items], [info for _, info in items])
 
     def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
         """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
-        with self._model_lock:
+        with self._networks:
             probs, unfamiliar = self.loaded().classify(torch.from_numpy(prepared), batch_size=len(prepared))
         return [(float(p), None if unfamiliar is None else float(u))
                 for p, u in zip(probs, unfamiliar if unfamiliar is not None else [None] * len(probs))]
@@ -253,11 +255,11 @@ class Service:
             out["preview_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
         return out
 
-    def _explain_model(self) -> tuple[Predictor, threading.Lock]:
+    def _explain_model(self) -> tuple[Predictor, threading.Lock | threading.Semaphore]:
         """The torch model for Grad-CAM: the serving model itself, or (ONNX) the torch weights beside it, loaded once."""
         predictor = self.loaded()
         if predictor.model is not None:
-            return predictor, self._model_lock
+            return predictor, self._networks
         with self._explainer_init:
             if self._explainer is None:
                 path = predictor.folder  # the serving graph's folder holds the PyTorch weights too
