@@ -104,7 +104,7 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
     counts = {"ok": 0, "expected_errors": 0, "unexpected_errors": 0}
     unexpected: dict[str, int] = {}
     rss = [rss_mb(pid)]
-    cpu_start = cpu_seconds(pid)
+    cpu_start, client_cpu_start = cpu_seconds(pid), time.process_time()
     params = {"explain": "true"} if explain else {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
@@ -141,7 +141,7 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
         await asyncio.gather(sample_rss(), *(client(i) for i in range(clients)))
         elapsed = time.perf_counter() - started
     rss.append(rss_mb(pid))
-    server_cpu = cpu_seconds(pid) - cpu_start
+    server_cpu, client_cpu = cpu_seconds(pid) - cpu_start, time.process_time() - client_cpu_start
     ms = 1000 * np.asarray(latencies) if latencies else np.full(1, np.nan)
     total = sum(counts.values())
     return {
@@ -154,6 +154,8 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
         "rss_growth_second_half_pct": 100 * (rss[-1] - rss[len(rss) // 2]) / rss[len(rss) // 2],
         # CPU the server spent per request: unlike latency, hardly changed by other work on the machine.
         "server_cpu_ms_per_request": 1000 * server_cpu / max(total, 1), "server_cpu_share": server_cpu / elapsed,
+        # The load's own cost on the same cores: what the server could not have.
+        "client_cpu_ms_per_request": 1000 * client_cpu / max(total, 1),
     }
 
 
