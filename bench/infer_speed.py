@@ -5,7 +5,7 @@
 The model is copied to a temporary folder with the ONNX graphs it ships (the float one is exported if
 missing; int8 too with ``--int8``, which fails if it drifts from PyTorch).
 
-* the classifier on prepared tensors, batch 32 (throughput: one call in each lane of the backend's thread plan
+* the classifier on 32 real films prepared as ``predict`` prepares them, batch 32 (throughput: one call in each lane of the backend's thread plan
   at once, so every core works, as in `predict`) and batch 1 (latency): the model alone;
 * ``predict`` on a folder of real JPEGs (decode, input gate, lung crop, classifier: everything
   `covidxray predict FOLDER` does), throughput;
@@ -44,8 +44,11 @@ def timed(fn, seconds: float) -> list[float]:
 
 
 def measure(pred: Predictor, seconds: float, files: list[Path]) -> dict:
-    size = pred.preprocess.size
-    batch32 = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, size, size), dtype=np.uint8))
+    # Real films, prepared as predict prepares them: an int8 graph re-checks those near the threshold in float, and
+    # random pixels would never be near it.
+    decoded = [pred.read(f) for f in files[:32]]
+    prepared = [x for x in pred.check_many([d[0] for d in decoded], [d[1] for d in decoded]) if isinstance(x, np.ndarray)]
+    batch32 = torch.from_numpy(np.stack((prepared * 2)[:32]))
     lanes = pred.threads.lanes  # the cores' throughput: as many batch-32 calls at once as the thread plan runs
     with ThreadPoolExecutor(lanes) as pool:
         t32 = timed(lambda: list(pool.map(lambda _: pred.predict_prepared(batch32, batch_size=32), range(lanes))), seconds)
