@@ -45,8 +45,8 @@ def thread_plan(cores: int | None = None, intra_op: int | None = None, backend: 
     (`Predictor.predict_paths` keeps that many batches going, the REST API's segmenter and classifier run side by
     side). A call spread over every core waits at each operator for its slowest thread, and on a busy machine a
     decoder often is that thread; side-by-side calls never wait for each other. Measured on 2 cores (idle, bundled
-    model, 128 JPEGs): 7.8 ms of CPU per film instead of 9.5-10, 225 films/s instead of 172-184; one film alone takes
-    8.3 ms instead of 7.6. PyTorch (``backend="torch"``): one call at a time on every core, its own pool's way.
+    model, 128 JPEGs): 7.4 ms of CPU per film instead of 9.5-10, 235-243 films/s instead of 172-184; one film alone
+    takes 8.3 ms instead of 7.6. PyTorch (``backend="torch"``): one call at a time on every core, its own pool's way.
     Decoding runs beside the networks in ``decoders`` threads (Pillow, pydicom's codecs and NumPy release the GIL):
     two on 2 cores, half the cores on larger machines. ONNX Runtime's threads do not spin (`OnnxRunner`), so a
     decoder that wakes up finds a core. ``intra_op`` overrides the threads per call (``--threads``; it sets
@@ -55,8 +55,10 @@ def thread_plan(cores: int | None = None, intra_op: int | None = None, backend: 
     if not cores:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores = max(1, cores)
-    intra_op = max(1, intra_op or (1 if backend == "onnx" else cores))
-    return ThreadPlan(intra_op=intra_op, decoders=max(2, cores // 2), lanes=max(1, cores // intra_op) if backend == "onnx" else 1)
+    if backend != "onnx":
+        return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=max(2, cores // 2))
+    intra_op = max(1, intra_op or 1)
+    return ThreadPlan(intra_op=intra_op, decoders=max(2, cores // 2), lanes=max(1, cores // intra_op))
 
 
 class Runner(ABC):
