@@ -1,7 +1,8 @@
 """The loaded model and everything that calls it: decoding in threads, batching, Grad-CAM, previews.
 
 Concurrent requests are decoded in worker threads (the thread plan's decoders) and go through the
-networks together: the segmenter and input gate in one batch, then the classifier in another; while a
+networks together: the segmenter and input gate in one batch (the lung crops made in the same thread), then the
+classifier in another; while a
 network runs one batch, the next requests queue up and become its next batch (see `Batcher`). The two
 networks run side by side, each call on one core, as many at once as `covidxray.backends.thread_plan` has
 lanes (ONNX Runtime: one per core); under PyTorch they take turns, each on every core.
@@ -218,10 +219,7 @@ class Service:
     async def _check(self, upload: Upload) -> tuple[np.ndarray, np.ndarray | Verdict]:
         """The decoded image, and its network input or the input gate's refusal (`Predictor.check`, the gate batched)."""
         image, info = await self._in_thread(self._decode, upload)
-        verdict, lungs = await self.gate_batcher.submit((image, info))
-        if verdict is not None:
-            return image, verdict
-        return image, await self._in_thread(self.loaded().preprocess.prepare, image, lungs)
+        return image, await self.gate_batcher.submit((image, info))
 
     def _decode(self, upload: Upload) -> tuple[np.ndarray, Any]:
         try:
@@ -229,10 +227,11 @@ class Service:
         except ImageError as exc:
             raise image_error(exc) from None
 
-    def _gate_batch(self, items: list[tuple[np.ndarray, Any]]) -> list[tuple[Verdict | None, np.ndarray | None]]:
-        """The input gate's verdict and the lung map of each decoded image, from one segmenter call."""
+    def _gate_batch(self, items: list[tuple[np.ndarray, Any]]) -> list[np.ndarray | Verdict]:
+        """The input gate's refusal or the network input of each decoded image (one segmenter call, then the crops in
+        the same thread: a hop less per request than cropping in a decoder's)."""
         with self._networks:
-            return self.loaded().gate_many([image for image, _ in items], [info for _, info in items])
+            return self.loaded().check_many([image for image, _ in items], [info for _, info in items])
 
     def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
         """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
