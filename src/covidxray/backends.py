@@ -55,10 +55,11 @@ def thread_plan(cores: int | None = None, intra_op: int | None = None, backend: 
     if not cores:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores = max(1, cores)
+    decoders = max(2, cores // 2)
     if backend != "onnx":
-        return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=max(2, cores // 2))
+        return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=decoders)
     intra_op = max(1, intra_op or 1)
-    return ThreadPlan(intra_op=intra_op, decoders=max(2, cores // 2), lanes=max(1, cores // intra_op))
+    return ThreadPlan(intra_op=intra_op, decoders=decoders, lanes=max(1, cores // intra_op))
 
 
 class Runner(ABC):

@@ -3,8 +3,9 @@
 Concurrent requests are decoded in worker threads (the thread plan's decoders) and go through the
 networks together: the segmenter and input gate in one batch (the lung crops made in the same thread), then the
 classifier in another; while a network runs one batch, the next requests queue up and become its next batch (see
-`Batcher`). The two networks run side by side, each call on one core, as many at once as `covidxray.backends.thread_plan` has
-lanes (ONNX Runtime: one per core); under PyTorch they take turns, each on every core.
+`Batcher`). The two networks run side by side, each call on one core, as many at once as
+`covidxray.backends.thread_plan` has lanes (ONNX Runtime: one per core); under PyTorch they take turns, each on
+every core.
 """
 
 from __future__ import annotations
