@@ -12,16 +12,16 @@ import torch
 
 from covidxray.cache import prepare_images
 from covidxray.calibration import (
-    SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature, per_origin_threshold,
-    reliability,
+    SENSITIVITY_TARGETS, calibrate, covid_probability, expected_calibration_error, fit_temperature,
+    fit_temperature_and_shift, per_origin_threshold, reliability, shifted,
 )
-from covidxray.checkpoint import copy_model, load_model, model_files, update_model_meta
+from covidxray.checkpoint import copy_model, load_model, model_files, save_model, update_model_meta
 from covidxray.cli import main
 from covidxray.data import load_samples
 from covidxray.errors import CheckpointError
 from covidxray.inference import predict_logits
 from covidxray.metrics import choose_threshold, point_metrics
-from covidxray.models import get_spec
+from covidxray.models import build_model, fold_logit_shift, get_spec
 from covidxray.predictor import Predictor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,6 +54,38 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert set(cal.sensitivity_thresholds) == {f"{s:.2f}" for s in SENSITIVITY_TARGETS}
     # The threshold is chosen on the calibrated probabilities.
     assert cal.threshold == choose_threshold(y, covid_probability(logits, cal.temperature))
+
+
+def test_a_logit_shift_fixes_the_bias_that_temperature_cannot():
+    """A model that favours COVID-19 (every logit difference raised by 2) and is 1.5x too confident: temperature
+    alone leaves the bias; temperature and shift (Platt scaling) recover both."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 2, 20_000)  # true log-odds of COVID-19
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    logits = np.stack([np.zeros_like(z), 1.5 * z + 2.0], 1)
+    temperature, shift = fit_temperature_and_shift(logits, y)
+    assert temperature == pytest.approx(1.5, rel=0.05) and shift == pytest.approx(-2.0, abs=0.15)
+    plain, platt = calibrate(y, logits), calibrate(y, logits, shift=True)
+    assert (platt.temperature, platt.shift) == (temperature, shift) and plain.shift == 0.0
+    assert platt.ece_after < plain.ece_after / 3 and platt.nll_after < plain.nll_after
+    assert platt.ece_before == plain.ece_before and platt.nll_before == plain.nll_before  # both before: the raw logits
+    assert platt.threshold == choose_threshold(y, covid_probability(shifted(logits, shift), temperature))
+    meta = platt.to_meta()["calibration"]
+    assert meta["logit_shift"] == shift and "Platt" in meta["method"] and "logit shift" in platt.threshold_rule
+    # A kept temperature is kept, and then nothing is shifted.
+    assert calibrate(y, logits, shift=True, temperature=2.0).shift == 0.0
+
+
+def test_folding_a_shift_moves_only_the_logit_difference():
+    torch.manual_seed(0)
+    model = build_model("cxrnet").eval()
+    x = torch.rand(4, 1, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        after = fold_logit_shift(model, "cxrnet", 0.7)(x)
+    assert torch.allclose(after[:, 1] - after[:, 0], before[:, 1] - before[:, 0] + 0.7, atol=1e-5)
+    assert torch.allclose(after.sum(1), before.sum(1), atol=1e-5)
+    assert np.allclose(shifted(before.numpy(), 0.7), after.numpy(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +185,31 @@ def test_calibrate_command_rewrites_threshold_and_keeps_weights(run_copy: Path, 
         flagged = [p >= kept["threshold"] for s, p in zip(val, probs) if s.source == origin and s.label == 1]
         assert len(flagged) < 20 or np.mean(flagged) >= 0.95, origin
     assert set(kept["calibration"]["ece_by_source"]) == {s.source for s in val}
+
+
+def test_calibrate_shift_undoes_a_bias_in_the_weights(run_copy: Path, cache_dir: Path, val_images, capsys):
+    """Raise a calibrated run's COVID-19 logit by 2 (in its weights): `calibrate --shift` finds -2 and the old temperature,
+    rewrites the weights with it, and the stored threshold is a probability the served model gives a validation film."""
+    # Training calibrated on its 400 validation films; the command uses all of them, so calibrate there first.
+    assert main(["calibrate", str(run_copy), "--shift", "--cache-dir", str(cache_dir)]) == 0
+    model, meta = load_model(run_copy)
+    before = dict(meta)
+    for k in ("format", "weights_file", "weights_sha256"):
+        meta.pop(k)
+    save_model(run_copy, fold_logit_shift(model, meta["arch"], 2.0), meta)
+    assert main(["calibrate", str(run_copy), "--shift", "--cache-dir", str(cache_dir)]) == 0
+    assert "export the ONNX graphs again" in capsys.readouterr().out
+    after = json.loads((run_copy / "model.json").read_text())
+    # The run was calibrated with a shift on these same films, so the optimum is -2 away.
+    assert after["calibration"]["logit_shift"] == pytest.approx(-2.0, abs=0.01)
+    assert after["temperature"] == pytest.approx(before["temperature"], rel=0.01)
+    assert after["weights_sha256"] == hashlib.sha256((run_copy / "model.safetensors").read_bytes()).hexdigest()
+    assert _listing(run_copy) == {f.name for f in model_files(run_copy)}
+    images, y = val_images
+    probs = Predictor(run_copy, backend="torch").predict_prepared(images)
+    assert np.abs(probs - after["threshold"]).min() < 1e-6
+    assert expected_calibration_error(y, probs) == pytest.approx(after["calibration"]["ece_after"], abs=1e-3)
+    assert after["calibration"]["ece_after"] < after["calibration"]["ece_before"]
 
 
 def test_update_refuses_bad_values_and_mismatched_weights(run_copy: Path):

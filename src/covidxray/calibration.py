@@ -1,4 +1,4 @@
-"""Calibration: temperature scaling fitted on the validation split, then the operating threshold.
+"""Calibration: temperature scaling (and a logit shift) fitted on the validation split, then the operating threshold.
 
 Temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017) divides
 the logits by one scalar ``T > 0`` chosen to minimise the negative log-likelihood (NLL) of the
@@ -7,6 +7,12 @@ on the old probabilities has an equivalent on the new ones), but it makes P(COVI
 it says: of the cases given 0.8, about 80% should be COVID-19. Label smoothing, class-balanced
 sampling and the weight average used in training all distort raw softmax confidences, which is
 why the fit is worth doing after every run.
+
+Temperature alone cannot move probabilities that are biased towards one class (label smoothing,
+class-balanced sampling and augmentation of one class do that: a run's Youden threshold near 0.7 says
+so). With ``shift=True`` a logit shift is fitted with the temperature (Platt scaling, ``sigmoid((d + s) /
+T)`` of the logit difference ``d``); it is folded into the classifier's bias (`fold_logit_shift`), so
+that every consumer keeps computing ``softmax(logits / T)`` and the exported graphs carry it.
 
 The threshold is chosen after the temperature, on the calibrated validation probabilities, so
 that the stored threshold and the stored temperature belong together. COVID-19 is the positive
@@ -20,22 +26,24 @@ Example:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from sklearn.calibration import calibration_curve
 
 from .errors import DataError
 from .metrics import choose_threshold
+from .models import fold_logit_shift
 
 __all__ = [
     "ECE_BINS", "SENSITIVITY_TARGETS", "Calibration", "reliability", "expected_calibration_error", "covid_probability",
-    "nll", "fit_temperature", "per_origin_threshold", "calibrate",
+    "nll", "fit_temperature", "fit_temperature_and_shift", "shifted", "per_origin_threshold", "calibrate",
+    "calibrate_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,6 +139,25 @@ def fit_temperature(logits: ArrayLike, y: ArrayLike) -> float:
     return temperature
 
 
+def shifted(logits: ArrayLike, shift: float) -> np.ndarray:
+    """``logits`` ``(N, 2)`` with the COVID-19 minus normal difference raised by ``shift`` (half on each column,
+    as `covidxray.models.fold_logit_shift` moves the classifier's bias)."""
+    z, _ = _check(logits)
+    return (z + torch.tensor([-shift / 2, shift / 2], dtype=z.dtype)).numpy()
+
+
+def fit_temperature_and_shift(logits: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """The temperature and logit shift minimising validation NLL of ``sigmoid((d + shift) / T)`` (Platt scaling)."""
+    z, t = _check(logits, y)
+    start = np.log(fit_temperature(z, t.numpy()))
+
+    def loss(w: np.ndarray) -> float:
+        return float(F.cross_entropy((z + torch.tensor([-w[1] / 2, w[1] / 2], dtype=z.dtype)) * np.exp(-w[0]), t))
+
+    res = minimize(loss, np.array([start, 0.0]), method="L-BFGS-B", bounds=[tuple(np.log(T_BOUNDS)), (-20.0, 20.0)])
+    return float(np.exp(res.x[0])), float(res.x[1])
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Temperature and threshold fitted on validation data, with the evidence for them."""
@@ -145,6 +172,7 @@ class Calibration:
     nll_after: float
     sensitivity_thresholds: dict[str, float] = field(default_factory=dict)  # "0.95" -> highest threshold reaching it
     ece_by_source: dict[str, float] = field(default_factory=dict)  # per origin of the validation films, at `temperature`
+    shift: float = 0.0  # logit shift fitted with the temperature (0: temperature scaling alone), for the classifier's bias
 
     def to_meta(self) -> dict[str, Any]:
         """The ``model.json`` fields this calibration sets."""
@@ -152,7 +180,9 @@ class Calibration:
             "temperature": self.temperature, "threshold": self.threshold, "threshold_rule": self.threshold_rule,
             "sensitivity_thresholds": self.sensitivity_thresholds,
             "calibration": {
-                "method": "temperature scaling (validation NLL)", "split": "val", "n": self.n, "bins": ECE_BINS,
+                "method": ("temperature scaling and a logit shift (Platt scaling, validation NLL; the shift is in the "
+                           "classifier's bias)" if self.shift else "temperature scaling (validation NLL)"),
+                "logit_shift": self.shift, "split": "val", "n": self.n, "bins": ECE_BINS,
                 "ece_before": self.ece_before, "ece_after": self.ece_after,
                 "nll_before": self.nll_before, "nll_after": self.nll_after, "ece_by_source": self.ece_by_source,
             },
@@ -184,7 +214,7 @@ def per_origin_threshold(y: np.ndarray, p: np.ndarray, sources: Sequence[str], t
 
 def calibrate(
     y: ArrayLike, logits: ArrayLike, target_sensitivity: float | None = None, threshold: float | None = None,
-    temperature: float | None = None, sources: Sequence[str] | None = None,
+    temperature: float | None = None, sources: Sequence[str] | None = None, shift: bool = False,
 ) -> Calibration:
     """Fit the temperature (unless given) and then choose the threshold, both on validation data.
 
@@ -197,6 +227,9 @@ def calibrate(
         temperature: keep this temperature instead of fitting one.
         sources: the origin of each validation film: with ``target_sensitivity``, every COVID-19 origin must reach
             it (`per_origin_threshold`), not just the pooled films; the ECE is also reported per origin.
+        shift: also fit a logit shift (with the temperature, unless ``temperature`` is given); every number
+            after it (threshold, ECE and NLL after) is on the shifted logits, which the caller must make the
+            model's own (`covidxray.models.fold_logit_shift`).
 
     Returns:
         The `Calibration`; ``to_meta()`` gives the checkpoint fields.
@@ -209,11 +242,15 @@ def calibrate(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    fitted = temperature is None
-    temperature = fit_temperature(z, labels) if fitted else float(temperature)
-    raw, p = covid_probability(z, 1.0), covid_probability(z, temperature)
+    fitted, logit_shift, raw = temperature is None, 0.0, covid_probability(z, 1.0)
+    if shift and fitted:
+        temperature, logit_shift = fit_temperature_and_shift(z, labels)
+    elif fitted:
+        temperature = fit_temperature(z, labels)
+    z_before, z = z, torch.from_numpy(shifted(z, logit_shift))
+    p = covid_probability(z, temperature)
     where = (f"on the validation split ({len(p)} images), temperature-scaled probabilities "
-             f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'})")
+             f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'}" + (f", logit shift {logit_shift:+.3f})" if logit_shift else ")"))
     if threshold is not None:
         rule = f"fixed at {threshold:g} by the user (T={temperature:.3f} {'fitted on' if fitted else 'kept for'} the validation split)"
     elif target_sensitivity and sources is not None:
@@ -231,7 +268,28 @@ def calibrate(
     return Calibration(
         temperature=temperature, threshold=float(threshold), threshold_rule=rule, n=len(p),
         ece_before=expected_calibration_error(labels, raw), ece_after=expected_calibration_error(labels, p),
-        nll_before=nll(z, labels, 1.0), nll_after=nll(z, labels, temperature),
+        nll_before=nll(z_before, labels, 1.0), nll_after=nll(z, labels, temperature),
         sensitivity_thresholds={f"{s:.2f}": choose_threshold(labels, p, s) for s in SENSITIVITY_TARGETS},
-        ece_by_source=by_source,
+        ece_by_source=by_source, shift=logit_shift,
     )
+
+
+def calibrate_model(model: torch.nn.Module, arch: str, y: ArrayLike, logits: np.ndarray, relogit: Callable[[], np.ndarray],
+                    shift: bool, **options: Any) -> tuple[Calibration, np.ndarray]:
+    """`calibrate` a model on its validation ``logits``; with ``shift``, fold the fitted logit shift into its bias.
+
+    ``relogit()`` gives the validation logits of ``model`` as it is now. After the shift is folded in
+    (`covidxray.models.fold_logit_shift`) the threshold is chosen again on them, so that it is bit for bit a
+    probability the served model gives (a validation film on the threshold stays on it).
+
+    Returns:
+        The `Calibration` and the validation logits it describes (the changed model's).
+    """
+    first = calibrate(y, logits, shift=shift, **options)
+    if not first.shift:
+        return first, logits
+    fold_logit_shift(model, arch, first.shift)
+    logits = relogit()
+    final = calibrate(y, logits, **{**options, "temperature": first.temperature})
+    return replace(final, shift=first.shift, threshold_rule=first.threshold_rule, ece_before=first.ece_before,
+                   nll_before=first.nll_before), logits

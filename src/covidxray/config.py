@@ -72,6 +72,9 @@ class TrainConfig:
     target_sensitivity: float | None = _f(None, "choose the highest threshold at which every COVID-19 origin "
                                                 "of the validation films (20 or more) reaches this sensitivity "
                                                 "(default: Youden's J)")
+    logit_shift: bool = _f(True, "calibrate with a logit shift besides the temperature (Platt scaling on validation, "
+                                 "kept in the classifier's bias): probabilities that a class-biased training skewed "
+                                 "mean what they say again")
     seed: int = _f(0, "seed of sampling, augmentation and initialisation")
     deterministic: bool = _f(False, "deterministic kernels (slower)")
     limit: int | None = _f(None, "use at most this many images per split (quick runs)")

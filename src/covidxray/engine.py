@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import CLASS_NAMES, __version__, distributed
 from .adversary import OriginAdversary, build_adversary
 from .cache import readable_images
-from .calibration import calibrate, covid_probability
+from .calibration import calibrate_model, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
 from .config import TrainConfig
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
@@ -312,8 +312,9 @@ def _finish(run: Path, cfg: TrainConfig, pre: Preprocess, data: _Data, device: t
     best, meta = load_model(run)
     best = best.to(device)
     logits, val_feats = logits_and_features(best, cfg.arch, data.xva, pre, cfg.eval_batch_size, device)
-    cal = calibrate(data.yva.numpy(), logits, cfg.target_sensitivity,
-                    sources=[s.source for s in data.val_samples])
+    cal, logits = calibrate_model(best, cfg.arch, data.yva.numpy(), logits, lambda: logits_and_features(
+        best, cfg.arch, data.xva, pre, cfg.eval_batch_size, device)[0], cfg.logit_shift,
+        target_sensitivity=cfg.target_sensitivity, sources=[s.source for s in data.val_samples])
     p = covid_probability(logits, cal.temperature)
     # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
     sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(data.xtr))[:FAMILIARITY_SAMPLE])

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .cache import readable_images
-from .calibration import Calibration, calibrate, covid_probability
-from .checkpoint import default_model_path, resolve_data, run_dir, update_model_meta
+from .calibration import Calibration, calibrate_model, covid_probability
+from .checkpoint import default_model_path, resolve_data, run_dir, save_model, update_model_meta
 from .batch import expand_inputs
 from .data import Sample, load_samples
 from .errors import DataError, ImageError
@@ -183,18 +183,21 @@ def evaluate_run(
 
 def calibrate_run(
     run: str | os.PathLike, data: str | None = None, splits: str | None = None, target_sensitivity: float | None = None,
-    threshold: float | None = None, keep_temperature: bool = False, cache_dir: str | None = None,
+    threshold: float | None = None, keep_temperature: bool = False, shift: bool = False, cache_dir: str | None = None,
 ) -> Calibration:
     """Refit the temperature and threshold of a trained run on its validation split; rewrite ``model.json``.
 
-    The weights are not touched (their SHA-256 stays valid); ``model.json`` is replaced atomically.
-    Evaluation reports written before are stale afterwards: evaluate again.
+    The weights are not touched (their SHA-256 stays valid) unless ``shift``: then a logit shift is fitted
+    with the temperature and folded into the classifier's bias, and the weights are rewritten with
+    ``model.json`` (graphs exported before no longer match them: export again). Either file is replaced
+    atomically. Evaluation reports written before are stale afterwards: evaluate again.
 
     Args:
         run: run folder or ``model.json``.
         data, splits: the data holding the validation split; default: what the run was trained on.
         target_sensitivity, threshold: threshold rule (see `calibrate`); default Youden's J.
-        keep_temperature: keep the stored temperature and only choose the threshold.
+        keep_temperature: keep the stored temperature and only choose the threshold (no shift).
+        shift: also fit a logit shift (Platt scaling), kept in the weights.
         cache_dir: decoded-image cache.
 
     Returns:
@@ -203,11 +206,18 @@ def calibrate_run(
     predictor = Predictor(run, backend="torch")
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
-    cal = calibrate([s.label for s in samples], logits, target_sensitivity, threshold,
-                    predictor.temperature if keep_temperature else None, sources=[s.source for s in samples])
-    update_model_meta(run, cal.to_meta())
-    log.info("calibrated %s on %d validation images: T=%.3f, ECE %.4f -> %.4f, threshold %.4f (%s)", run, cal.n,
-             cal.temperature, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
+    cal, _ = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits,
+                             lambda: predict_split(predictor, data, splits, "val", cache_dir)[1], shift and not keep_temperature,
+                             target_sensitivity=target_sensitivity, threshold=threshold,
+                             temperature=predictor.temperature if keep_temperature else None,
+                             sources=[s.source for s in samples])
+    if cal.shift:
+        meta = {k: v for k, v in predictor.meta.items() if k not in ("format", "weights_file", "weights_sha256")}
+        save_model(run_dir(run), predictor.model.cpu(), {**meta, **cal.to_meta()})
+    else:
+        update_model_meta(run, cal.to_meta())
+    log.info("calibrated %s on %d validation images: T=%.3f, logit shift %.3f, ECE %.4f -> %.4f, threshold %.4f (%s)",
+             run, cal.n, cal.temperature, cal.shift, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
     return cal
 
 

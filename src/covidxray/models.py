@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "forward_with_features"]
+__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "forward_with_features", "fold_logit_shift"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,18 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, arch: str) -> tuple
     finally:
         handle.remove()
     return logits, captured[-1].flatten(1)
+
+
+def fold_logit_shift(model: nn.Module, arch: str, shift: float) -> nn.Module:
+    """Raise the COVID-19 minus normal logit difference of ``model`` by ``shift`` (half on each class's bias), in place.
+
+    This is how a calibration's logit shift (`covidxray.calibration.calibrate` with ``shift=True``) becomes part of
+    the weights: every consumer (PyTorch, the exported graphs) then gives the calibrated logits itself.
+    """
+    head = model.get_submodule(get_spec(arch).head)
+    with torch.no_grad():
+        head.bias += torch.tensor([-shift / 2, shift / 2], dtype=head.bias.dtype, device=head.bias.device)
+    return model
 
 
 def _read_weights(weights: str, spec: ModelSpec, name: str) -> dict[str, torch.Tensor]:

@@ -77,6 +77,9 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
                            "this without touching the model, for as many sites as it serves)")
     ca.add_argument("--target-specificity", type=float, default=0.95, help="with --site-normals (default 0.95)")
     ca.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature; only choose the threshold")
+    ca.add_argument("--shift", action="store_true",
+                    help="also fit a logit shift (Platt scaling), kept in the classifier's bias: rewrites the weights, "
+                         "so export the graphs again")
     ca.set_defaults(func=cmd_calibrate)
 
     au = sub.add_parser("audit", parents=[run, data, split],
@@ -161,12 +164,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
 
     cal = calibrate_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
-                        threshold=args.threshold, keep_temperature=args.keep_temperature, cache_dir=args.cache_dir)
-    print(f"temperature {cal.temperature:.4f}: validation ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}, "
+                        threshold=args.threshold, keep_temperature=args.keep_temperature, shift=args.shift,
+                        cache_dir=args.cache_dir)
+    shift = f", logit shift {cal.shift:+.4f}" if cal.shift else ""
+    print(f"temperature {cal.temperature:.4f}{shift}: validation ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}, "
           f"NLL {cal.nll_before:.4f} -> {cal.nll_after:.4f} ({cal.n} images)")
     print(f"threshold {cal.threshold:.4f}: {cal.threshold_rule}")
     print("validation thresholds for sensitivity " + ", ".join(f">= {k}: {v:.4f}" for k, v in cal.sensitivity_thresholds.items()))
-    print(f"rewrote {args.run} model.json (weights unchanged); evaluate again: earlier reports used the old values")
+    if cal.shift:
+        print(f"rewrote {args.run} model.json and its weights (the shift is in the classifier's bias): export the ONNX "
+              "graphs again and evaluate again: earlier graphs and reports belong to the old weights")
+    else:
+        print(f"rewrote {args.run} model.json (weights unchanged); evaluate again: earlier reports used the old values")
     return 0
 
 
