@@ -32,7 +32,7 @@ from .imaging import read_image
 from .inference import logits_and_features
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
-from .report import json_safe, write_report
+from .report import json_safe, save_predictions_csv, write_report
 from .sites import SiteProfile, check_target, site_threshold
 
 __all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "onboard_site", "predict_split", "resolve_data", "screen"]
@@ -206,7 +206,7 @@ def calibrate_run(
     predictor = Predictor(run, backend="torch")
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
-    cal, _ = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits,
+    cal, logits = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits,
                              lambda: predict_split(predictor, data, splits, "val", cache_dir)[1], shift and not keep_temperature,
                              target_sensitivity=target_sensitivity, threshold=threshold,
                              temperature=predictor.temperature if keep_temperature else None,
@@ -216,6 +216,9 @@ def calibrate_run(
         save_model(run_dir(run), predictor.model.cpu(), {**meta, **cal.to_meta()})
     else:
         update_model_meta(run, cal.to_meta())
+    if (run_dir(run) / "val_predictions.csv").is_file():  # training's record of what the threshold was chosen on
+        save_predictions_csv(run_dir(run) / "val_predictions.csv", [s.key for s in samples], [s.label for s in samples],
+                             covid_probability(logits, cal.temperature), cal.threshold, sources=[s.source for s in samples])
     log.info("calibrated %s on %d validation images: T=%.3f, logit shift %.3f, ECE %.4f -> %.4f, threshold %.4f (%s)",
              run, cal.n, cal.temperature, cal.shift, cal.ece_before, cal.ece_after, cal.threshold, cal.threshold_rule)
     return cal
