@@ -16,6 +16,7 @@ repeats every group per seed and reports mean and spread.
     python bench/loso.py --name lungs --groups jsrt                   # covid-cxr only, JSRT held out
     python bench/loso.py --name X --pooled --seeds 0,1,2 -- ...       # train flags after --
     python bench/loso.py --name X --merge X-a,X-b -- ...              # one table of results saved in turn
+    python bench/loso.py --name X --seeds 0,1,2 --ensemble -- ...     # the seeds' runs as one mean-probability ensemble
 
 ``--pooled`` trains on every shared origin (covid-cxr, JSRT and tb-cxr: `origins.pooled_rows`, other
 findings as not COVID-19); without it, on covid-cxr alone (plus ``--jsrt-normals``). Runs go to
@@ -29,15 +30,21 @@ import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 
 from common import ROOT, save
-from origins import COVID_ORIGINS, ORIGINS, internal_anchors, pooled_rows, score_origins, write_manifest
+from origins import COVID_ORIGINS, ORIGINS, SHARED, internal_anchors, pooled_rows, score_origins, write_manifest
+from covidxray.cache import readable_images
 from covidxray.cli.run_commands import train_flags
 from covidxray.config import TrainConfig, config_for
+from covidxray.data import load_samples
 from covidxray.engine import train
+from covidxray.inference import predict_probs
+from covidxray.metrics import choose_threshold
 from covidxray.predictor import Predictor
 
 GROUPS = "jsrt+covid-cxnet,shenzhen+ieee8023,montgomery"
@@ -56,7 +63,8 @@ def finished(run: Path) -> bool:
     return (run / "model.json").is_file() and "train_seconds" in json.loads((run / "model.json").read_text())
 
 
-def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
+def train_group(name: str, seed: int, group: str, args, overrides: dict) -> Path:
+    """The run of one seed with ``group``'s origins held out: trained (or resumed) unless it has finished."""
     held_out = set(group.split("+"))
     unknown = held_out - set(ORIGINS)
     if unknown:
@@ -66,6 +74,12 @@ def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
         data = write_manifest(training_rows(held_out, args.pooled, args.jsrt_normals), run.parent / f"data-without-{group}.csv")
         cfg = config_for(args.recipe, data=str(data), out=str(run), **{**overrides, "seed": seed})
         train(cfg, resume=(run / "last.safetensors").is_file())
+    return run
+
+
+def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
+    held_out = set(group.split("+"))
+    run = train_group(name, seed, group, args, overrides)
     predictor = Predictor(run, backend="torch")
     internal = internal_anchors(predictor)
     y, p = internal.pop("y"), internal.pop("p")
@@ -116,6 +130,41 @@ def summarise(results: dict[int, dict[str, dict]]) -> tuple[list[str], dict]:
     return table, {"cells": summary, "worst": worst, "internal_test_auc": aucs}
 
 
+class _MeanProbability(torch.nn.Module):
+    """Several runs' calibrated P(COVID-19), averaged, as log-probabilities: softmax at temperature 1 gives the mean."""
+
+    def __init__(self, predictors: list[Predictor]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(p.model for p in predictors)
+        self.temperatures = [p.temperature for p in predictors]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.softmax(m(x) / t, 1)[:, 1] for m, t in zip(self.members, self.temperatures)]).mean(0)
+        return torch.log(torch.stack([1 - p, p], 1).clamp_min(1e-12))
+
+
+def ensemble_group(name: str, seeds: list[int], group: str, args, overrides: dict) -> dict:
+    """One group's runs of every seed (trained here if missing) as one ensemble: the mean of their P(COVID-19),
+    thresholded by Youden's J on the covid-cxr validation split (every member's own validation films)."""
+    runs = [train_group(name, seed, group, args, overrides) for seed in seeds]
+    predictors = [Predictor(run, backend="torch") for run in runs]
+    if len({json.dumps(p.preprocess.to_dict(), sort_keys=True) for p in predictors}) != 1:
+        raise SystemExit("an ensemble needs runs with one preprocessing; these differ")
+    model = _MeanProbability(predictors).eval()
+    val = [s for s in load_samples(SHARED / "covid-cxr" / "manifest.csv", ROOT / "splits" / "covid-cxr.csv") if s.split == "val"]
+    kept, images, _ = readable_images(val, predictors[0].preprocess, None, desc="decoding validation")
+    y_val = np.array([s.label for s in kept])
+    p_val = predict_probs(model, images, predictors[0].preprocess)
+    ensemble = SimpleNamespace(model=model, preprocess=predictors[0].preprocess, temperature=1.0,
+                               threshold=choose_threshold(y_val, p_val), meta={})
+    internal = internal_anchors(ensemble)
+    y, p = internal.pop("y"), internal.pop("p")
+    return {"run": " + ".join(str(run.relative_to(ROOT)) for run in runs), "threshold": ensemble.threshold,
+            "val_auc": float(roc_auc_score(y_val, p_val)), "internal_test_auc": float(roc_auc_score(y, p)),
+            "train_minutes": sum(p.meta.get("train_seconds", 0) for p in predictors) / 60,
+            "origins": score_origins(ensemble, tuple(sorted(group.split("+"))), internal), "other_findings_test": {}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="name of this recipe variant (runs/loso/NAME, loso-NAME.json)")
@@ -128,6 +177,8 @@ def main() -> None:
                                      "other groups or seeds of the same runs apart")
     ap.add_argument("--merge", help="comma-separated result names: one table of their runs' results, nothing trained "
                                     "(e.g. the groups and seeds of one recipe screened in turn)")
+    ap.add_argument("--ensemble", action="store_true", help="score each group's runs of all --seeds as one ensemble "
+                                                            "(mean P(COVID-19), Youden threshold on validation)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: covidxray train flags")
     args = ap.parse_args()
     flags = argparse.ArgumentParser(add_help=False)
@@ -139,7 +190,10 @@ def main() -> None:
     for name in filter(None, (args.merge or "").split(",")):
         for seed, groups in json.loads((ROOT / "bench" / "results" / f"loso-{name}.json").read_text())["results"].items():
             results.setdefault(int(seed), {}).update(groups)
-    for seed in [] if args.merge else map(int, args.seeds.split(",")):
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for group in args.groups.split(",") if args.ensemble and not args.merge else []:
+        results.setdefault(0, {})[group] = ensemble_group(args.name, seeds, group, args, overrides)
+    for seed in [] if args.merge or args.ensemble else seeds:
         for group in args.groups.split(","):
             results.setdefault(seed, {})[group] = run_group(args.name, seed, group, args, overrides)
             print(json.dumps({"seed": seed, "group": group, **{k: v for k, v in results[seed][group].items() if k != "origins"}}),
@@ -147,6 +201,7 @@ def main() -> None:
     table, summary = summarise(results)
     command = (f"python bench/loso.py --name {args.name}" + (f" --result {args.result}" if args.result else "")
                + (f" --merge {args.merge}" if args.merge else f" --groups {args.groups} --seeds {args.seeds}")
+               + (" --ensemble" if args.ensemble else "")
                + (" --pooled" if args.pooled else "") + (" --jsrt-normals" if args.jsrt_normals else "")
                + (f" --recipe {args.recipe}" if args.recipe != "default" else "")
                + (" -- " + " ".join(a for a in args.train_args if a != "--") if args.train_args else ""))
