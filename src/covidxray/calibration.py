@@ -139,11 +139,14 @@ def fit_temperature(logits: ArrayLike, y: ArrayLike) -> float:
     return temperature
 
 
+def _shift(z: torch.Tensor, shift: float) -> torch.Tensor:
+    return z + torch.tensor([-shift / 2, shift / 2], dtype=z.dtype)
+
+
 def shifted(logits: ArrayLike, shift: float) -> np.ndarray:
     """``logits`` ``(N, 2)`` with the COVID-19 minus normal difference raised by ``shift`` (half on each column,
     as `covidxray.models.fold_logit_shift` moves the classifier's bias)."""
-    z, _ = _check(logits)
-    return (z + torch.tensor([-shift / 2, shift / 2], dtype=z.dtype)).numpy()
+    return _shift(_check(logits)[0], shift).numpy()
 
 
 def fit_temperature_and_shift(logits: ArrayLike, y: ArrayLike) -> tuple[float, float]:
@@ -152,7 +155,7 @@ def fit_temperature_and_shift(logits: ArrayLike, y: ArrayLike) -> tuple[float, f
     start = np.log(fit_temperature(z, t.numpy()))
 
     def loss(w: np.ndarray) -> float:
-        return float(F.cross_entropy((z + torch.tensor([-w[1] / 2, w[1] / 2], dtype=z.dtype)) * np.exp(-w[0]), t))
+        return float(F.cross_entropy(_shift(z, w[1]) * np.exp(-w[0]), t))
 
     res = minimize(loss, np.array([start, 0.0]), method="L-BFGS-B", bounds=[tuple(np.log(T_BOUNDS)), (-20.0, 20.0)])
     return float(np.exp(res.x[0])), float(res.x[1])
@@ -247,10 +250,11 @@ def calibrate(
         temperature, logit_shift = fit_temperature_and_shift(z, labels)
     elif fitted:
         temperature = fit_temperature(z, labels)
-    z_before, z = z, torch.from_numpy(shifted(z, logit_shift))
+    z_before, z = z, _shift(z, logit_shift)
     p = covid_probability(z, temperature)
+    shift_note = f", logit shift {logit_shift:+.3f}" if logit_shift else ""
     where = (f"on the validation split ({len(p)} images), temperature-scaled probabilities "
-             f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'}" + (f", logit shift {logit_shift:+.3f})" if logit_shift else ")"))
+             f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'}{shift_note})")
     if threshold is not None:
         rule = f"fixed at {threshold:g} by the user (T={temperature:.3f} {'fitted on' if fitted else 'kept for'} the validation split)"
     elif target_sensitivity and sources is not None:

@@ -206,14 +206,13 @@ def calibrate_run(
     predictor = Predictor(run, backend="torch")
     data, splits = resolve_data(run, predictor.meta, data, splits)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
-    cal, logits = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits,
-                             lambda: predict_split(predictor, data, splits, "val", cache_dir)[1], shift and not keep_temperature,
-                             target_sensitivity=target_sensitivity, threshold=threshold,
-                             temperature=predictor.temperature if keep_temperature else None,
-                             sources=[s.source for s in samples])
-    if cal.shift:
-        meta = {k: v for k, v in predictor.meta.items() if k not in ("format", "weights_file", "weights_sha256")}
-        save_model(run_dir(run), predictor.model.cpu(), {**meta, **cal.to_meta()})
+    relogit = lambda: predict_split(predictor, data, splits, "val", cache_dir)[1]  # noqa: E731 - the model as it is now
+    cal, logits = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits, relogit,
+                                  shift and not keep_temperature, target_sensitivity=target_sensitivity,
+                                  threshold=threshold, temperature=predictor.temperature if keep_temperature else None,
+                                  sources=[s.source for s in samples])
+    if cal.shift:  # save_model records the new weights' hash in place of the old
+        save_model(run_dir(run), predictor.model.cpu(), {**predictor.meta, **cal.to_meta()})
     else:
         update_model_meta(run, cal.to_meta())
     if (run_dir(run) / "val_predictions.csv").is_file():  # training's record of what the threshold was chosen on
