@@ -306,3 +306,18 @@ def test_int8_export_checks_itself_against_pytorch(trained_run: Path, xrays: lis
     assert failed == []
     p_int8, p_torch = int8.predict_prepared(images), torch_pred.predict_prepared(images)
     assert p_int8.shape == p_torch.shape == (len(xrays),) and ((0 <= p_int8) & (p_int8 <= 1)).all()
+
+
+def test_a_float_export_removes_the_int8_graph_it_leaves_stale(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """An int8 graph re-checks with the float graph its contract names by hash; exporting that float graph again
+    (bytes differ across library versions) must not leave a folder that refuses to load."""
+    model = copy_model(default_model_path(), tmp_path / "model")
+    int8_contract = model / "model.int8.onnx.json"
+    contract = json.loads(int8_contract.read_text())
+    contract["int8"]["recheck"]["float_onnx_sha256"] = "0" * 64  # as if made beside another export of model.onnx
+    int8_contract.write_text(json.dumps(contract))
+    export_onnx(model, model / "model.onnx")
+    assert not int8_contract.exists() and not (model / "model.int8.onnx").exists()
+    assert "removed" in caplog.text and "model.int8.onnx" in caplog.text
+    served = Predictor(model)  # auto: the float graph now, not an error
+    assert served.backend == "onnx" and "int8" not in served.onnx_contract

@@ -213,8 +213,33 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike, opset: int = 17,
         _write_graph(out.with_name(FLOAT_ONNX), blob, {**contract, "onnx_file": FLOAT_ONNX, "int8": None})
         blob = quantised
     _write_graph(out, blob, contract)
+    if not int8:
+        _drop_stale_int8(out, hashlib.sha256(blob).hexdigest(), contract.get("segmenter_onnx"))
     log.info("exported %s to %s (%.1f MB%s)", run, out, len(blob) / 2**20, ", int8" if int8 else "")
     return out
+
+
+def _drop_stale_int8(out: Path, float_sha256: str, segmenter: dict[str, str] | None) -> None:
+    """Remove the int8 graphs beside ``out`` that a new float export left unusable.
+
+    An int8 graph re-checks films with the float graph its contract names, and shares the segmenter graph, both by
+    hash. Export is not byte-reproducible across library versions, so exporting ``out`` again (or a model copied
+    with its int8 graph) would leave a folder that refuses to load; the stale graph goes, and ``--int8`` remakes it.
+    """
+    for path in sorted(out.parent.glob("*.onnx.json")):
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        recheck = (theirs.get("int8") or {}).get("recheck") or {}
+        stale_float = recheck.get("float_onnx") == out.name and recheck.get("float_onnx_sha256") != float_sha256
+        stale_seg = segmenter is not None and (theirs.get("segmenter_onnx") or {}).get("sha256") != segmenter["sha256"]
+        if theirs.get("int8") and (stale_float or stale_seg):
+            graph = path.with_name(theirs.get("onnx_file", path.name[: -len(".json")]))
+            path.unlink()  # the contract first: a graph without one is never loaded
+            graph.unlink(missing_ok=True)
+            log.warning("removed %s: its float re-check or segmenter graph was exported again (export --int8 makes "
+                        "it anew)", graph)
 
 
 def _write_graph(path: Path, blob: bytes, contract: dict[str, Any]) -> None:
