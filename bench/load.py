@@ -76,12 +76,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, backend: str, threads: int | None, log_file: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, backend: str, threads: int | None, log_file: Path,
+                 max_batch: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     command = [sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--model", str(model), "--backend", backend]
     with open(log_file, "wb") as log:
-        proc = subprocess.Popen(command + (["--threads", str(threads)] if threads else []), stdout=log,
+        extra = (["--threads", str(threads)] if threads else []) + (["--max-batch", str(max_batch)] if max_batch else [])
+        proc = subprocess.Popen(command + extra, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--bad-fraction", type=float, default=0.0, help="share of uploads that are broken files")
     ap.add_argument("--explain", action="store_true", help="ask for the Grad-CAM overlay on every request")
     ap.add_argument("--threads", type=int, help="model intra-op threads of the server (default: the library's)")
+    ap.add_argument("--max-batch", type=int, help="the server's most images per network call (default: serve's)")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of the same load before measuring, so memory is measured after the batch sizes settled")
     ap.add_argument("--note", default="", help="a sentence added under the table (e.g. what else ran)")
@@ -183,7 +186,7 @@ def main() -> None:
         model = copy_model(default_model_path(), Path(tmp) / "model")  # a copy: the export does not touch the shipped model
         if args.backend == "onnx" and not (model / "model.onnx").is_file():
             export_onnx(model, model / "model.onnx")
-        proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log")
+        proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log", args.max_batch)
         try:
             model_name = httpx.get(url + "/v1/model").json()["name"]
             load = (url, proc.pid, files, bad, args.clients)

@@ -72,3 +72,10 @@ def test_train_segmenter_command_writes_a_loadable_segmenter(tmp_path: Path, dat
     seg = LungSegmenter(tmp_path / "seg")
     assert seg.meta["config"]["epochs"] == 1 and seg.meta["preprocess"]["size"] == 32
     assert json.loads((tmp_path / "seg" / "segmenter.json").read_text())["split"]["train"]
+
+
+def test_serve_refuses_a_batch_size_below_one_before_loading_anything(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """``serve --max-batch 0`` would queue requests no network call ever takes: refused with a clear message."""
+    # --model names nothing: were the option not checked first, the missing model would be the error
+    assert main(["serve", "--model", str(tmp_path / "none"), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1, not 0" in capsys.readouterr().err

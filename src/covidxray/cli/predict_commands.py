@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="allow browser calls from this origin (repeatable; default: none)")
     sv.add_argument("--threads", type=int, help="intra-op threads per network call (default: ONNX Runtime 1, a call "
                                                 "per core side by side, as covidxray.backends.thread_plan says)")
+    sv.add_argument("--max-batch", type=int, default=8, help="most images per network call when requests arrive together "
+                                                          "(default 8)")
     sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
@@ -284,12 +286,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.send_to_dicomweb and not (args.dicomweb_spool and args.db):  # it would serve, and never send a report
         raise CovidXrayError("--send-to-dicomweb needs --db DB and --dicomweb-spool DIR: reports are sent for what "
                              "STOW-RS receives into the spool")
+    if args.max_batch < 1:
+        raise CovidXrayError(f"--max-batch must be at least 1, not {args.max_batch}")
     limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
     # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
     predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
     app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
-                     cors_origins=args.cors_origin, results_db=args.db,
+                     max_batch=args.max_batch, cors_origins=args.cors_origin, results_db=args.db,
                      dicomweb_spool=args.dicomweb_spool, dicomweb_send_to=args.send_to_dicomweb, sites=args.sites)
     print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
           f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
