@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="allow browser calls from this origin (repeatable; default: none)")
     sv.add_argument("--threads", type=int, help="intra-op threads per network call (default: ONNX Runtime 1, a call "
                                                 "per core side by side, as covidxray.backends.thread_plan says)")
-    sv.add_argument("--max-batch", type=int, default=8, help="most images per network call when requests arrive together "
-                                                          "(default 8)")
+    sv.add_argument("--max-batch", type=int, default=4, help="most images per network call when requests arrive together "
+                                                          "(default 4: the segmenter and classifier then overlap)")
     sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
