@@ -87,11 +87,9 @@ def create_app(
         timeout_s: per-image limit on decode + inference; past it the answer is 504.
         cors_origins: origins allowed to call the API from a browser; empty (the default) adds no
             CORS headers at all.
-        max_batch: most images per model call (see `covidxray.server.service.Batcher`). Smaller batches keep the
-            segmenter's and the classifier's lanes busy at once instead of in turn: on 2 idle cores (bundled model,
-            `bench/load.py --max-batch`) 4 gave 120 requests/s from 8 clients against 111 for 8, and p99 93 ms
-            against 107 (32 clients: 129 against 126 requests/s, p99 293 ms against 462). ONNX Runtime keeps
-            memory for the largest batch it has run (about 15 MB per image for the bundled model).
+        max_batch: most images per model call (`covidxray.server.service.Batcher`). 4, not 8: the segmenter's and
+            classifier's lanes then run at once, not in turn (`bench/load.py --max-batch`, 2 idle cores, 8 clients:
+            120 against 111 requests/s, p99 93 against 107 ms; ONNX Runtime keeps ~15 MB per image of its largest batch).
         max_batch_files: most files in one ``/v1/predict/batch`` request.
         threads: intra-op threads when the app loads the model (None: torch's or ONNX Runtime's default).
         results_db: the results database ``covidxray listen`` writes (path or URL), for ``GET /v1/results``
