@@ -38,7 +38,7 @@ from sklearn.calibration import calibration_curve
 
 from .errors import DataError
 from .metrics import choose_threshold
-from .models import fold_logit_shift
+from .models import fold_logit_shift, logit_shift
 
 __all__ = [
     "ECE_BINS", "SENSITIVITY_TARGETS", "Calibration", "reliability", "expected_calibration_error", "covid_probability",
@@ -140,7 +140,7 @@ def fit_temperature(logits: ArrayLike, y: ArrayLike) -> float:
 
 
 def _shift(z: torch.Tensor, shift: float) -> torch.Tensor:
-    return z + torch.tensor([-shift / 2, shift / 2], dtype=z.dtype)
+    return z + logit_shift(shift, z)
 
 
 def shifted(logits: ArrayLike, shift: float) -> np.ndarray:
@@ -245,14 +245,14 @@ def calibrate(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    fitted, logit_shift, raw = temperature is None, 0.0, covid_probability(z, 1.0)
+    fitted, fitted_shift, raw = temperature is None, 0.0, covid_probability(z, 1.0)
     if shift and fitted:
-        temperature, logit_shift = fit_temperature_and_shift(z, labels)
+        temperature, fitted_shift = fit_temperature_and_shift(z, labels)
     elif fitted:
         temperature = fit_temperature(z, labels)
-    z_before, z = z, _shift(z, logit_shift)
+    z_before, z = z, _shift(z, fitted_shift)
     p = covid_probability(z, temperature)
-    shift_note = f", logit shift {logit_shift:+.3f}" if logit_shift else ""
+    shift_note = f", logit shift {fitted_shift:+.3f}" if fitted_shift else ""
     where = (f"on the validation split ({len(p)} images), temperature-scaled probabilities "
              f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'}{shift_note})")
     if threshold is not None:
@@ -274,7 +274,7 @@ def calibrate(
         ece_before=expected_calibration_error(labels, raw), ece_after=expected_calibration_error(labels, p),
         nll_before=nll(z_before, labels, 1.0), nll_after=nll(z, labels, temperature),
         sensitivity_thresholds={f"{s:.2f}": choose_threshold(labels, p, s) for s in SENSITIVITY_TARGETS},
-        ece_by_source=by_source, shift=logit_shift,
+        ece_by_source=by_source, shift=fitted_shift,
     )
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "forward_with_features", "fold_logit_shift"]
+__all__ = ["ModelSpec", "REGISTRY", "build_model", "get_spec", "forward_with_features", "logit_shift", "fold_logit_shift"]
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,12 @@ def forward_with_features(model: nn.Module, x: torch.Tensor, arch: str) -> tuple
     return logits, captured[-1].flatten(1)
 
 
+def logit_shift(shift: float, like: torch.Tensor) -> torch.Tensor:
+    """What a logit shift of ``shift`` adds to the (normal, COVID-19) logits, or to the head's bias: half taken from
+    one, half added to the other, so the difference rises by ``shift`` (dtype and device of ``like``)."""
+    return torch.tensor([-shift / 2, shift / 2], dtype=like.dtype, device=like.device)
+
+
 def fold_logit_shift(model: nn.Module, arch: str, shift: float) -> nn.Module:
     """Raise the COVID-19 minus normal logit difference of ``model`` by ``shift`` (half on each class's bias), in place.
 
@@ -197,7 +203,7 @@ def fold_logit_shift(model: nn.Module, arch: str, shift: float) -> nn.Module:
     """
     head = model.get_submodule(get_spec(arch).head)
     with torch.no_grad():
-        head.bias += torch.tensor([-shift / 2, shift / 2], dtype=head.bias.dtype, device=head.bias.device)
+        head.bias += logit_shift(shift, head.bias)
     return model
 
 
