@@ -101,7 +101,7 @@ def start_server(model: Path, backend: str, threads: int | None, log_file: Path,
 
 
 async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list[tuple[str, bytes, int]], clients: int,
-                   seconds: float, bad_fraction: float, explain: bool) -> dict:
+                   seconds: float, bad_fraction: float, explain: bool, raw: bool = False) -> dict:
     latencies: list[float] = []
     counts = {"ok": 0, "expected_errors": 0, "unexpected_errors": 0}
     unexpected: dict[str, int] = {}
@@ -121,7 +121,9 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
                     (name, data), expected = rng.choice(files), 200
                 start = time.perf_counter()
                 try:
-                    r = await http.post("/v1/predict", params=params, files={"file": (name, data)})
+                    r = await (http.post("/v1/predict", params={**params, "filename": name}, content=data,
+                                         headers={"Content-Type": "application/octet-stream"}) if raw else
+                               http.post("/v1/predict", params=params, files={"file": (name, data)}))
                     status = r.status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
@@ -173,6 +175,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, help="the server's most images per network call (default: serve's)")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of the same load before measuring, so memory is measured after the batch sizes settled")
+    ap.add_argument("--raw", action="store_true", help="send each film as the raw request body, not as a multipart form")
     ap.add_argument("--note", default="", help="a sentence added under the table (e.g. what else ran)")
     ap.add_argument("--name", help="result file bench/results/NAME.json (default load-<clients>c-<seconds>s)")
     args = ap.parse_args()
@@ -191,8 +194,8 @@ def main() -> None:
             model_name = httpx.get(url + "/v1/model").json()["name"]
             load = (url, proc.pid, files, bad, args.clients)
             if args.warmup > 0:
-                asyncio.run(run_load(*load, args.warmup, args.bad_fraction, args.explain))
-            result = asyncio.run(run_load(*load, args.seconds, args.bad_fraction, args.explain))
+                asyncio.run(run_load(*load, args.warmup, args.bad_fraction, args.explain, args.raw))
+            result = asyncio.run(run_load(*load, args.seconds, args.bad_fraction, args.explain, args.raw))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -204,7 +207,7 @@ def main() -> None:
         "| Unexpected errors | Server RSS start → end (MB) | RSS growth, second half | Server CPU ms/request |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
         f"| {args.clients} | {args.seconds:g} | {args.backend}{f', {args.threads} thread(s)' if args.threads else ''}"
-        f"{' + Grad-CAM' if args.explain else ''} | "
+        f"{' + Grad-CAM' if args.explain else ''}{', raw body' if args.raw else ''} | "
         f"{args.bad_fraction:.0%} | "
         f"{r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ok']} | "
         f"{r['expected_errors']} | {r['unexpected_errors']} | {r['rss_start_mb']:.0f} → {r['rss_end_mb']:.0f} "

@@ -107,6 +107,29 @@ def test_predict_agrees_with_the_predictor(client: TestClient, reference: Predic
     assert "heatmap_png" not in body
 
 
+def test_a_raw_body_upload_gets_the_multipart_answer(client: TestClient, reference: Predictor, xray_paths):
+    """One film as the whole request body (``curl --data-binary``): no multipart framing, the same answer."""
+    path = xray_paths["covid"]
+    r = client.post("/v1/predict", params={"filename": "ward 3/chest.jpg"}, content=path.read_bytes(),
+                    headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.json()["probability"] == pytest.approx(reference.predict_path(path).probability, abs=1e-5)
+    assert r.json()["filename"] == "chest.jpg"  # the base name only
+    dicom = _dicom(np.asarray(Image.open(xray_paths["normal"]).convert("L"), dtype=np.uint16) * 257)
+    r = client.post("/v1/predict", content=dicom, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 200 and r.json()["filename"] == "upload"
+    assert r.json()["probability"] == pytest.approx(reference.predict_bytes(dicom, "chest.dcm").probability, abs=1e-5)
+    # the declared type is not trusted: the bytes are sniffed, and text is refused naming the file
+    r = client.post("/v1/predict", params={"filename": "notes.png"}, content=b"just some text", headers={"Content-Type": "image/png"})
+    assert r.status_code == 415 and "notes.png" in r.json()["error"]["message"]
+    r = client.post("/v1/predict", content=b"", headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 422
+    # a raw body is one file: the batch endpoint still wants a form
+    r = client.post("/v1/predict/batch", content=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    assert "application/dicom" in client.get("/openapi.json").json()["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+
+
 def test_explain_returns_a_png_overlay_and_the_same_answer(client: TestClient, reference: Predictor, xray_paths):
     path = xray_paths["covid"]
     r = client.post("/v1/predict", params={"explain": "true", "preview": "true"}, files={"file": (path.name, path.read_bytes())})
@@ -215,6 +238,7 @@ def test_missing_field_is_400(client: TestClient, xray_paths):
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_file"
     r = client.post("/v1/predict", json={"file": "a.jpg"})
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    assert "application/dicom" in r.json()["error"]["message"]  # and how to send the film as the body
     r = client.post("/v1/predict", params={"explain": "maybe"}, files={"file": ("a.jpg", b"x")})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
 
@@ -234,6 +258,14 @@ def test_over_the_size_limit_is_413_while_streaming(reference: Predictor, xray_p
         chunks = iter([body[i:i + 512] for i in range(0, len(body), 512)])
         r = c.post("/v1/predict", content=chunks, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         assert r.status_code == 413 and "chunked.jpg" in r.json()["error"]["message"]
+
+        # a raw body: refused by its declared length, and counted as it arrives when chunked
+        r = c.post("/v1/predict", content=data, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = c.post("/v1/predict", content=iter([data[i:i + 512] for i in range(0, len(data), 512)]),
+                   headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+        assert c.post("/v1/predict", content=data[:-1], headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 
 def test_declared_content_length_over_the_limit_is_413_before_reading(reference: Predictor):

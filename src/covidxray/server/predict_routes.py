@@ -37,11 +37,13 @@ def predict_router(service: Service, max_upload_bytes: int, max_batch_files: int
         explain: bool = Query(False, description="add a Grad-CAM overlay (heatmap_png)"),
         preview: bool = Query(False, description="add the decoded image as a grey PNG (preview_png)"),
         site: str | None = Query(None, description=SITE_HELP),
+        filename: str | None = Query(None, description="the film's name in the answer, for a raw request body"),
     ) -> dict[str, Any]:
-        """Classify one chest X-ray (multipart field ``file``) as COVID-19 positive or negative."""
+        """Classify one chest X-ray (multipart field ``file``, or the raw body as image/png, image/jpeg,
+        application/dicom or application/octet-stream) as COVID-19 positive or negative."""
         service.loaded()  # 503 before reading an upload that could not be classified anyway
         profile = service.site(site)  # an unknown site is refused before the upload is read
-        upload, = await read_files(request, "file", 1, max_upload_bytes)
+        upload, = await read_files(request, "file", 1, max_upload_bytes, name=filename)
         return await service.classify(upload, explain=explain, preview=preview, site=profile)
 
     @router.post("/predict/batch", response_model=BatchOut, response_model_exclude_none=True,

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from .. import DISCLAIMER, POSITIVE_CLASS
+from .uploads import RAW_TYPES
 
 __all__ = ["ModelRef", "PredictionOut", "ErrorDetail", "ErrorOut", "BatchItemError", "BatchOut", "ResultOut", "ResultsOut",
            "ERRORS", "upload_body"]
@@ -105,8 +106,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def upload_body(field: str, many: bool) -> dict[str, Any]:
-    """OpenAPI request body for uploads that the endpoint reads itself (see `_read_files`)."""
+    """OpenAPI request body for uploads that the endpoint reads itself (see `covidxray.server.uploads.read_files`)."""
     item = {"type": "string", "format": "binary"}
     schema = {"type": "array", "items": item} if many else item
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": [field], "properties": {field: schema}}}}}}
+    content = {"multipart/form-data": {"schema": {"type": "object", "required": [field], "properties": {field: schema}}}}
+    if not many:  # one file may also be the whole body (`covidxray.server.uploads.RAW_TYPES`)
+        content |= {t.decode(): {"schema": item} for t in RAW_TYPES}
+    return {"requestBody": {"required": True, "content": content}}

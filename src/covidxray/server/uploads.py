@@ -1,4 +1,5 @@
-"""Uploads: multipart files streamed into memory with every size limit enforced while reading.
+"""Uploads: multipart files, or one file as the raw request body, streamed into memory with every size limit
+enforced while reading.
 
 Starlette's own form parsing spools files over 1 MiB to a temporary file on disk, and an X-ray
 upload must never touch the disk; here every byte is counted as it arrives and the upload is
@@ -17,10 +18,13 @@ from starlette.requests import ClientDisconnect
 
 from .api_errors import ApiError
 
-__all__ = ["Upload", "read_files"]
+__all__ = ["RAW_TYPES", "Upload", "read_files"]
 
 _PART_OVERHEAD = 16 * 1024  # multipart boundary and headers around each file, for the Content-Length check
 _FIELD_LIMIT = 64 * 1024  # other form fields are ignored, but not read without bound
+# Content types under which one file may be sent as the whole request body (``curl --data-binary @film.dcm``): no
+# multipart framing to build or parse. The type only says "this is the file"; the format is still sniffed from the bytes.
+RAW_TYPES = (b"image/png", b"image/jpeg", b"application/dicom", b"application/octet-stream")
 
 
 class Upload:
@@ -101,21 +105,26 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:g}"
 
 
-async def read_files(request: Request, field: str, max_files: int, max_bytes: int) -> list[Upload]:
-    """The files in multipart field ``field``, streamed into memory with every limit enforced while reading.
+async def read_files(request: Request, field: str, max_files: int, max_bytes: int, name: str | None = None) -> list[Upload]:
+    """The files in multipart field ``field``, streamed into memory with every limit enforced while reading; with
+    ``max_files`` 1, also one file sent as the whole body under one of `RAW_TYPES` (named ``name``, default "upload").
 
     Raises:
-        ApiError: 400 not multipart or no such field; 413 a file, the field count or the declared
+        ApiError: 400 neither form nor no such field; 413 a file, the field count or the declared
             Content-Length is over the limit (the latter before any byte of the body is read).
     """
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ApiError(400, "missing_file", f"send the image as multipart/form-data, in field '{field}'")
-    limit = max_files * (max_bytes + _PART_OVERHEAD)
+    raw = max_files == 1 and ctype in RAW_TYPES
+    if not raw and (ctype != b"multipart/form-data" or not params.get(b"boundary")):
+        also = f", or as the request body with Content-Type {', '.join(t.decode() for t in RAW_TYPES)}" if max_files == 1 else ""
+        raise ApiError(400, "missing_file", f"send the image as multipart/form-data, in field '{field}'{also}")
+    limit = max_bytes if raw else max_files * (max_bytes + _PART_OVERHEAD)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "request_too_large", f"the upload ({int(declared) / 2**20:.1f} MiB) is larger than the limit "
                                                  f"of {_mib(max_bytes)} MiB per file")
+    if raw:
+        return [Upload(_display_name(name.encode() if name else None), await _read_body(request, max_bytes))]
     reader = _MultipartReader(field, max_files, max_bytes)
     parser = MultipartParser(params[b"boundary"], reader.callbacks())
     total = 0
@@ -133,3 +142,17 @@ async def read_files(request: Request, field: str, max_files: int, max_bytes: in
     if not reader.files:
         raise ApiError(400, "missing_file", f"no file in the upload: send the image in multipart field '{field}'")
     return reader.files
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, counted as it arrives (a lying or absent Content-Length cannot pass ``max_bytes``)."""
+    chunks, total = [], 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise ApiError(413, "file_too_large", f"the request body is larger than the upload limit of {_mib(max_bytes)} MiB")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client closed the connection during the upload") from None
+    return b"".join(chunks)
