@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
 from .adversary import OriginAdversary, build_adversary
+from .invariance import twin_loss
 from .cache import readable_images
 from .calibration import calibrate_model, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
 from .config import TrainConfig
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
 from .errors import CheckpointError, DataError
-from .familiarity import FILE as FAMILIARITY_FILE
-from .familiarity import WARN_ABOVE, Familiarity
+from .familiarity import FILE as FAMILIARITY_FILE, WARN_ABOVE, Familiarity
 from .inference import autocast, logits_and_features, predict_probs
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
@@ -132,8 +132,9 @@ def train_one_epoch(
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         adv = adversary.loss(y, sources[idx].to(device), (epoch + step / steps) / cfg.epochs) if adversary is not None else 0
+        twin = twin_loss(model, x, logits, pre, g, cfg.consistency) if cfg.consistency else 0  # `covidxray.invariance`
         optimizer.zero_grad(set_to_none=True)
-        (loss + adv).backward()  # train_loss stays the classification loss alone
+        (loss + adv + twin).backward()  # train_loss stays the classification loss alone
         optimizer.step()
         if ema is not None:
             ema.update_parameters(distributed.unwrap(model))
