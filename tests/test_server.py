@@ -262,9 +262,9 @@ def test_over_the_size_limit_is_413_while_streaming(reference: Predictor, xray_p
         # a raw body: refused by its declared length, and counted as it arrives when chunked
         r = c.post("/v1/predict", content=data, headers={"Content-Type": "image/jpeg"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-        r = c.post("/v1/predict", content=iter([data[i:i + 512] for i in range(0, len(data), 512)]),
+        r = c.post("/v1/predict", params={"filename": "big.jpg"}, content=iter([data[i:i + 512] for i in range(0, len(data), 512)]),
                    headers={"Content-Type": "image/jpeg"})
-        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+        assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large" and "big.jpg" in r.json()["error"]["message"]
         assert c.post("/v1/predict", content=data[:-1], headers={"Content-Type": "image/jpeg"}).status_code == 200
 
 

@@ -124,7 +124,8 @@ async def read_files(request: Request, field: str, max_files: int, max_bytes: in
         raise ApiError(413, "request_too_large", f"the upload ({int(declared) / 2**20:.1f} MiB) is larger than the limit "
                                                  f"of {_mib(max_bytes)} MiB per file")
     if raw:
-        return [Upload(_display_name(name.encode() if name else None), await _read_body(request, max_bytes))]
+        shown = _display_name(name.encode() if name else None)
+        return [Upload(shown, await _read_body(request, shown, max_bytes))]
     reader = _MultipartReader(field, max_files, max_bytes)
     parser = MultipartParser(params[b"boundary"], reader.callbacks())
     total = 0
@@ -144,14 +145,14 @@ async def read_files(request: Request, field: str, max_files: int, max_bytes: in
     return reader.files
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
+async def _read_body(request: Request, name: str, max_bytes: int) -> bytes:
     """The request body, counted as it arrives (a lying or absent Content-Length cannot pass ``max_bytes``)."""
     chunks, total = [], 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > max_bytes:
-                raise ApiError(413, "file_too_large", f"the request body is larger than the upload limit of {_mib(max_bytes)} MiB")
+                raise ApiError(413, "file_too_large", f"{name}: file is larger than the upload limit of {_mib(max_bytes)} MiB")
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection during the upload") from None
