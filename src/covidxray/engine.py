@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
 from .adversary import OriginAdversary, build_adversary
-from .invariance import twin_loss
 from .cache import readable_images
 from .calibration import calibrate_model, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
@@ -40,6 +39,7 @@ from .data import Sample, data_fingerprint, load_samples, make_splits, write_spl
 from .errors import CheckpointError, DataError
 from .familiarity import FILE as FAMILIARITY_FILE, WARN_ABOVE, Familiarity
 from .inference import autocast, logits_and_features, predict_probs
+from .invariance import twin_loss
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
 from .report import save_predictions_csv, write_history

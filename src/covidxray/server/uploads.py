@@ -8,7 +8,7 @@ refused (413, naming the file) the moment one file passes the limit.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from python_multipart import MultipartParser
@@ -125,35 +125,31 @@ async def read_files(request: Request, field: str, max_files: int, max_bytes: in
                                                  f"of {_mib(max_bytes)} MiB per file")
     if raw:
         shown = _display_name(name.encode() if name else None)
-        return [Upload(shown, await _read_body(request, shown, max_bytes))]
+        too_big = ApiError(413, "file_too_large", f"{shown}: file is larger than the upload limit of {_mib(max_bytes)} MiB")
+        return [Upload(shown, b"".join([chunk async for chunk in _counted(request, limit, too_big)]))]
     reader = _MultipartReader(field, max_files, max_bytes)
     parser = MultipartParser(params[b"boundary"], reader.callbacks())
-    total = 0
+    too_big = ApiError(413, "request_too_large", f"the upload is larger than the limit of {_mib(max_bytes)} MiB per file")
     try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:  # a lying or absent Content-Length
-                raise ApiError(413, "request_too_large", f"the upload is larger than the limit of {_mib(max_bytes)} MiB per file")
+        async for chunk in _counted(request, limit, too_big):
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError(400, "bad_multipart", f"malformed multipart/form-data body: {exc}") from None
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client closed the connection during the upload") from None
     if not reader.files:
         raise ApiError(400, "missing_file", f"no file in the upload: send the image in multipart field '{field}'")
     return reader.files
 
 
-async def _read_body(request: Request, name: str, max_bytes: int) -> bytes:
-    """The request body, counted as it arrives (a lying or absent Content-Length cannot pass ``max_bytes``)."""
-    chunks, total = [], 0
+async def _counted(request: Request, limit: int, too_big: ApiError) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive, ``too_big`` raised once they pass ``limit`` bytes (a lying or absent
+    Content-Length cannot get past it); a client that hangs up mid-upload is a 400."""
+    total = 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
-            if total > max_bytes:
-                raise ApiError(413, "file_too_large", f"{name}: file is larger than the upload limit of {_mib(max_bytes)} MiB")
-            chunks.append(chunk)
+            if total > limit:
+                raise too_big
+            yield chunk
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection during the upload") from None
-    return b"".join(chunks)
