@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+import pydicom
+from pydicom import Dataset
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 
 import dicoms
@@ -248,6 +252,51 @@ def test_dicom_rescale_keeps_values_and_order(tmp_path):
         _dicom(tmp_path / "neg.dcm", raw, bits=12, RescaleSlope=-1, RescaleIntercept=0)
     )
     np.testing.assert_allclose(flipped, 1 - raw / 4000, atol=1e-6)
+
+
+def _full_film_reference(ds) -> np.ndarray:
+    """What DICOM decoding computed before its lookup table: both LUTs, then min-max, in float64 over the whole film."""
+    values = np.asarray(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0), dtype=np.float64)
+    return ((values - values.min()) / (values.max() - values.min())).astype(np.float32)
+
+
+def _voi_lut(lut: list[int], first: int) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(lut), first, 16]
+    item.LUTData = np.array(lut, "<u2").tobytes()
+    return item
+
+
+_RAMP = np.arange(-700, 3396, 4, dtype=np.int16).reshape(32, 32)  # 1024 values, negative ones too
+_LUT_CASES = {  # a film's pixels and tags: every LUT the decoder applies, signed and unsigned, monotonic or not
+    "rescale+window": (RNG.integers(0, 4096, (40, 50)).astype(np.uint16), dict(
+        RescaleSlope=0.7, RescaleIntercept=-1024, WindowCenter=400, WindowWidth=1500)),
+    "negative slope, signed": (_RAMP, dict(RescaleSlope=-1.5, RescaleIntercept=12)),
+    "sigmoid window": (RNG.integers(0, 4096, (40, 50)).astype(np.uint16), dict(
+        WindowCenter=2000, WindowWidth=900, VOILUTFunction="SIGMOID")),
+    "VOI LUT, not monotonic": (np.tile(np.array([[3, 5, 6, 9], [3, 4, 5, 6]], np.uint16), (8, 4)), dict(
+        VOILUTSequence=[_voi_lut([900, 100, 400, 50, 0, 1000, 300], 3)])),
+    "8-bit": (RNG.integers(7, 201, (30, 30)).astype(np.uint8), {}),
+    "full 16-bit range": (np.tile(np.array([[0, 65535], [1, 2]], np.uint16), (8, 8)), {}),
+}
+
+
+@pytest.mark.parametrize("case", _LUT_CASES)
+def test_dicom_lookup_table_gives_the_full_film_numbers(tmp_path, case):
+    pixels, tags = _LUT_CASES[case]
+    ds = dicoms.dx(pixels, bits=8 * pixels.dtype.itemsize, **tags)
+    if pixels.dtype.kind == "i":
+        ds.PixelRepresentation = 1
+    ds = pydicom.dcmread(dicoms.write(tmp_path / "lut.dcm", ds))
+    expected = _full_film_reference(ds)
+    assert len(np.unique(expected)) > 2  # the case exercises the LUTs, not just two levels
+    np.testing.assert_array_equal(load_image(tmp_path / "lut.dcm"), expected)  # bit for bit, not approximately
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"])
+def test_pydicom_films_decode_to_the_full_film_numbers(name):
+    path = get_testdata_file(name, download=False)
+    np.testing.assert_array_equal(load_image(path), _full_film_reference(pydicom.dcmread(path)))
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):

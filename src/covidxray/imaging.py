@@ -23,6 +23,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from covidxray.errors import ImageError
+from covidxray.pixels import min_max, min_max_of, shrink
 
 __all__ = ["MAX_ASPECT", "MAX_FILE_BYTES", "MAX_PIXELS", "MIN_SIDE", "ImageInfo", "load_image", "read_image", "sniff_format"]
 
@@ -221,17 +222,6 @@ def _check_size(label: str, width: int, height: int) -> None:
         )
 
 
-def _min_max(values: np.ndarray, label: str) -> np.ndarray:
-    """Scale to [0, 1] by the image's own range, refusing NaN, infinity and blank images."""
-    values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
-        raise ImageError(label, "image contains non-finite values (NaN or infinity)", "non_finite")
-    low, high = values.min(), values.max()
-    if low == high:
-        raise ImageError(label, "image is blank (constant intensity)", "blank")
-    return ((values - low) / (high - low)).astype(np.float32)
-
-
 def _colour_share(rgb: np.ndarray, full_scale: float, log_name: str) -> float:
     """Share of strongly coloured pixels of an (H, W, 3) image; logs a warning when it is clearly coloured."""
     chroma = rgb.max(axis=-1).astype(np.float32) - rgb.min(axis=-1)
@@ -260,11 +250,11 @@ def _decode_pillow(data: bytes, fmt: str, label: str, log_name: str, min_side: i
         except Image.UnidentifiedImageError:
             raise ImageError(label, f"corrupt {fmt.upper()} header", "undecodable") from None
     if img.mode in _HIGH_DEPTH_MODES:
-        return _min_max(np.asarray(img), label), ImageInfo(fmt)
+        return min_max(np.asarray(img), label), ImageInfo(fmt)
     colour = 0.0 if img.mode in _GREY_MODES else _colour_share(np.asarray(img.convert("RGB")), 255, log_name)
     # Alpha is dropped rather than composited: no background colour is right for an X-ray.
     gray = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.float32) / 255
-    if gray.min() == gray.max():  # refused like a blank deeper image (see _min_max): nothing to classify
+    if gray.min() == gray.max():  # refused like a blank deeper image (see `covidxray.pixels.min_max`): nothing to classify
         raise ImageError(label, "image is blank (constant intensity)", "blank")
     return gray, ImageInfo(fmt, colour_share=colour)
 
@@ -311,15 +301,6 @@ def _transfer_syntax(ds: pydicom.Dataset) -> pydicom.uid.UID:
     return syntax
 
 
-def _shrink(values: np.ndarray, min_side: int | None) -> np.ndarray:
-    """A float32 image in [0, 1] shrunk by the largest whole factor that keeps ``min_side`` on each side
-    (box filter: the mean of each factor x factor block, a partial block at the edge included)."""
-    factor = min(values.shape) // min_side if min_side else 1
-    if factor < 2:
-        return values
-    return np.asarray(Image.fromarray(np.ascontiguousarray(values, dtype=np.float32), mode="F").reduce(factor))
-
-
 def _decode_dicom(data: bytes, label: str, log_name: str, min_side: int | None) -> tuple[np.ndarray, ImageInfo]:
     # The whole file is already in memory (at most MAX_FILE_BYTES), so nothing is deferred;
     # pydicom decodes pixels only when pixel_array is read, after the checks below. force=True
@@ -350,9 +331,8 @@ def _decode_dicom(data: bytes, label: str, log_name: str, min_side: int | None) 
     if pixels.ndim == 3:  # colour; pydicom has already converted YBR to RGB
         full = np.iinfo(pixels.dtype).max if pixels.dtype.kind in "iu" else 1.0  # palette LUTs are 16-bit
         colour = _colour_share(pixels[..., :3], full, log_name)
-        return _shrink(_min_max(pixels[..., :3] @ _RGB_TO_GRAY, label), min_side), _dicom_info(ds, colour)
-    with np.errstate(over="ignore", invalid="ignore"):  # a crazy rescale is refused below
-        values = apply_voi_lut(apply_modality_lut(pixels, ds), ds, index=0)
-    gray = _shrink(_min_max(values, label), min_side)  # checked at full resolution, then shrunk once
+        return shrink(min_max(pixels[..., :3] @ _RGB_TO_GRAY, label), min_side), _dicom_info(ds, colour)
+    values = min_max_of(pixels, lambda v: apply_voi_lut(apply_modality_lut(v, ds), ds, index=0), label)
+    gray = shrink(values, min_side)  # checked at full resolution, then shrunk once
     # MONOCHROME1 stores bone dark; every other source (and the model) expects bone bright.
     return (1 - gray if ds.get("PhotometricInterpretation") == "MONOCHROME1" else gray), _dicom_info(ds)
