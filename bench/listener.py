@@ -11,7 +11,9 @@ spooled (fsync), classified and committed. Runs: uncompressed (explicit VR littl
 Lossless SV1 (dcmtk's ``dcmcjpeg``), and a kill -9 of the listener half-way through a stream
 followed by a restart, counting acknowledged instances missing from the database and duplicates.
 After each throughput run the listener's ``/metrics`` is read and its answers by label are
-compared with the database's rows by label (they must agree).
+compared with the database's rows by label (they must agree); the listener process's CPU time
+(every thread, from /proc) gives its CPU per instance and the cores it used, while the senders
+were sending and overall (2 cores: 2.0 is all of them).
 
 SQLite against PostgreSQL (``--db sqlite --db postgresql --repeat 3``): uncompressed runs only,
 each on a fresh database, interleaved (sqlite, postgresql, sqlite, ...) so that the load of a
@@ -118,6 +120,12 @@ def metrics_against_rows(log: Path, db: str | Path) -> dict:
             "metrics_agree": by_label == metric_by_label and refusals == metric_refusals}
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path | None = None) -> dict:
     uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     db = db or work / f"{name}.db"
@@ -125,12 +133,13 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     proc, port = dicoms.start_listen(db, log, "--spool", str(work / f"{name}.spool"), "--http-port", "0")
     acked: list[Path] = []
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(proc.pid)
     try:
         for t in send(paths, port, senders, acked, failures):
             t.join()
-        sent = time.perf_counter()
+        sent, cpu_sent = time.perf_counter(), cpu_seconds(proc.pid)
         done = wait_recorded(db, {uids[p] for p in acked})
+        cpu = cpu_seconds(proc.pid) - cpu_start
         checked = metrics_against_rows(log, db)
     finally:  # a failed check must not leave the listener running
         proc.terminate()
@@ -139,7 +148,10 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
             "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
             "send_s": round(sent - start, 2), "end_to_end_s": round(done - start, 2),
-            "instances_per_s": round(len(acked) / (done - start), 1), **checked, "not_acknowledged": failures,
+            "instances_per_s": round(len(acked) / (done - start), 1),
+            "listener_cpu_ms_per_instance": round(cpu / max(1, len(acked)) * 1000, 1),
+            "listener_cores_while_sending": round((cpu_sent - cpu_start) / (sent - start), 2),
+            "listener_cores": round(cpu / (done - start), 2), **checked, "not_acknowledged": failures,
             "slow_spool_writes": [line for line in log.read_text().splitlines() if "spooling one instance" in line],
             **({"listener_log_tail": log.read_text().splitlines()[-15:]} if failures else {})}
 
@@ -261,12 +273,13 @@ def main() -> None:
         rows = [run(make_files(work / "raw", args.instances, uid.ExplicitVRLittleEndian), work, args.senders, "uncompressed"),
                 run(make_files(work / "jpegll", args.instances, uid.JPEGLosslessSV1), work, args.senders, "JPEG Lossless SV1"),
                 kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders)]
-    table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s | "
+             "listener CPU ms per instance | cores it used (while sending) |", "|---|---|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
               f"{({True: 'yes', False: 'NO'}).get(r.get('metrics_agree'), '—')} | "
-              f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} |" for r in rows]
+              f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} | {r.get('listener_cpu_ms_per_instance', '—')} | "
+              f"{r.get('listener_cores', '—')} ({r.get('listener_cores_while_sending', '—')}) |" for r in rows]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0)")
     save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders, 512x512 CR, end to end", "rows": rows,
