@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def main() -> None:
     table = ["| site (its films) | films | measure | before | after AdaBN |", "|---|---:|---|---:|---:|"]
     table += [f"| {r['site']} ({r['split']}) | {r['films']} | {words[k]} | {r['before'][k]} | {r['after'][k]} |"
               for r in rows for k in r["before"]]
-    note = (f"Model {args.model} (PyTorch), threshold {thr:.3f}, temperature {temperature:.3f}; each site adapted from the "
+    shown = os.path.relpath(args.model, ROOT)
+    note = (f"Model {shown} (PyTorch), threshold {thr:.3f}, temperature {temperature:.3f}; each site adapted from the "
             "model as shipped, on all of its films listed, then scored on the same films (adaptation uses no label).")
     save("site-adaptation", {"title": "Site adaptation without labels: BatchNorm statistics re-estimated per origin (AdaBN)",
                              "rows": rows, "table": table + ["", note],
