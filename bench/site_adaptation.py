@@ -91,6 +91,7 @@ def rates(p: np.ndarray, findings: list[str], threshold: float) -> dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "src" / "covidxray" / "bundled"))
+    parser.add_argument("--name", default="site-adaptation", help="result file bench/results/NAME.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     predictor = Predictor(args.model, backend="torch", gate=False)
@@ -137,9 +138,10 @@ def main() -> None:
             f"{ONBOARDING_NORMALS} drawn at random with every other film of the site scored. "
             "Stages are EfficientNet's seven; the stem and the first stages see texture and contrast, the last ones "
             "what the film shows.")
-    save("site-adaptation", {"title": "Site adaptation without labels: BatchNorm statistics re-estimated per origin (AdaBN)",
-                             "rows": rows, "table": table + ["", note],
-                             "command": "python bench/site_adaptation.py"})
+    title = "Site adaptation without labels: BatchNorm statistics re-estimated per origin (AdaBN)"
+    named = "" if args.name == "site-adaptation" else f" --model {shown} --name {args.name}"
+    save(args.name, {"title": title + ("" if not named else f", {shown}"), "rows": rows, "table": table + ["", note],
+                     "command": f"python bench/site_adaptation.py{named}"})
 
 
 if __name__ == "__main__":
