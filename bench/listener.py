@@ -43,7 +43,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread, uid
 
-from common import ROOT, save
+from common import ROOT, cpu_seconds, save
 
 sys.path.insert(0, str(ROOT / "tests"))
 import dicoms  # noqa: E402  (the tests' DICOM builders: CR films from real X-rays, dcmcjpeg)
@@ -118,12 +118,6 @@ def metrics_against_rows(log: Path, db: str | Path) -> dict:
     return {"rows_by_label": by_label, "metrics_answers_by_label": metric_by_label,
             "metrics_received": int(found.get(("covidxray_dicom_received_total", ()), 0)),
             "metrics_agree": by_label == metric_by_label and refusals == metric_refusals}
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path | None = None) -> dict:

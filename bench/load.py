@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import ROOT, save
+from common import ROOT, cpu_seconds, save
 from covidxray.export import export_onnx
 from covidxray.checkpoint import copy_model, default_model_path
 
@@ -62,12 +62,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
