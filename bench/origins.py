@@ -89,6 +89,18 @@ def _anchor(scores: np.ndarray, positive: bool, rate: float = SENSITIVITY_ANCHOR
     return float(np.quantile(scores, 1 - rate if positive else rate))
 
 
+def origin_films(preprocess, origins: tuple[str, ...], split: str | None = None, cache_dir=None, purpose: str = "score"):
+    """The films of ``origins`` (every one, or of ``split`` only) prepared for a model: ``(samples, images, findings)``,
+    the readable samples, their prepared images and each one's finding (``normal``, ``covid``, ``tuberculosis``, ...)."""
+    from covidxray.cache import readable_images  # torch, only when scoring
+
+    rows = [r for r in pooled_rows() if r[2] in origins and split in (None, r[4])]
+    samples = load_samples(write_manifest(rows, ROOT / "runs" / "origins" / f"{purpose}-{'-'.join(origins)}-{split or 'all'}.csv"))
+    finding = {r[0]: r[6] for r in rows}
+    kept, images, _ = readable_images(samples, preprocess, cache_dir, desc="decoding " + ",".join(origins))
+    return kept, images, [finding[str(s.path)] for s in kept]
+
+
 def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.ndarray], split: str | None = None,
                   cache_dir: str | None = None) -> dict:
     """Per origin: the films' scores turned into the numbers of the every-origin table.
@@ -99,20 +111,15 @@ def score_origins(predictor, origins: tuple[str, ...], internal: dict[str, np.nd
         internal: ``{"covid": P, "normal": P}`` of the run's internal test films, the anchors for the
             threshold-free numbers (the threshold giving 0.90 sensitivity, or 0.90 specificity).
     """
-    from covidxray.cache import readable_images  # torch, only when scoring
-    from covidxray.inference import predict_probs
+    from covidxray.inference import predict_probs  # torch, only when scoring
 
-    rows = [r for r in pooled_rows() if r[2] in origins and split in (None, r[4])]
-    tmp = write_manifest(rows, ROOT / "runs" / "origins" / f"score-{'-'.join(origins)}-{split or 'all'}.csv")
-    samples = load_samples(tmp)
-    findings = {r[0]: r[6] for r in rows}
-    kept, images, _ = readable_images(samples, predictor.preprocess, cache_dir, desc="decoding " + ",".join(origins))
+    kept, images, findings = origin_films(predictor.preprocess, origins, split, cache_dir, "score")
     p = predict_probs(predictor.model, images, predictor.preprocess, temperature=predictor.temperature)
     thr, at_sens, at_spec = predictor.threshold, _anchor(internal["covid"], True), _anchor(internal["normal"], False)
     out = {}
     for origin in origins:
         for finding in ("normal", "covid", "tuberculosis", "nodule"):
-            idx = [i for i, s in enumerate(kept) if s.source == origin and findings[str(s.path)] == finding]
+            idx = [i for i, (s, f) in enumerate(zip(kept, findings)) if s.source == origin and f == finding]
             if not idx:
                 continue
             q = p[idx]

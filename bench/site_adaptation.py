@@ -26,9 +26,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from common import ROOT, save
-from origins import pooled_rows, write_manifest
-from covidxray.cache import readable_images
-from covidxray.data import load_samples
+from origins import origin_films
 from covidxray.inference import predict_probs
 from covidxray.predictor import Predictor
 
@@ -39,11 +37,8 @@ SITES = {  # origin: which of its films make the site
 
 
 def site_films(predictor: Predictor, origin: str, split: str | None) -> tuple[torch.Tensor, list[str]]:
-    rows = [r for r in pooled_rows() if r[2] == origin and split in (None, r[4])]
-    samples = load_samples(write_manifest(rows, ROOT / "runs" / "origins" / f"site-{origin}-{split or 'all'}.csv"))
-    findings = {r[0]: r[6] for r in rows}
-    kept, images, _ = readable_images(samples, predictor.preprocess, ROOT / "runs" / "cache", desc=f"decoding {origin}")
-    return images, [findings[str(s.path)] for s in kept]
+    _, images, findings = origin_films(predictor.preprocess, (origin,), split, ROOT / "runs" / "cache", "site")
+    return images, findings
 
 
 DEPTHS = {  # how much of the network adapts: its first stages carry the film's style, its last ones the finding
