@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from common import ROOT, save
 from covidxray.backends import OnnxRunner
+from covidxray.export import quantise
 from covidxray.gate import extras
 from covidxray.imaging import read_image
 from covidxray.predictor import Predictor
@@ -46,20 +45,9 @@ def network_inputs(predictor: Predictor, paths: list[Path]) -> tuple[np.ndarray,
 
 
 def quantised(x: np.ndarray, e: np.ndarray, keep_float: str) -> bytes:
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"image": x[i:i + 8], "extras": e[i:i + 8]} for i in range(0, len(x), 8)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
     source = BUNDLED / "segmenter.onnx"
     excluded = [n.name for n in onnx.load(str(source)).graph.node if re.search(keep_float, n.name)]
-    with tempfile.TemporaryDirectory() as tmp:
-        quantize_static(str(source), f"{tmp}/q.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
-        return Path(f"{tmp}/q.onnx").read_bytes()
+    return quantise(source.read_bytes(), {"image": x, "extras": e}, nodes_to_exclude=excluded)
 
 
 def ms_per_film(runner, x: np.ndarray, e: np.ndarray) -> float:

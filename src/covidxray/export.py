@@ -353,11 +353,12 @@ def calibration_inputs(predictor: Predictor, samples: list, n: int) -> np.ndarra
     return predictor.preprocess.to_tensor(images).numpy()
 
 
-def quantise(blob: bytes, x: np.ndarray, activation_type: str = "QUInt8", calibrate_method: str = "MinMax",
-             **options: Any) -> bytes:
-    """The classifier graph ``blob`` quantised statically (QDQ, per-channel int8 weights) with activations
-    calibrated on ``x``; ``activation_type`` and ``calibrate_method`` name ONNX Runtime's enums, ``options``
-    go to ``quantize_static`` as they are (e.g. ``extra_options``, ``nodes_to_exclude``)."""
+def quantise(blob: bytes, x: np.ndarray | dict[str, np.ndarray], activation_type: str = "QUInt8",
+             calibrate_method: str = "MinMax", **options: Any) -> bytes:
+    """The graph ``blob`` quantised statically (QDQ, per-channel int8 weights) with activations calibrated on ``x``
+    (the classifier's ``image`` input, or every input of another graph by name); ``activation_type`` and
+    ``calibrate_method`` name ONNX Runtime's enums, ``options`` go to ``quantize_static`` as they are (e.g.
+    ``extra_options``, ``nodes_to_exclude``)."""
     import onnxruntime as ort  # the int8 path only
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -366,8 +367,10 @@ def quantise(blob: bytes, x: np.ndarray, activation_type: str = "QUInt8", calibr
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             # equal batches: the histogram calibrators (Percentile, Entropy) stack them
-            step = max(d for d in range(1, 17) if len(x) % d == 0)
-            self.batches = iter([{"image": x[i:i + step]} for i in range(0, len(x), step)])
+            feeds = x if isinstance(x, dict) else {"image": x}
+            n = len(next(iter(feeds.values())))
+            step = max(d for d in range(1, 17) if n % d == 0)
+            self.batches = iter([{k: v[i:i + step] for k, v in feeds.items()} for i in range(0, n, step)])
 
         def get_next(self) -> dict | None:
             return next(self.batches, None)
