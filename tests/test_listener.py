@@ -348,11 +348,13 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     deadline = time.monotonic() + 120
     while not (len(acknowledged) >= 30 and list(spool.glob("*.dcm"))) and time.monotonic() < deadline:
         time.sleep(0.005)
+    helpers = _children(proc.pid)  # the classifier process (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)  # mid-stream: some acknowledged instances are still unclassified
     proc.wait(30)
     thread.join(60)
     unprocessed_at_kill = len(list(spool.glob("*.dcm")))
     assert 30 <= len(acknowledged) < len(stream) and unprocessed_at_kill > 0
+    assert helpers and _gone(helpers, 30)  # no classifier process outlives its listener
     acknowledged = [ds.SOPInstanceUID for ds in acknowledged]
 
     proc, _ = _start_listen(tmp_path, "second.log")
@@ -370,6 +372,62 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     assert len(recorded) == len(set(recorded))  # and nothing is recorded twice
     assert set(recorded) <= {ds.SOPInstanceUID for ds in stream}
     assert "resuming" in (tmp_path / "second.log").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _gone(pids: list[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(Path(f"/proc/{p}").exists() and "(Z)" not in _state(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(Path(f"/proc/{p}").exists() and "(Z)" not in _state(p) for p in pids)
+
+
+def _state(pid: int) -> str:
+    try:
+        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
+    except OSError:
+        return "(Z)"
+
+
+@pytest.mark.slow
+def test_a_killed_classifier_process_is_replaced_and_loses_nothing(films, tmp_path: Path):
+    """``covidxray listen`` classifies in a child process; kill -9 it in mid-stream: a new one takes the batch."""
+    stream = [_fresh(films[i % len(films)]) for i in range(40)]
+    proc, port = _start_listen(tmp_path, "listen.log")
+    try:
+        store = open_results(tmp_path / "r.db")
+        first = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(first) == 1
+        acknowledged: list = []
+        thread = threading.Thread(target=dicoms.store_each, args=(stream, port, uid.ExplicitVRLittleEndian, acknowledged))
+        thread.start()
+        deadline = time.monotonic() + 120
+        while len(acknowledged) < 10 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(first[0], signal.SIGKILL)
+        thread.join(120)
+        uids = [ds.SOPInstanceUID for ds in acknowledged]
+        deadline = time.monotonic() + IDLE_TIMEOUT_S
+        while store.known(uids) != set(uids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        rows = store.recent()
+        assert proc.poll() is None  # the listener itself stayed up
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    recorded = [r.sop_instance_uid for r in rows]
+    assert len(uids) == len(stream) and set(uids) == set(recorded) and len(recorded) == len(set(recorded))
+    assert {r.label for r in rows} <= {"covid", "normal"}  # classified, not recorded as errors
+    assert "the classifier process died" in (tmp_path / "listen.log").read_text()
+
+
+def test_a_model_that_cannot_load_stops_listen_with_its_reason(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        dicoms.start_listen(tmp_path / "r.db", tmp_path / "listen.log", "--model", str(tmp_path / "nowhere"))
+    assert "nowhere: no model here" in str(failed.value) and "Traceback" not in str(failed.value)
 
 
 # ------------------------------------------------------------------ several listeners, one PostgreSQL

@@ -5,8 +5,9 @@ Three kinds of threads, joined by two queues:
 1. pynetdicom's, one per association (several senders at once): each C-STORE is written to the
    `Spool` (fsync, rename) and only then acknowledged with status 0x0000; nothing is decoded there.
 2. one worker: takes whatever is queued (up to ``batch_size``), skips instances already recorded
-   (a resend is recorded once), classifies the rest in batched model calls (one per lane) and commits the
-   rows in one transaction; then the files leave the spool.
+   (a resend is recorded once), has the rest classified in batched model calls (one per lane) by the
+   `Classifier`, a process of its own unless a loaded model was given, and commits the rows in one
+   transaction; then the files leave the spool.
 3. with ``send_to``, one reporter: sends each instance's structured report (and heat map capture)
    back to the PACS over one association per batch, retries with back-off, records the outcome.
 
@@ -38,13 +39,13 @@ from pynetdicom.dsutils import encode_file_meta
 from ..errors import DicomNodeError
 from ..predictor import Predictor
 from ..results import open_results, utc_now
-from ..sites import SiteMatcher, SiteRegistry
 from ..telemetry import Telemetry, serve_http
 from .dicomweb import DicomWeb, stow
 from .guard import Guard
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
-from .worker import Classified, classify_batch, read_header
+from .classifier import Classifier
+from .worker import Classified, read_header
 
 __all__ = ["ListenerConfig", "Listener", "STORAGE_CLASSES", "TRANSFER_SYNTAXES"]
 
@@ -151,8 +152,7 @@ class Listener:
             raise DicomNodeError("--secondary-capture needs --send-to AE@HOST:PORT (or --send-to-dicomweb URL)")
         self.heatmaps = config.heatmaps or config.secondary_capture
         self.predictor = predictor
-        self.sites: SiteMatcher | None = None  # built at start, against the loaded model's weights
-        self.explainer: Predictor | None = None  # the PyTorch model for Grad-CAM, when heat maps are made
+        self.classifier: Classifier | None = None  # made at start: in this process with ``predictor``, else a child
         self.spool = Spool(config.spool_folder())
         self.guard = Guard(self.spool.folder, frozenset(config.allow_ae), frozenset(config.allow_hosts),
                            config.min_free_mb, config.max_instance_mb)
@@ -180,15 +180,10 @@ class Listener:
         """Load the model, queue what the spool still holds, start the threads, then open the port."""
         for noisy in ("pynetdicom", "highdicom"):  # their info and debug lines quote DICOM tags and UIDs
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        if self.predictor is None:
-            self.predictor = Predictor(self.config.model, backend=self.config.backend, threads=self.config.threads)
-        registry = SiteRegistry(self.config.sites)  # checked now: a profile for other weights stops the start; read once
-        self.sites = SiteMatcher(registry.all(self.predictor.meta.get("weights_sha256")))
-        self.predictor.watch(p.threshold for p in self.sites.profiles)  # int8: films near them re-checked in float
-        log.info("sites from %s: %s", registry.folder, ", ".join(p.name for p in self.sites.profiles) or "none")
-        if self.heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
-            self.explainer = self.predictor if self.predictor.model is not None else Predictor(
-                self.config.model, backend="torch", threads=self.config.threads)
+        # The sites are checked now (a profile for other weights stops the start) and read once.
+        self.classifier = Classifier(self.predictor, self.config.model, self.config.backend, self.config.threads,
+                                     self.config.sites, self.heatmaps)
+        log.info("sites from %s: %s", self.classifier.registry, ", ".join(self.classifier.sites) or "none")
         for path in (leftovers := self.spool.pending()):
             self._enqueue(path.stem, path, Spool.received_at(path))
         if leftovers:
@@ -221,7 +216,7 @@ class Listener:
         except OSError as exc:
             self.stop()
             raise DicomNodeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}") from None
-        log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.predictor.name)
+        log.info("listening as %s on %s:%d (model %s)", self.config.ae_title, self.config.host, self.port, self.classifier.name)
 
     @property
     def http_port(self) -> int | None:
@@ -242,6 +237,8 @@ class Listener:
         self._reports.put(None)
         for thread in self._threads:
             thread.join(timeout_s)
+        if self.classifier is not None:
+            self.classifier.close()
         self.store.close()
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -323,7 +320,7 @@ class Listener:
         unique = {sop: (sop, path, received) for sop, path, received in batch}  # a resend queued twice
         known = self.store.known(unique)
         fresh = [item for sop, item in unique.items() if sop not in known]
-        done = classify_batch(self.predictor, fresh, explainer=self.explainer, sites=self.sites) if fresh else []
+        done = self.classifier.submit(fresh).result() if fresh else []
         added = self.store.record([c.row for c in done], {c.row.sop_instance_uid: c.heatmap_png for c in done if c.heatmap_png})
         for sop in known:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
             row = self.store.get(sop)

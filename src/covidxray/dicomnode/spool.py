@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
