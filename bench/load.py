@@ -19,6 +19,7 @@ import csv
 import io
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -58,9 +59,11 @@ def bad_files(good: bytes) -> list[tuple[str, bytes, int]]:
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its child processes (``serve --workers N``'s workers)."""
+    kids = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+            return int(line.split()[1]) / 1024 + sum(rss_mb(k) for k in kids)
     return float("nan")
 
 
@@ -71,12 +74,13 @@ def free_port() -> int:
 
 
 def start_server(model: Path, backend: str, threads: int | None, log_file: Path,
-                 max_batch: int | None = None) -> tuple[subprocess.Popen, str]:
+                 max_batch: int | None = None, workers: int | None = None) -> tuple[subprocess.Popen, str, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     command = [sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--model", str(model), "--backend", backend]
     with open(log_file, "wb") as log:
-        extra = (["--threads", str(threads)] if threads else []) + (["--max-batch", str(max_batch)] if max_batch else [])
+        extra = (["--threads", str(threads)] if threads else []) + (["--max-batch", str(max_batch)] if max_batch else []) + (
+            ["--workers", str(workers)] if workers else [])
         proc = subprocess.Popen(command + extra, stdout=log,
                                 stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -86,8 +90,11 @@ def start_server(model: Path, backend: str, threads: int | None, log_file: Path,
             raise SystemExit(f"server exited with {proc.returncode}:\n{log_file.read_text()}")
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
+                text = log_file.read_text()  # with several workers: once every one has loaded the model
+                many = re.search(r"from (\d+) processes", text)
+                workers = int(many[1]) if many else 1
+                if r.status == 200 and text.count("Application startup complete") >= workers:
+                    return proc, url, workers
         except OSError:
             time.sleep(0.25)
     proc.kill()
@@ -167,6 +174,7 @@ def main() -> None:
     ap.add_argument("--explain", action="store_true", help="ask for the Grad-CAM overlay on every request")
     ap.add_argument("--threads", type=int, help="model intra-op threads of the server (default: the library's)")
     ap.add_argument("--max-batch", type=int, help="the server's most images per network call (default: serve's)")
+    ap.add_argument("--workers", type=int, help="the server's processes (default: serve's)")
     ap.add_argument("--warmup", type=float, default=5.0,
                     help="seconds of the same load before measuring, so memory is measured after the batch sizes settled")
     ap.add_argument("--raw", action="store_true", help="send each film as the raw request body, not as a multipart form")
@@ -183,13 +191,15 @@ def main() -> None:
         model = copy_model(default_model_path(), Path(tmp) / "model")  # a copy: the export does not touch the shipped model
         if args.backend == "onnx" and not (model / "model.onnx").is_file():
             export_onnx(model, model / "model.onnx")
-        proc, url = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log", args.max_batch)
+        proc, url, workers = start_server(model, args.backend, args.threads, Path(tmp) / "serve.log", args.max_batch,
+                                          args.workers)
         try:
             model_name = httpx.get(url + "/v1/model").json()["name"]
             load = (url, proc.pid, files, bad, args.clients)
             if args.warmup > 0:
                 asyncio.run(run_load(*load, args.warmup, args.bad_fraction, args.explain, args.raw))
-            result = asyncio.run(run_load(*load, args.seconds, args.bad_fraction, args.explain, args.raw))
+            result = {**asyncio.run(run_load(*load, args.seconds, args.bad_fraction, args.explain, args.raw)),
+                      "server_processes": workers}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -200,7 +210,8 @@ def main() -> None:
         "| Clients | Seconds | Backend | Bad uploads | Requests/s | p50 ms | p90 ms | p99 ms | OK | Expected 4xx "
         "| Unexpected errors | Server RSS start → end (MB) | RSS growth, second half | Server CPU ms/request |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
-        f"| {args.clients} | {args.seconds:g} | {args.backend}{f', {args.threads} thread(s)' if args.threads else ''}"
+        f"| {args.clients} | {args.seconds:g} | {args.backend}, {workers} process{'es' if workers > 1 else ''}"
+        f"{f', {args.threads} thread(s)' if args.threads else ''}"
         f"{' + Grad-CAM' if args.explain else ''}{', raw body' if args.raw else ''} | "
         f"{args.bad_fraction:.0%} | "
         f"{r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ok']} | "

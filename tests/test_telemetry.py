@@ -6,14 +6,22 @@ The listener's ``/metrics`` is tested in tests/test_listener.py, beside the list
 from __future__ import annotations
 
 import csv
+import socket
+import subprocess
+import sys
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import dicoms
+from covidxray.cli import main
 from covidxray.predictor import Predictor, default_model_path
 from covidxray.server import create_app
 from covidxray.telemetry import Telemetry
@@ -62,3 +70,69 @@ def test_serve_metrics_agree_with_what_the_api_answered(manifest: Path, tmp_path
     assert got[("covidxray_http_request_seconds_count", (("route", "/v1/predict"),))] == 4
     for secret in (paths[0].name, "side.dcm", "notes.txt", dicoms.PATIENT_NAME, dicoms.PATIENT_ID, "/no/such"):
         assert secret not in text, secret
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # clock ticks: 100 per second on Linux
+
+
+def _worker_pids(parent: int) -> list[int]:
+    kids = [int(c) for task in Path(f"/proc/{parent}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [pid for pid in kids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: Path, tmp_path: Path):
+    """``serve --workers 2``: two uvicorn processes, each with its model; every scrape, whichever answers, counts all."""
+    with open(manifest, newline="") as f:
+        films = [(manifest.parent / r["path"]).read_bytes() for r in csv.DictReader(f)][:4]
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--workers", "2"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if http.get("/readyz").status_code == 200 and len(_worker_pids(proc.pid)) == 2:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+            assert len(_worker_pids(proc.pid)) == 2, log.read_text()
+            cpu_before = {pid: _cpu_seconds(pid) for pid in _worker_pids(proc.pid)}
+
+            def post(i: int) -> str:
+                with httpx.Client(base_url=url, timeout=60) as own:  # a connection each: the kernel spreads them
+                    r = own.post("/v1/predict", files={"file": (f"{i}.jpg", films[i % len(films)])})
+                    assert r.status_code == 200, r.text
+                    return r.json()["label"]
+
+            with ThreadPoolExecutor(8) as pool:
+                labels = Counter(pool.map(post, range(48)))
+            cpu_used = {pid: _cpu_seconds(pid) - t for pid, t in cpu_before.items()}
+            scrapes = [samples(httpx.get(f"{url}/metrics").text) for _ in range(12)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert min(cpu_used.values()) > 0.2, cpu_used  # both processes classified films
+    for got in scrapes:
+        for label, n in labels.items():
+            assert got[("covidxray_answers_total", (("label", label),))] == n
+        assert got[("covidxray_http_requests_total", (("method", "POST"), ("route", "/v1/predict"), ("status", "200")))] == 48
+    assert "POST /v1/predict status=200" in log.read_text()  # each worker logs its requests as one server does
+    assert proc.returncode is not None and not any(Path(f"/proc/{pid}").exists() for pid in cpu_before)
+
+
+def test_serve_refuses_several_workers_on_one_dicomweb_spool(tmp_path: Path, capsys):
+    assert main(["serve", "--workers", "2", "--db", str(tmp_path / "r.db"), "--dicomweb-spool", str(tmp_path / "s")]) == 2
+    assert "--workers 2: give at least 1, and 1 with --dicomweb-spool" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """Operations metrics in Prometheus' text format, for ``serve`` and ``listen``: what came in, what went out, what failed.
 
 One `Telemetry` per process (its own registry, so two listeners in one test process do not share
-counts). Every label value is a word chosen by covidxray (a label, a reason, an error code, a
+counts). Under ``serve --workers N`` each worker process counts into files in ``$PROMETHEUS_MULTIPROC_DIR``
+(prometheus_client's multiprocess mode, which `serve` sets up) and every scrape, whichever worker answers it,
+renders the sum of all of them. Every label value is a word chosen by covidxray (a label, a reason, an error code, a
 route template, an outcome), never a file name, a UID or a DICOM tag: the metrics hold no
 patient data. The listener serves them on a small HTTP port of its own (`serve_http`, which
 answers ``/metrics`` and ``/healthz``); the REST API serves them at ``/metrics``.
@@ -18,11 +20,13 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["CONTENT_TYPE", "Telemetry", "serve_http"]
 
@@ -66,8 +70,12 @@ class Telemetry:
         self.spool_age.set_function(oldest_age_s)
 
     def render(self) -> bytes:
-        """Everything, in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
+        """Everything, in Prometheus' text exposition format (every worker's counts under ``serve --workers N``)."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 def serve_http(telemetry: Telemetry, host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:

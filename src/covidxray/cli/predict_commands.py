@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
+import tempfile
 from itertools import zip_longest
 from pathlib import Path
 
@@ -82,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "per core side by side, as covidxray.backends.thread_plan says)")
     sv.add_argument("--max-batch", type=int, default=4, help="most images per network call when requests arrive together "
                                                           "(default 4: the segmenter and classifier then overlap)")
+    sv.add_argument("--workers", type=int, help="server processes, each with its own model (about 1 GB each): requests "
+                                                "are shared between them, /metrics sums them (default 2 on two or more "
+                                                "cores, 1 with --dicomweb-spool or on one core)")
     sv.add_argument("--db", help="results database of `covidxray listen` (path, sqlite:///PATH or postgresql://...): GET /v1/results and "
                                  "the page's results list")
     sv.add_argument("--dicomweb-spool", metavar="DIR", help="with --db: accept DICOMweb STOW-RS at /dicomweb/studies "
@@ -281,22 +286,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..predictor import Predictor
-    from ..server import create_app, limit_malloc_arenas
+    from ..server import APP_ENV, create_app, limit_malloc_arenas
 
     if args.send_to_dicomweb and not (args.dicomweb_spool and args.db):  # it would serve, and never send a report
         raise CovidXrayError("--send-to-dicomweb needs --db DB and --dicomweb-spool DIR: reports are sent for what "
                              "STOW-RS receives into the spool")
     if args.max_batch < 1:
         raise CovidXrayError(f"--max-batch must be at least 1, not {args.max_batch}")
+    workers = args.workers or (1 if args.dicomweb_spool or (os.cpu_count() or 1) < 2 else 2)
+    if workers < 1 or (workers > 1 and args.dicomweb_spool):
+        raise CovidXrayError(f"--workers {workers}: give at least 1, and 1 with --dicomweb-spool (one node per spool)")
     limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
     # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
     predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
-    app = create_app(args.model, predictor=predictor, max_upload_bytes=max_bytes, timeout_s=args.timeout,
-                     max_batch=args.max_batch, cors_origins=args.cors_origin, results_db=args.db,
-                     dicomweb_spool=args.dicomweb_spool, dicomweb_send_to=args.send_to_dicomweb, sites=args.sites)
+    options = dict(max_upload_bytes=max_bytes, timeout_s=args.timeout, max_batch=args.max_batch,
+                   cors_origins=args.cors_origin, results_db=args.db, sites=args.sites)
     print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs); Ctrl-C stops. {DISCLAIMER}", flush=True)
+          f"(API docs at /docs){f' from {workers} processes' if workers > 1 else ''}; Ctrl-C stops. {DISCLAIMER}",
+          flush=True)
     # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+    if workers == 1:
+        app = create_app(args.model, predictor=predictor, dicomweb_spool=args.dicomweb_spool,
+                         dicomweb_send_to=args.send_to_dicomweb, **options)
+        uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+        return 0
+    # Each worker loads the model itself (uvicorn spawns them); the metrics of all of them go to one folder.
+    del predictor
+    with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:
+        app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
+        os.environ.update({APP_ENV: json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}),
+                           "PROMETHEUS_MULTIPROC_DIR": metrics})
+        uvicorn.run("covidxray.server:app_from_environment", factory=True, workers=workers, host=args.host,
+                    port=args.port, access_log=False, log_level="info")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hmac
+import json
+import logging
 import os
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -31,13 +33,25 @@ from .results_routes import results_router
 from .schemas import ERRORS
 from .service import Service
 
-__all__ = ["create_app", "limit_malloc_arenas", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
+__all__ = ["create_app", "app_from_environment", "limit_malloc_arenas", "APP_ENV", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
 
 WEB_DIR = Path(str(resources.files("covidxray") / "web"))  # package data, installed with the wheel
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 # The page may load nothing but its own files (no CDN); results are data: URLs, the picked file a blob: URL.
 _PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+APP_ENV = "COVIDXRAY_SERVE_APP"  # {"app": create_app's keyword arguments, "log_level": N} as JSON
+
+
+def app_from_environment() -> FastAPI:
+    """`create_app` as ``$COVIDXRAY_SERVE_APP`` says, logging as the ``serve`` that started it: the factory each of
+    ``serve --workers N``'s processes calls (uvicorn starts them; each loads the model before it takes requests)."""
+    config = json.loads(os.environ[APP_ENV])
+    logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
+    return create_app(**config["app"])
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
