@@ -136,3 +136,9 @@ def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: P
 def test_serve_refuses_several_workers_on_one_dicomweb_spool(tmp_path: Path, capsys):
     assert main(["serve", "--workers", "2", "--db", str(tmp_path / "r.db"), "--dicomweb-spool", str(tmp_path / "s")]) == 2
     assert "--workers 2: give at least 1, and 1 with --dicomweb-spool" in capsys.readouterr().err
+
+
+def test_serve_with_workers_names_a_bad_model_in_one_line(tmp_path: Path, capsys):
+    assert main(["serve", "--workers", "2", "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'none'}: no model here" in err and "Traceback" not in err

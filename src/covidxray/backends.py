@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .utils import read_verified
+from .utils import read_verified, usable_cores
 
 __all__ = ["Runner", "TorchRunner", "OnnxRunner", "CascadeRunner", "ThreadPlan", "near_thresholds", "onnx_file",
            "thread_plan"]
@@ -51,10 +51,13 @@ def thread_plan(cores: int | None = None, intra_op: int | None = None, backend: 
     two on 2 cores, half the cores on larger machines. ONNX Runtime's threads do not spin (`OnnxRunner`), so a
     decoder that wakes up finds a core. ``intra_op`` overrides the threads per call (``--threads``; it sets
     torch's threads too), and the lanes become ``cores // intra_op``.
+
+    Processes: the Python parts around the networks (HTTP and form parsing, DICOM association handling, crops,
+    answers) take turns at one interpreter lock, which kept one ``serve`` process at about 1.4 of 2 cores. So
+    ``serve`` runs ``--workers`` processes (2 from two cores on), each with this plan, and ``listen`` receives in its
+    own process and classifies in a child process that runs this plan (`covidxray.dicomnode.classifier`).
     """
-    if not cores:  # the cores this process may run on (taskset, a container's cpuset), not the machine's
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores = max(1, cores)
+    cores = max(1, cores or usable_cores())
     decoders = max(2, cores // 2)
     if backend != "onnx":
         return ThreadPlan(intra_op=max(1, intra_op or cores), decoders=decoders)

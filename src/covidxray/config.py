@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .errors import DataError
 
-__all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for", "Settings", "settings"]
+__all__ = ["SERVE_APP_ENV", "ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for", "Settings", "settings"]
 
 # The model registry's names (`covidxray.models.REGISTRY`; a test keeps the two equal). Listed here
 # so that `covidxray train --help` can offer them without importing torch.
@@ -21,6 +21,8 @@ ARCHITECTURES = (
     "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18", "resnet34", "resnet50",
     "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
 )
+# ``serve --workers N``: {"app": create_app's keyword arguments, "log_level": N} as JSON, for each worker's app factory
+SERVE_APP_ENV = "COVIDXRAY_SERVE_APP"
 AUGMENT_NAMES = ("cxr", "acquisition", "soft-normals", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
 
 

@@ -14,7 +14,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_verified", "read_csv_rows",
-    "read_json_object", "unique_stem",
+    "read_json_object", "unique_stem", "usable_cores",
 ]
 
 
@@ -126,3 +126,8 @@ def unique_stem(stem: str, used: set[str]) -> str:
         name = f"{stem}_{n}"
     used.add(name)
     return name
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's cpuset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

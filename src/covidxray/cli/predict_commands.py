@@ -13,8 +13,9 @@ from itertools import zip_longest
 from pathlib import Path
 
 from .. import DISCLAIMER
-from ..config import settings
+from ..config import SERVE_APP_ENV, settings
 from ..errors import CovidXrayError, ImageError
+from ..utils import usable_cores
 from .site_commands import sites_flag
 
 __all__ = ["register", "EXIT_UNREADABLE", "EXIT_NOT_ANSWERED"]
@@ -283,40 +284,64 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the REST API and the web page with uvicorn until Ctrl-C."""
-    import uvicorn
-
-    from ..predictor import Predictor
-    from ..server import APP_ENV, create_app, limit_malloc_arenas
-
     if args.send_to_dicomweb and not (args.dicomweb_spool and args.db):  # it would serve, and never send a report
         raise CovidXrayError("--send-to-dicomweb needs --db DB and --dicomweb-spool DIR: reports are sent for what "
                              "STOW-RS receives into the spool")
     if args.max_batch < 1:
         raise CovidXrayError(f"--max-batch must be at least 1, not {args.max_batch}")
-    workers = args.workers or (1 if args.dicomweb_spool or (os.cpu_count() or 1) < 2 else 2)
+    workers = args.workers or (1 if args.dicomweb_spool or usable_cores() < 2 else 2)
     if workers < 1 or (workers > 1 and args.dicomweb_spool):
         raise CovidXrayError(f"--workers {workers}: give at least 1, and 1 with --dicomweb-spool (one node per spool)")
-    limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
-    # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
-    predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
     max_bytes = int(args.max_upload_mb * 2**20) if args.max_upload_mb else None
     options = dict(max_upload_bytes=max_bytes, timeout_s=args.timeout, max_batch=args.max_batch,
                    cors_origins=args.cors_origin, results_db=args.db, sites=args.sites)
-    print(f"covidxray: serving {predictor.name} ({predictor.backend}) at http://{args.host}:{args.port}/ "
-          f"(API docs at /docs){f' from {workers} processes' if workers > 1 else ''}; Ctrl-C stops. {DISCLAIMER}",
-          flush=True)
+    return _serve_workers(args, workers, options) if workers > 1 else _serve_one(args, options)
+
+
+def _serve_one(args: argparse.Namespace, options: dict) -> int:
+    import uvicorn
+
+    from ..predictor import Predictor
+    from ..server import create_app, limit_malloc_arenas
+
+    limit_malloc_arenas()  # before torch, ONNX Runtime or uvicorn start their threads
+    # Loaded here, not in the app's start-up, so a bad --model is a one-line error before the port opens.
+    predictor = Predictor(args.model, backend=args.backend, threads=args.threads)
+    app = create_app(args.model, predictor=predictor, dicomweb_spool=args.dicomweb_spool,
+                     dicomweb_send_to=args.send_to_dicomweb, **options)
+    _serving(f"{predictor.name} ({predictor.backend})", args, 1)
     # Our middleware logs every request with its ID and without file names; uvicorn's access log would repeat it.
-    if workers == 1:
-        app = create_app(args.model, predictor=predictor, dicomweb_spool=args.dicomweb_spool,
-                         dicomweb_send_to=args.send_to_dicomweb, **options)
-        uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
-        return 0
-    # Each worker loads the model itself (uvicorn spawns them); the metrics of all of them go to one folder.
-    del predictor
-    with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, workers: int, options: dict) -> int:
+    """uvicorn's worker processes, each loading the model; this one only watches them, so it never imports the model's
+    libraries (about 0.75 GB): the model is tried once in a short-lived process, for a one-line error on a bad one."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import uvicorn
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as check:
+        described = check.submit(_describe_model, args.model, args.backend, args.threads).result()
+    _serving(described, args, workers)
+    with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:  # every worker's counts, for /metrics
         app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
-        os.environ.update({APP_ENV: json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}),
+        os.environ.update({SERVE_APP_ENV: json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}),
                            "PROMETHEUS_MULTIPROC_DIR": metrics})
         uvicorn.run("covidxray.server:app_from_environment", factory=True, workers=workers, host=args.host,
                     port=args.port, access_log=False, log_level="info")
     return 0
+
+
+def _describe_model(model: str | None, backend: str, threads: int | None) -> str:
+    from ..predictor import Predictor
+
+    predictor = Predictor(model, backend=backend, threads=threads)
+    return f"{predictor.name} ({predictor.backend})"
+
+
+def _serving(model: str, args: argparse.Namespace, workers: int) -> None:
+    print(f"covidxray: serving {model} at http://{args.host}:{args.port}/ (API docs at /docs)"
+          f"{f' from {workers} processes' if workers > 1 else ''}; Ctrl-C stops. {DISCLAIMER}", flush=True)

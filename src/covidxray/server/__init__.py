@@ -25,6 +25,6 @@ Example:
 
 from __future__ import annotations
 
-from .app import APP_ENV, app_from_environment, create_app, limit_malloc_arenas
+from .app import app_from_environment, create_app, limit_malloc_arenas
 
-__all__ = ["APP_ENV", "app_from_environment", "create_app", "limit_malloc_arenas"]
+__all__ = ["app_from_environment", "create_app", "limit_malloc_arenas"]

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import DISCLAIMER, __version__
-from ..config import settings
+from ..config import SERVE_APP_ENV, settings
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
 from ..results import ResultsStore, open_results
@@ -33,7 +33,7 @@ from .results_routes import results_router
 from .schemas import ERRORS
 from .service import Service
 
-__all__ = ["create_app", "app_from_environment", "limit_malloc_arenas", "APP_ENV", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
+__all__ = ["create_app", "app_from_environment", "limit_malloc_arenas", "DEFAULT_MAX_UPLOAD_BYTES", "WEB_DIR"]
 
 WEB_DIR = Path(str(resources.files("covidxray") / "web"))  # package data, installed with the wheel
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
@@ -42,13 +42,10 @@ _PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src '
              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-APP_ENV = "COVIDXRAY_SERVE_APP"  # {"app": create_app's keyword arguments, "log_level": N} as JSON
-
-
 def app_from_environment() -> FastAPI:
-    """`create_app` as ``$COVIDXRAY_SERVE_APP`` says, logging as the ``serve`` that started it: the factory each of
+    """`create_app` as ``$COVIDXRAY_SERVE_APP`` (`covidxray.config.SERVE_APP_ENV`) says, logging as the ``serve`` that started it: the factory each of
     ``serve --workers N``'s processes calls (uvicorn starts them; each loads the model before it takes requests)."""
-    config = json.loads(os.environ[APP_ENV])
+    config = json.loads(os.environ[SERVE_APP_ENV])
     logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
     limit_malloc_arenas()
     return create_app(**config["app"])
