@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from .errors import DataError
 
-__all__ = ["SERVE_APP_ENV", "ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for", "Settings", "settings"]
+__all__ = ["ARCHITECTURES", "AUGMENT_NAMES", "TrainConfig", "RECIPES", "config_for", "Settings", "settings", "for_workers"]
 
 # The model registry's names (`covidxray.models.REGISTRY`; a test keeps the two equal). Listed here
 # so that `covidxray train --help` can offer them without importing torch.
@@ -21,8 +21,6 @@ ARCHITECTURES = (
     "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18", "resnet34", "resnet50",
     "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
 )
-# ``serve --workers N``: {"app": create_app's keyword arguments, "log_level": N} as JSON, for each worker's app factory
-SERVE_APP_ENV = "COVIDXRAY_SERVE_APP"
 AUGMENT_NAMES = ("cxr", "acquisition", "soft-normals", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
 
 
@@ -137,6 +135,11 @@ class Settings:
     api_key: str | None  # $COVIDXRAY_API_KEY: the key the REST API asks for (unset or empty: none)
     max_upload_mb: float | None  # $COVIDXRAY_MAX_UPLOAD_MB: the REST API's largest upload (else 20 MiB)
     sites: str | None = None  # $COVIDXRAY_SITES: the site registry folder (else ~/.local/share/covidxray/sites)
+    # Set by ``serve --workers N`` for its workers (`for_workers`): $COVIDXRAY_SERVE_APP, the app each one makes
+    # ({"app": create_app's keyword arguments, "log_level": N} as JSON), and $PROMETHEUS_MULTIPROC_DIR, the folder
+    # where prometheus_client's multiprocess mode keeps every worker's counts.
+    serve_app: str | None = None
+    metrics_dir: str | None = None
 
 
 def settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -156,4 +159,10 @@ def settings(environ: Mapping[str, str] | None = None) -> Settings:
     except ValueError:
         raise DataError(f"COVIDXRAY_MAX_UPLOAD_MB={upload!r} is not a number of MiB (unset it for the 20 MiB default)") from None
     return Settings(data=get("DATA"), model=get("MODEL"), cache=get("CACHE"), api_key=get("API_KEY"),
-                    max_upload_mb=max_upload_mb, sites=get("SITES"))
+                    max_upload_mb=max_upload_mb, sites=get("SITES"), serve_app=get("SERVE_APP"),
+                    metrics_dir=env.get("PROMETHEUS_MULTIPROC_DIR") or None)
+
+
+def for_workers(serve_app: str, metrics_dir: str) -> None:
+    """Put ``serve --workers N``'s settings where the worker processes uvicorn starts will find them (`Settings`)."""
+    os.environ.update({"COVIDXRAY_SERVE_APP": serve_app, "PROMETHEUS_MULTIPROC_DIR": metrics_dir})

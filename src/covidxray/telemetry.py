@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -38,7 +37,8 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # sec
 class Telemetry:
     """The counters, histogram and gauges of one covidxray process."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir  # serve --workers N: every worker counts into files there
         self.registry = r = CollectorRegistry()
         self.requests = Counter("covidxray_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r)
         self.latency = Histogram("covidxray_http_request_seconds", "HTTP request latency", ["route"],
@@ -71,10 +71,10 @@ class Telemetry:
 
     def render(self) -> bytes:
         """Everything, in Prometheus' text exposition format (every worker's counts under ``serve --workers N``)."""
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if not self.multiprocess_dir:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry, self.multiprocess_dir)
         return generate_latest(registry)
 
 

@@ -6,14 +6,13 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from itertools import zip_longest
 from pathlib import Path
 
 from .. import DISCLAIMER
-from ..config import SERVE_APP_ENV, settings
+from ..config import for_workers, settings
 from ..errors import CovidXrayError, ImageError
 from ..utils import usable_cores
 from .site_commands import sites_flag
@@ -328,8 +327,7 @@ def _serve_workers(args: argparse.Namespace, workers: int, options: dict) -> int
     _serving(described, args, workers)
     with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:  # every worker's counts, for /metrics
         app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
-        os.environ.update({SERVE_APP_ENV: json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}),
-                           "PROMETHEUS_MULTIPROC_DIR": metrics})
+        for_workers(json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}), metrics)
         uvicorn.run("covidxray.server:app_from_environment", factory=True, workers=workers, host=args.host,
                     port=args.port, access_log=False, log_level="info")
     return 0

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import DISCLAIMER, __version__
-from ..config import SERVE_APP_ENV, settings
+from ..config import settings
 from ..errors import CheckpointError, CovidXrayError, ImageError
 from ..predictor import Predictor, default_model_path
 from ..results import ResultsStore, open_results
@@ -43,9 +43,9 @@ _PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src '
 
 
 def app_from_environment() -> FastAPI:
-    """`create_app` as ``$COVIDXRAY_SERVE_APP`` (`covidxray.config.SERVE_APP_ENV`) says, logging as the ``serve`` that started it: the factory each of
+    """`create_app` as ``$COVIDXRAY_SERVE_APP`` (`covidxray.config.for_workers`) says, logging as the ``serve`` that started it: the factory each of
     ``serve --workers N``'s processes calls (uvicorn starts them; each loads the model before it takes requests)."""
-    config = json.loads(os.environ[SERVE_APP_ENV])
+    config = json.loads(settings().serve_app or "{}")
     logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
     limit_malloc_arenas()
     return create_app(**config["app"])
@@ -129,7 +129,7 @@ def create_app(
         description="COVID-19 detection on chest X-rays; COVID-19 is the positive class. " + DISCLAIMER,
     )
     app.state.service = service
-    app.state.telemetry = telemetry = Telemetry()
+    app.state.telemetry = telemetry = Telemetry(settings().metrics_dir)
     app.include_router(metrics_router(telemetry))
     key = Depends(_key_check(api_key))
     api = APIRouter(prefix="/v1", dependencies=[key], responses={401: ERRORS[401]})
