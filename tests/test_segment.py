@@ -88,6 +88,11 @@ def test_lung_crop_is_the_box_of_the_image_resized(segmenter: LungSegmenter, man
     np.testing.assert_array_equal(cropped, by_hand)
     np.testing.assert_array_equal(pre.prepare(image, lungs), cropped)  # same map, same crop
     assert box != (0.0, 0.0, 1.0, 1.0)
+    moved = (box[0] + 0.03, box[1], box[2] + 0.03, box[3])  # a given box (bench/box_jitter.py) is the one cut
+    at_moved, kept = pre.prepare_with_box(image, lungs, moved)
+    rows, cols = box_pixels(moved, image.shape)
+    assert kept == moved and not np.array_equal(at_moved, cropped)
+    np.testing.assert_array_equal(at_moved, Preprocess(size=64, equalize=False).prepare(image[rows, cols]))
     assert "segmenter" not in pre.to_dict() and Preprocess(size=64).to_dict().keys() == {"size", "equalize", "mean", "std"}
 
 

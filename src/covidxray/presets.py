@@ -107,17 +107,21 @@ class Preprocess:
         return self.prepare_with_box(image, lungs)[0]
 
     def prepare_with_box(
-        self, image: np.ndarray, lungs: np.ndarray | None = None,
+        self, image: np.ndarray, lungs: np.ndarray | None = None, box: tuple[float, float, float, float] | None = None,
     ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-        """`prepare`, plus the part of the image it kept as relative ``(top, left, bottom, right)``."""
-        box = (0.0, 0.0, 1.0, 1.0)
+        """`prepare`, plus the part of the image it kept as relative ``(top, left, bottom, right)``.
+
+        ``box`` (with ``lung_crop``) crops there instead of the lungs' own box: for robustness checks that move it.
+        """
         if self.lung_crop:
             if lungs is None:
                 if self.segmenter is None:
                     raise ValueError("this preprocessing crops to the lungs: attach the lung segmenter or pass a lung map")
                 lungs = self.segmenter(image)
-            box = lung_box(lungs, self.lung_margin)
+            box = box or lung_box(lungs, self.lung_margin)
             image, lungs = _crop(image, lungs, box)
+        else:
+            box = (0.0, 0.0, 1.0, 1.0)
         small = _resize(image, self.size)
         if self.smooth:
             small = ndimage.gaussian_filter(small, self.smooth, mode="nearest")
