@@ -192,3 +192,31 @@ def test_the_crop_s_dilation_is_scipy_s_maximum_filter(segmenter: LungSegmenter,
         for k in (3, 5, 7, 9, 11):
             assert np.array_equal(max_filter(a, k), ndimage.maximum_filter(a, k, mode="nearest")), (a.shape, k)
     assert np.array_equal(max_filter(np.eye(5, dtype=np.float32), 3)[0], [1, 1, 1, 0, 0])  # a row at the edge
+
+
+def test_views_of_moved_boxes_start_with_the_own_box_and_repeat(segmenter: LungSegmenter, manifest: Path):
+    """``--box-views``: each training film prepared at its lungs' box and at boxes moved on the film, the same each time."""
+    from covidxray.cache import prepare_images
+    from covidxray.data import load_samples
+
+    samples = load_samples(manifest)[:4]
+    pre = Preprocess(size=64, lung_crop=True, outside=0.7, segmenter_sha256=segmenter.sha256, segmenter=segmenter)
+    one, _ = prepare_images(samples, pre, cache_dir="")
+    views, failed = prepare_images(samples, pre, cache_dir="", views=3, shift=0.05)
+    again, _ = prepare_images(samples, pre, cache_dir="", views=3, shift=0.05)
+    assert not failed and views.shape == (4, 3, 64, 64)
+    assert torch.equal(views[:, 0], one) and torch.equal(views, again)  # view 0 is what serving prepares
+    assert all(not torch.equal(views[i, 0], views[i, k]) for i in range(4) for k in (1, 2))  # the others moved
+    with pytest.raises(ValueError, match="lung crop"):
+        prepare_images(samples, Preprocess(size=64), cache_dir="", views=3)
+
+
+def test_training_draws_one_view_per_film(manifest: Path, split_file: Path, tmp_path: Path, one_torch_thread):
+    from covidxray.config import config_for
+    from covidxray.engine import train
+
+    cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(tmp_path / "run"), size=64,
+                     epochs=1, limit=24, cache_dir=str(tmp_path / "cache"), box_views=3, box_shift=0.05)
+    run = train(cfg)
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["train_config"]["box_views"] == 3 and (run / "model.safetensors").is_file()

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +27,7 @@ from .config import settings
 from .data import Sample
 from .errors import ImageError
 from .imaging import load_image
-from .presets import Preprocess
+from .presets import Preprocess, lung_box, moved_box
 from .utils import atomic_write_bytes
 
 __all__ = ["prepare_images", "readable_images"]
@@ -39,9 +40,14 @@ def _cache_root(cfg_dir: str | os.PathLike | None) -> Path:
 
 
 def prepare_images(
-    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding"
+    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding",
+    views: int = 1, shift: float = 0.0,
 ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """Decode and prepare every image once: ``(N, size, size)`` uint8 plus ``(path, reason)`` failures.
+
+    With ``views > 1`` (and a lung crop): ``(N, views, size, size)``, the first view at the lungs' own box, the others
+    at boxes moved on the film (`moved_box`: by up to ``shift`` of the box's size, margin 0.5-1.5x), drawn from a
+    generator seeded by the file's path, so the same files give the same views.
 
     Unreadable images are returned as failures (and their rows are zero); callers drop or report
     them. Results are cached on disk under a key made of the files (path, size, mtime) and the
@@ -51,7 +57,9 @@ def prepare_images(
         st = p.stat() if p.is_file() else None
         return [str(p), st.st_size, st.st_mtime_ns] if st else [str(p)]
 
-    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__, *map(stamp, (s.path for s in samples))]).encode()).hexdigest()[:24]
+    views_key = [[views, shift]] if views > 1 else []  # one view: the keys of caches made before views existed
+    key = hashlib.sha256(json.dumps([pre.to_dict(), __version__, *views_key, *map(stamp, (s.path for s in samples))]
+                                    ).encode()).hexdigest()[:24]
     cache = _cache_root(cache_dir) / f"{key}.npz" if cache_dir != "" else None
     if cache and cache.is_file():
         try:
@@ -59,12 +67,23 @@ def prepare_images(
                 return torch.from_numpy(z["images"]), [tuple(f) for f in json.loads(str(z["failed"]))]
         except Exception:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s", cache)
-    out = np.zeros((len(samples), pre.size, pre.size), dtype=np.uint8)
+    if views > 1 and not (pre.lung_crop and pre.segmenter is not None):
+        raise ValueError("views of moved boxes need a lung crop with its segmenter attached")
+    out = np.zeros((len(samples), *([views] if views > 1 else []), pre.size, pre.size), dtype=np.uint8)
     failed: list[tuple[str, str]] = []
 
     def work(i: int) -> None:
         try:
-            out[i] = pre.prepare(load_image(samples[i].path))
+            image = load_image(samples[i].path)
+            if views == 1:
+                out[i] = pre.prepare(image)
+                return
+            lungs = pre.segmenter(image)
+            own = lung_box(lungs, pre.lung_margin)
+            rng = np.random.default_rng(zlib.crc32(str(samples[i].path).encode()))
+            boxes = [own] + [moved_box(own, pre.lung_margin, tuple(rng.uniform(-shift, shift, 2)), rng.uniform(0.5, 1.5))
+                             for _ in range(views - 1)]
+            out[i] = np.stack([pre.prepare_with_box(image, lungs, box)[0] for box in boxes])
         except ImageError as e:
             failed.append((str(samples[i].path), e.reason))
 
@@ -80,15 +99,16 @@ def prepare_images(
 
 
 def readable_images(
-    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding"
+    samples: Sequence[Sample], pre: Preprocess, cache_dir: str | os.PathLike | None = None, desc: str = "decoding",
+    views: int = 1, shift: float = 0.0,
 ) -> tuple[list[Sample], torch.Tensor, list[tuple[str, str]]]:
     """`prepare_images`, then drop the unreadable files (each logged as a warning).
 
     Returns:
         ``(samples, images, failed)``: the readable samples in their order, their prepared images
-        ``(N, size, size)`` uint8, and ``(path, reason)`` for each file left out.
+        ``(N, size, size)`` uint8 (``(N, views, size, size)`` with views), and ``(path, reason)`` for each file left out.
     """
-    images, failed = prepare_images(samples, pre, cache_dir, desc)
+    images, failed = prepare_images(samples, pre, cache_dir, desc, views, shift)
     for path, reason in failed:
         log.warning("skipping unreadable image %s: %s", path, reason)
     bad = {path for path, _ in failed}

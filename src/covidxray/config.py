@@ -47,6 +47,10 @@ class TrainConfig:
     outside: float = _f(0.0, "0..1: darken the crop outside the (dilated) lungs by this much (0: keep it)")
     equalize_lungs: bool = _f(False, "with --lung-crop: equalise on the lung pixels' histogram, so every origin's lungs "
                                      "span the same grey levels")
+    box_views: int = _f(1, "with --lung-crop: crops prepared per training film, the first at the lungs' own box and the "
+                           "others at boxes moved on the film by up to --box-shift of their size (and margins of "
+                           "0.5-1.5x), one drawn per film and epoch (1: the own box only)")
+    box_shift: float = _f(0.05, "with --box-views: how far the other boxes move, as a share of the box's height or width")
     smooth: float = _f(0.0, "Gaussian blur sigma in input pixels after resizing, in training and serving (0: off)")
     segmenter: str = _f("bundled", "folder holding segmenter.json: the lung segmenter and input gate copied into the run "
                                    "('bundled': covidxray's own; 'none': no segmenter, no gate, no lung crop)")

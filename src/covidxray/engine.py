@@ -65,8 +65,7 @@ AUGMENTS = {
 
 
 def _ema_update(decay: float):
-    """EMA step for `AveragedModel` whose decay warms up as (1 + n) / (10 + n), so that short runs
-    average recent weights rather than sticking to the initial ones."""
+    """EMA step for `AveragedModel` whose decay warms up as (1 + n) / (10 + n): short runs average recent weights."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         d = min(decay, (1 + float(n)) / (10 + float(n)))
@@ -93,14 +92,12 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds.
 
-    With ``cfg.balanced`` both classes are drawn equally often; with ``cfg.balance_sources`` also
-    every source (``sources``: an index per image) equally often within its class. An ``adversary`` adds its
-    loss on the batch's sources (`covidxray.adversary`) and its epoch numbers to the result.
-
-    Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on its slice
-    ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the
-    class balance and the learning-rate schedule are those of a single process; the returned
-    numbers are summed over all ranks.
+    With ``cfg.balanced`` both classes are drawn equally often; with ``cfg.balance_sources`` also every source
+    (``sources``: an index per image) equally often within its class. An ``adversary`` adds its loss on the batch's
+    sources (`covidxray.adversary`) and its epoch numbers to the result. ``images`` ``(N, views, S, S)``: one view
+    of each film is drawn per step. Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on
+    its slice ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the class
+    balance and the learning-rate schedule are those of a single process; the returned numbers are summed over ranks.
     """
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
@@ -123,7 +120,8 @@ def train_one_epoch(
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not dist.is_main)
     for step in bar:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][dist.rank::dist.world_size]
-        x = images[idx].unsqueeze(1).float() / 255.0
+        x = images[idx] if images.ndim == 3 else images[idx, torch.randint(images.shape[1], (len(idx),), generator=g)]
+        x = x.unsqueeze(1).float() / 255.0
         if augment is not None:
             x = augment(x, g, labels[idx])
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
@@ -277,7 +275,8 @@ def _load_data(cfg: TrainConfig, run: Path, pre: Preprocess) -> _Data:
         if not part or len({s.label for s in part}) < 2:
             raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
         with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
-            kept, images, _ = readable_images(part, pre, cfg.cache_dir, desc=f"decoding {name}")
+            kept, images, _ = readable_images(part, pre, cfg.cache_dir, f"decoding {name}", *(
+                (cfg.box_views, cfg.box_shift) if name == "train" else ()))
         parts += [images, torch.tensor([s.label for s in kept]), kept]
     return _Data(*parts)
 
@@ -319,7 +318,8 @@ def _finish(run: Path, cfg: TrainConfig, pre: Preprocess, data: _Data, device: t
     p = covid_probability(logits, cal.temperature)
     # Unfamiliarity: the training films' feature distribution, scaled by the validation films' distances.
     sample = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(len(data.xtr))[:FAMILIARITY_SAMPLE])
-    _, train_feats = logits_and_features(best, cfg.arch, data.xtr[sample], pre, cfg.eval_batch_size, device)
+    own = data.xtr if data.xtr.ndim == 3 else data.xtr[:, 0]  # with --box-views: the view serving prepares
+    _, train_feats = logits_and_features(best, cfg.arch, own[sample], pre, cfg.eval_batch_size, device)
     familiarity = Familiarity.fit(train_feats, val_feats)
     meta.update(cal.to_meta(), train_seconds=time.perf_counter() - t_start,
                 familiarity={"file": FAMILIARITY_FILE, "sha256": familiarity.save(run), "warn_above": WARN_ABOVE,

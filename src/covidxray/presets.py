@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter"]
+__all__ = ["Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter", "moved_box"]
 
 
 def equalize(img: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -199,6 +199,17 @@ def _resize(image: np.ndarray, size: int | tuple[int, int], box: tuple[float, ..
     h, w = (size, size) if isinstance(size, int) else size
     pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
     return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+
+
+def moved_box(box: tuple[float, float, float, float], margin: float, shift: tuple[float, float],
+              scale: float) -> tuple[float, float, float, float]:
+    """``box`` (a `lung_box` with ``margin``) moved by ``shift`` (rows, columns) of its size, its margin times ``scale``;
+    within the image."""
+    top, left, bottom, right = box
+    h, w = bottom - top, right - left
+    cy, cx = (top + bottom) / 2 + shift[0] * h, (left + right) / 2 + shift[1] * w
+    hy, hx = h / (1 + 2 * margin) * (0.5 + margin * scale), w / (1 + 2 * margin) * (0.5 + margin * scale)
+    return max(0.0, cy - hy), max(0.0, cx - hx), min(1.0, cy + hy), min(1.0, cx + hx)
 
 
 def box_pixels(box: tuple[float, float, float, float], shape: tuple[int, ...]) -> tuple[slice, slice]:
