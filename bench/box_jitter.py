@@ -11,7 +11,7 @@ under those six boxes, the share of films whose decision at the model's threshol
 the share called COVID-19 with the film's own box and with P(COVID-19) averaged over the seven boxes (averaging
 over boxes at test time: a candidate remedy, seven times the classifier's work).
 
-    python bench/box_jitter.py [--shift 0.03] [--per-group 150]
+    python bench/box_jitter.py [--shift 0.03] [--per-group 150] [--model RUN --name box-jitter-NAME]
 """
 
 from __future__ import annotations
@@ -29,24 +29,16 @@ from covidxray.errors import ImageError
 from covidxray.imaging import read_image
 from covidxray.inference import predict_probs
 from covidxray.predictor import Predictor
-from covidxray.presets import lung_box
+from covidxray.presets import lung_box, moved_box
 
 Box = tuple[float, float, float, float]
 
 
 def moved_boxes(box: Box, shift: float, margin: float) -> list[Box]:
     """``box`` moved up, down, left, right by ``shift`` of its size, then with half and 1.5x the ``margin`` it has."""
-    top, left, bottom, right = box
-    dy, dx = (bottom - top) * shift, (right - left) * shift
-    # The lungs' own extent: the box without its margin (lung_box widens it by margin on each side).
-    ly, lx = (bottom - top) / (1 + 2 * margin), (right - left) / (1 + 2 * margin)
-    cy, cx = (top + bottom) / 2, (left + right) / 2
-    out = [(top - dy, left, bottom - dy, right), (top + dy, left, bottom + dy, right),
-           (top, left - dx, bottom, right - dx), (top, left + dx, bottom, right + dx)]
-    for m in (margin / 2, margin * 1.5):
-        hy, hx = ly * (0.5 + m), lx * (0.5 + m)
-        out.append((cy - hy, cx - hx, cy + hy, cx + hx))
-    return [(max(0.0, t), max(0.0, le), min(1.0, b), min(1.0, r)) for t, le, b, r in out]
+    moves = [((-shift, 0.0), 1.0), ((shift, 0.0), 1.0), ((0.0, -shift), 1.0), ((0.0, shift), 1.0),
+             ((0.0, 0.0), 0.5), ((0.0, 0.0), 1.5)]
+    return [moved_box(box, margin, by, scale) for by, scale in moves]
 
 
 def film_probabilities(predictor: Predictor, path: str, shift: float) -> np.ndarray | None:
@@ -66,9 +58,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shift", type=float, default=0.03, help="how far each box moves, as a share of its height or width")
     ap.add_argument("--per-group", type=int, default=150, help="most films per origin and finding (test split)")
+    ap.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+    ap.add_argument("--name", default="box-jitter", help="result file bench/results/NAME.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    predictor = Predictor(backend="torch")
+    predictor = Predictor(args.model, backend="torch")
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for path, _, origin, _, split, _, finding in sorted(pooled_rows()):
         if split == "test" and len(groups[(origin, finding)]) < args.per_group:
@@ -94,12 +88,13 @@ def main() -> None:
                      f"{row['flipped']:.1%} / {row['flipped_by_shift']:.1%} / {row['flipped_by_margin']:.1%} | "
                      f"{row['median_change_by_shift']:.3f} | {row['called_covid_own_box']:.3f} → {row['called_covid_averaged']:.3f} |")
         print(table[-1], flush=True)
-    note = (f"Bundled model {predictor.name}, PyTorch, threshold {t:.3f}; boxes moved by {args.shift:.0%} of their size "
+    note = (f"{'Model ' + args.model if args.model else 'Bundled model'} {predictor.name}, PyTorch, threshold {t:.3f}; boxes moved by {args.shift:.0%} of their size "
             f"(up, down, left, right) and margins {predictor.preprocess.lung_margin / 2:.2f} and "
             f"{predictor.preprocess.lung_margin * 1.5:.2f} (the model's: {predictor.preprocess.lung_margin:.2f}); test "
             f"split of each origin, at most {args.per_group} films per origin and finding. COVID-19 is the positive class.")
-    save("box-jitter", {"title": "How far the lung box moves the answer", "rows": rows, "table": table + ["", note],
-                        "command": f"python bench/box_jitter.py --shift {args.shift} --per-group {args.per_group}"})
+    save(args.name, {"title": "How far the lung box moves the answer", "rows": rows, "table": table + ["", note],
+                        "command": f"python bench/box_jitter.py --shift {args.shift} --per-group {args.per_group}"
+                                   + (f" --model {args.model} --name {args.name}" if args.model else "")})
     print(note)
 
 
