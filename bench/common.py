@@ -23,8 +23,12 @@ def machine() -> dict:
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc), all its threads and its living child processes included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    kids = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(k) for k in kids)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, child_pids(pid)))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started that are still running (Linux /proc)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
 def peak_rss_mb() -> float:

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from common import ROOT, cpu_seconds, save
+from common import ROOT, child_pids, cpu_seconds, save
 from covidxray.export import export_onnx
 from covidxray.checkpoint import copy_model, default_model_path
 
@@ -60,10 +60,9 @@ def bad_files(good: bytes) -> list[tuple[str, bytes, int]]:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its child processes (``serve --workers N``'s workers)."""
-    kids = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024 + sum(rss_mb(k) for k in kids)
+            return int(line.split()[1]) / 1024 + sum(map(rss_mb, child_pids(pid)))
     return float("nan")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image
 
 import dicoms
+from processes import free_port
 
 from covidxray.explain import overlay_png
 from covidxray.predictor import Predictor
@@ -34,12 +34,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 READY_TIMEOUT_S = 180  # loading the model while other work shares two cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def results_db(tmp_path_factory: pytest.TempPathFactory, covid_xray: Path) -> Pa
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, results_db: Path) -> Iterator[str]:
     """Base URL of a real uvicorn server on the bundled model, on a free loopback port, with a results database."""
-    port = _free_port()
+    port = free_port()
     log_file = tmp_path_factory.mktemp("server") / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     with open(log_file, "wb") as log:

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from processes import free_port
 from covidxray import distributed
 from covidxray.checkpoint import load_model
 from covidxray.cli import main
@@ -36,19 +36,13 @@ from covidxray.predictor import default_model_path
 TRAIN = dict(size=64, epochs=1, limit=64, seed=5)  # the `fast` recipe (CXRNet from scratch) on 64 + 64 images
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``args`` (a module or script and its arguments) as a 2-process gloo job on this machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores: one thread each
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback even where the host name resolves elsewhere
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), *args]
+           "--master-port", str(free_port()), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -25,6 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 import dicoms
+from processes import child_pids
 from covidxray.dicomnode import Listener, ListenerConfig, listener as listener_module
 from covidxray.dicomnode.spool import Spool
 from covidxray.dicomnode.sr import Destination, send_datasets
@@ -348,7 +349,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     deadline = time.monotonic() + 120
     while not (len(acknowledged) >= 30 and list(spool.glob("*.dcm"))) and time.monotonic() < deadline:
         time.sleep(0.005)
-    helpers = _children(proc.pid)  # the classifier process (and multiprocessing's resource tracker)
+    helpers = child_pids(proc.pid)  # the classifier process (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)  # mid-stream: some acknowledged instances are still unclassified
     proc.wait(30)
     thread.join(60)
@@ -374,10 +375,6 @@ def test_kill_9_mid_stream_loses_no_acknowledged_instance(films, tmp_path: Path)
     assert "resuming" in (tmp_path / "second.log").read_text()
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-
-
 def _gone(pids: list[int], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while any(Path(f"/proc/{p}").exists() and "(Z)" not in _state(p) for p in pids) and time.monotonic() < deadline:
@@ -399,7 +396,7 @@ def test_a_killed_classifier_process_is_replaced_and_loses_nothing(films, tmp_pa
     proc, port = _start_listen(tmp_path, "listen.log")
     try:
         store = open_results(tmp_path / "r.db")
-        first = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        first = [pid for pid in child_pids(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(first) == 1
         acknowledged: list = []
         thread = threading.Thread(target=dicoms.store_each, args=(stream, port, uid.ExplicitVRLittleEndian, acknowledged))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import pytest
 from pydicom import dcmread, uid
 
 import dicoms
+from processes import free_port
 from covidxray.dicomnode import Listener, ListenerConfig
 from covidxray.dicomnode.sr import Destination, send_datasets
 from covidxray.results import open_results
@@ -47,12 +47,6 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
   end
 end
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Orthanc:
@@ -88,7 +82,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
                     "runs) or `apt-get install orthanc orthanc-dicomweb dcmtk`")
     home = tmp_path_factory.mktemp("orthanc")
     (home / "route.lua").write_text(ROUTE_LUA)
-    node = Orthanc(_free_port(), _free_port())
+    node = Orthanc(free_port(), free_port())
     config = {"Name": "covidxray-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
               "HttpPort": int(node.url.rsplit(":", 1)[1]), "DicomPort": node.dicom_port, "DicomAet": "ORTHANC",
               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [DICOMWEB_PLUGIN],
@@ -230,7 +224,7 @@ def test_storescu_straight_to_the_listener(orthanc, covidxray, manifest: Path, t
 @pytest.fixture
 def stow_server(orthanc: Orthanc, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``covidxray serve`` taking STOW-RS and sending its reports to Orthanc by STOW-RS; (base URL, results db)."""
-    port, db, log_file = _free_port(), tmp_path / "stow.db", tmp_path / "serve.log"
+    port, db, log_file = free_port(), tmp_path / "stow.db", tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "COVIDXRAY_API_KEY"}
     with open(log_file, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", "--port", str(port), "--threads", "1",

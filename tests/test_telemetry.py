@@ -6,7 +6,6 @@ The listener's ``/metrics`` is tested in tests/test_listener.py, beside the list
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import dicoms
+from processes import child_pids, cpu_seconds, free_port
 from covidxray.cli import main
 from covidxray.predictor import Predictor, default_model_path
 from covidxray.server import create_app
@@ -72,20 +72,8 @@ def test_serve_metrics_agree_with_what_the_api_answered(manifest: Path, tmp_path
         assert secret not in text, secret
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100  # clock ticks: 100 per second on Linux
-
-
 def _worker_pids(parent: int) -> list[int]:
-    kids = [int(c) for task in Path(f"/proc/{parent}/task").iterdir() for c in (task / "children").read_text().split()]
-    return [pid for pid in kids if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [pid for pid in child_pids(parent) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 @pytest.mark.slow
@@ -109,7 +97,7 @@ def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: P
                     pass
                 time.sleep(0.25)
             assert len(_worker_pids(proc.pid)) == 2, log.read_text()
-            cpu_before = {pid: _cpu_seconds(pid) for pid in _worker_pids(proc.pid)}
+            cpu_before = {pid: cpu_seconds(pid) for pid in _worker_pids(proc.pid)}
 
             def post(i: int) -> str:
                 with httpx.Client(base_url=url, timeout=60) as own:  # a connection each: the kernel spreads them
@@ -119,7 +107,7 @@ def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: P
 
             with ThreadPoolExecutor(8) as pool:
                 labels = Counter(pool.map(post, range(48)))
-            cpu_used = {pid: _cpu_seconds(pid) - t for pid, t in cpu_before.items()}
+            cpu_used = {pid: cpu_seconds(pid) - t for pid, t in cpu_before.items()}
             scrapes = [samples(httpx.get(f"{url}/metrics").text) for _ in range(12)]
     finally:
         proc.terminate()
