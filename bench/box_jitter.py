@@ -29,16 +29,11 @@ from covidxray.errors import ImageError
 from covidxray.imaging import read_image
 from covidxray.inference import predict_probs
 from covidxray.predictor import Predictor
-from covidxray.presets import lung_box, moved_box
 
-Box = tuple[float, float, float, float]
-
-
-def moved_boxes(box: Box, shift: float, margin: float) -> list[Box]:
-    """``box`` moved up, down, left, right by ``shift`` of its size, then with half and 1.5x the ``margin`` it has."""
-    moves = [((-shift, 0.0), 1.0), ((shift, 0.0), 1.0), ((0.0, -shift), 1.0), ((0.0, shift), 1.0),
-             ((0.0, 0.0), 0.5), ((0.0, 0.0), 1.5)]
-    return [moved_box(box, margin, by, scale) for by, scale in moves]
+def moves(shift: float) -> list[tuple[tuple[float, float], float]]:
+    """Up, down, left, right by ``shift`` of the box's size, then half and 1.5x its margin (`Preprocess.prepare_moved`)."""
+    return [((-shift, 0.0), 1.0), ((shift, 0.0), 1.0), ((0.0, -shift), 1.0), ((0.0, shift), 1.0),
+            ((0.0, 0.0), 0.5), ((0.0, 0.0), 1.5)]
 
 
 def film_probabilities(predictor: Predictor, path: str, shift: float) -> np.ndarray | None:
@@ -47,11 +42,9 @@ def film_probabilities(predictor: Predictor, path: str, shift: float) -> np.ndar
         image = read_image(path)[0]
     except ImageError:
         return None
-    pre = predictor.preprocess
-    lungs = pre.segmenter(image)
-    own = lung_box(lungs, pre.lung_margin)
-    prepared = [pre.prepare_with_box(image, lungs, box)[0] for box in [own, *moved_boxes(own, shift, pre.lung_margin)]]
-    return predict_probs(predictor.model, torch.from_numpy(np.stack(prepared)), pre, temperature=predictor.temperature)
+    prepared = predictor.preprocess.prepare_moved(image, moves(shift))
+    return predict_probs(predictor.model, torch.from_numpy(prepared), predictor.preprocess,
+                         temperature=predictor.temperature)
 
 
 def main() -> None:

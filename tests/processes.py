@@ -19,6 +19,11 @@ def child_pids(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
+def spawned_pids(pid: int) -> list[int]:
+    """The children of ``pid`` that multiprocessing started with ``spawn`` (serve's workers, listen's classifier)."""
+    return [c for c in child_pids(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

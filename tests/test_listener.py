@@ -25,7 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom import sop_class as sc
 
 import dicoms
-from processes import child_pids
+from processes import child_pids, spawned_pids
 from covidxray.dicomnode import Listener, ListenerConfig, listener as listener_module
 from covidxray.dicomnode.spool import Spool
 from covidxray.dicomnode.sr import Destination, send_datasets
@@ -396,7 +396,7 @@ def test_a_killed_classifier_process_is_replaced_and_loses_nothing(films, tmp_pa
     proc, port = _start_listen(tmp_path, "listen.log")
     try:
         store = open_results(tmp_path / "r.db")
-        first = [pid for pid in child_pids(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        first = spawned_pids(proc.pid)
         assert len(first) == 1
         acknowledged: list = []
         thread = threading.Thread(target=dicoms.store_each, args=(stream, port, uid.ExplicitVRLittleEndian, acknowledged))

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import dicoms
-from processes import child_pids, cpu_seconds, free_port
+from processes import cpu_seconds, free_port, spawned_pids
 from covidxray.cli import main
 from covidxray.predictor import Predictor, default_model_path
 from covidxray.server import create_app
@@ -72,10 +72,6 @@ def test_serve_metrics_agree_with_what_the_api_answered(manifest: Path, tmp_path
         assert secret not in text, secret
 
 
-def _worker_pids(parent: int) -> list[int]:
-    return [pid for pid in child_pids(parent) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 @pytest.mark.slow
 def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: Path, tmp_path: Path):
     """``serve --workers 2``: two uvicorn processes, each with its model; every scrape, whichever answers, counts all."""
@@ -91,13 +87,13 @@ def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: P
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
-                    if http.get("/readyz").status_code == 200 and len(_worker_pids(proc.pid)) == 2:
+                    if http.get("/readyz").status_code == 200 and len(spawned_pids(proc.pid)) == 2:
                         break
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.25)
-            assert len(_worker_pids(proc.pid)) == 2, log.read_text()
-            cpu_before = {pid: cpu_seconds(pid) for pid in _worker_pids(proc.pid)}
+            assert len(spawned_pids(proc.pid)) == 2, log.read_text()
+            cpu_before = {pid: cpu_seconds(pid) for pid in spawned_pids(proc.pid)}
 
             def post(i: int) -> str:
                 with httpx.Client(base_url=url, timeout=60) as own:  # a connection each: the kernel spreads them

@@ -27,7 +27,7 @@ from .config import settings
 from .data import Sample
 from .errors import ImageError
 from .imaging import load_image
-from .presets import Preprocess, lung_box, moved_box
+from .presets import Preprocess
 from .utils import atomic_write_bytes
 
 __all__ = ["prepare_images", "readable_images"]
@@ -46,7 +46,7 @@ def prepare_images(
     """Decode and prepare every image once: ``(N, size, size)`` uint8 plus ``(path, reason)`` failures.
 
     With ``views > 1`` (and a lung crop): ``(N, views, size, size)``, the first view at the lungs' own box, the others
-    at boxes moved on the film (`moved_box`: by up to ``shift`` of the box's size, margin 0.5-1.5x), drawn from a
+    at boxes moved on the film (`Preprocess.prepare_moved`: by up to ``shift`` of the box's size, margin 0.5-1.5x), drawn from a
     generator seeded by the file's path, so the same files give the same views.
 
     Unreadable images are returned as failures (and their rows are zero); callers drop or report
@@ -67,8 +67,6 @@ def prepare_images(
                 return torch.from_numpy(z["images"]), [tuple(f) for f in json.loads(str(z["failed"]))]
         except Exception:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s", cache)
-    if views > 1 and not (pre.lung_crop and pre.segmenter is not None):
-        raise ValueError("views of moved boxes need a lung crop with its segmenter attached")
     out = np.zeros((len(samples), *([views] if views > 1 else []), pre.size, pre.size), dtype=np.uint8)
     failed: list[tuple[str, str]] = []
 
@@ -78,12 +76,9 @@ def prepare_images(
             if views == 1:
                 out[i] = pre.prepare(image)
                 return
-            lungs = pre.segmenter(image)
-            own = lung_box(lungs, pre.lung_margin)
             rng = np.random.default_rng(zlib.crc32(str(samples[i].path).encode()))
-            boxes = [own] + [moved_box(own, pre.lung_margin, tuple(rng.uniform(-shift, shift, 2)), rng.uniform(0.5, 1.5))
-                             for _ in range(views - 1)]
-            out[i] = np.stack([pre.prepare_with_box(image, lungs, box)[0] for box in boxes])
+            out[i] = pre.prepare_moved(image, [(tuple(rng.uniform(-shift, shift, 2)), rng.uniform(0.5, 1.5))
+                                               for _ in range(views - 1)])
         except ImageError as e:
             failed.append((str(samples[i].path), e.reason))
 

@@ -134,6 +134,16 @@ class Preprocess:
             u8 = _darken_outside(u8, lungs, self.outside)
         return (equalize(u8) if self.equalize and not self.equalize_lungs else u8), box
 
+    def prepare_moved(self, image: np.ndarray, moves: list[tuple[tuple[float, float], float]]) -> np.ndarray:
+        """`prepare` at the lungs' own box, then at that box moved by each of ``moves`` (a (rows, columns) shift and
+        a margin scale, as `moved_box` takes them): ``(1 + len(moves), size, size)`` uint8, one lung map for all."""
+        if not (self.lung_crop and self.segmenter is not None):
+            raise ValueError("moved boxes need a lung crop with its segmenter attached")
+        lungs = self.segmenter(image)
+        own = lung_box(lungs, self.lung_margin)
+        boxes = [own, *(moved_box(own, self.lung_margin, shift, scale) for shift, scale in moves)]
+        return np.stack([self.prepare_with_box(image, lungs, box)[0] for box in boxes])
+
     def input_lungs(self, lungs: np.ndarray) -> np.ndarray:
         """A whole-image lung map as the network input frames it: cut to the same box (with ``lung_crop``)
         and brought to ``size x size`` (float, the map's own values)."""

@@ -14,8 +14,10 @@ from .errors import CheckpointError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "sha256_file", "read_verified", "read_csv_rows",
-    "read_json_object", "unique_stem", "usable_cores",
+    "read_json_object", "unique_stem", "usable_cores", "LOG_FORMAT",
 ]
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the CLI's, and its child processes' (serve's workers, listen's model)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = False) -> None:

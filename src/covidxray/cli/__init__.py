@@ -18,6 +18,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import CovidXrayError
+from ..utils import LOG_FORMAT
 from . import component_commands, data_commands, dicom_commands, predict_commands, run_commands, site_commands
 
 __all__ = ["build_parser", "main"]
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
     try:
         code = args.func(args)
         from ..distributed import teardown  # torch: imported once a command has run, never for --help

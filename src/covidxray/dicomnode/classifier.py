@@ -26,6 +26,7 @@ from typing import Sequence
 
 from ..predictor import Predictor
 from ..sites import SiteMatcher, SiteRegistry
+from ..utils import LOG_FORMAT
 from .worker import Classified, classify_batch
 
 __all__ = ["Loaded", "Classifier", "load"]
@@ -43,6 +44,10 @@ class Loaded:
     sites: SiteMatcher
     explainer: Predictor | None
     registry: str  # the site registry's folder, for the log
+
+    def describe(self) -> tuple[str, list[str], str]:
+        """The model's name, the onboarded sites' names and the registry's folder, for the listener's log."""
+        return self.predictor.name, [p.name for p in self.sites.profiles], self.registry
 
     def classify(self, items: Items) -> list[Classified]:
         return classify_batch(self.predictor, items, explainer=self.explainer, sites=self.sites)
@@ -70,9 +75,9 @@ def _load_here(parent: int, level: int, *args) -> tuple[str, list[str], str]:
     global _HERE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(parent,), name="covidxray-parent-watch", daemon=True).start()
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
     _HERE = load(None, *args)
-    return _HERE.predictor.name, [p.name for p in _HERE.sites.profiles], _HERE.registry
+    return _HERE.describe()
 
 
 def _exit_with(parent: int) -> None:
@@ -101,9 +106,7 @@ class Classifier:
         self._args = (model, backend, threads, sites, heatmaps)
         self._pool: ProcessPoolExecutor | None = None
         self.here = load(predictor, *self._args) if predictor is not None else None
-        self.name, self.sites, self.registry = (
-            (self.here.predictor.name, [p.name for p in self.here.sites.profiles], self.here.registry)
-            if self.here is not None else self._start())
+        self.name, self.sites, self.registry = self.here.describe() if self.here is not None else self._start()
 
     def _start(self) -> tuple[str, list[str], str]:
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))

@@ -24,6 +24,7 @@ from ..predictor import Predictor, default_model_path
 from ..results import ResultsStore, open_results
 from ..sites import SiteRegistry
 from ..telemetry import Telemetry
+from ..utils import LOG_FORMAT
 from .api_errors import ApiError, error_body, error_response
 from .dicomweb_routes import dicomweb_router, start_node
 from .middleware import RequestContext
@@ -46,7 +47,7 @@ def app_from_environment() -> FastAPI:
     """`create_app` as ``$COVIDXRAY_SERVE_APP`` (`covidxray.config.for_workers`) says, logging as the ``serve`` that started it: the factory each of
     ``serve --workers N``'s processes calls (uvicorn starts them; each loads the model before it takes requests)."""
     config = json.loads(settings().serve_app or "{}")
-    logging.basicConfig(level=config["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=config["log_level"], format=LOG_FORMAT)
     limit_malloc_arenas()
     return create_app(**config["app"])
 
