@@ -13,7 +13,9 @@ from torch import nn
 from covidxray.config import config_for
 from covidxray.engine import train
 from covidxray.imaging import load_image
-from covidxray.invariance import acquisition_twin, twin_loss
+from covidxray.errors import DataError
+from covidxray.invariance import acquisition_twin, mix_style, mixed_styles, twin_loss
+from covidxray.models import build_model, get_spec
 from covidxray.presets import Preprocess
 
 SIZE = 64
@@ -88,16 +90,55 @@ def test_the_twin_loss_teaches_the_score_to_ignore_sharpness(films: torch.Tensor
     assert end < 0.2 * start
 
 
-def test_training_with_the_consistency_term_changes_the_run_and_only_the_run(tmp_path: Path, manifest: Path,
-                                                                           split_file: Path, cache_dir: Path):
-    def run(name: str, weight: float) -> Path:
-        cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(tmp_path / name), cache_dir=str(cache_dir),
-                         size=SIZE, epochs=1, limit=96, deterministic=True, patience=0, seed=3, consistency=weight)
-        return train(cfg)
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path):
+    """Train one short default run; ``run(name, **options)`` trains the same with options added."""
+    root = tmp_path_factory.mktemp("runs")
 
-    off, on = run("off", 0.0), run("on", 0.5)
-    meta = {name: json.loads((r / "model.json").read_text()) for name, r in (("off", off), ("on", on))}
-    assert meta["on"]["train_config"]["consistency"] == 0.5
-    assert meta["on"]["weights_sha256"] != meta["off"]["weights_sha256"]
-    # the twin exists in training only: the saved classifier has the same tensors either way
-    assert {k for k in meta["on"] if k != "train_seconds"} == {k for k in meta["off"] if k != "train_seconds"}
+    def run(name: str, **options) -> dict:
+        cfg = config_for("default", data=str(manifest), splits=str(split_file), out=str(root / name), cache_dir=str(cache_dir),
+                         size=SIZE, epochs=1, limit=96, deterministic=True, patience=0, seed=3, **options)
+        return json.loads((train(cfg) / "model.json").read_text())
+
+    run.plain = run("off")
+    return run
+
+
+@pytest.mark.parametrize("option, value", [("consistency", 0.5), ("mixstyle", 0.5)])
+def test_a_training_only_term_changes_the_run_and_only_the_run(plain_run, option: str, value: float):
+    off, on = plain_run.plain, plain_run(option, **{option: value})
+    assert on["train_config"][option] == value and off["train_config"][option] == 0
+    assert on["weights_sha256"] != off["weights_sha256"]
+    # the term exists in training only: the saved classifier has the same tensors either way
+    assert {k for k in on if k != "train_seconds"} == {k for k in off if k != "train_seconds"}
+
+
+def test_mixed_styles_move_each_film_between_its_own_and_a_partners_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1) + torch.tensor([0.0, 5.0]).view(2, 1, 1, 1)
+    torch.manual_seed(1)
+    mixed = mix_style(x)
+    mu, sd = x.mean((2, 3)), x.std((2, 3))
+    for stat, before in ((mixed.mean((2, 3)), mu), (mixed.std((2, 3)), sd)):
+        low, high = before.min(0).values - 1e-3, before.max(0).values + 1e-3
+        assert torch.all((stat >= low) & (stat <= high)), "a mixed statistic lies between the two films' own"
+    assert not torch.allclose(mixed, x, atol=1e-3), "the draw for seed 1 mixes"
+    # the content stays: each channel of each film is an affine map of what it was
+    z = lambda t: (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(z(mixed), z(x), atol=1e-4)
+
+
+def test_mixed_styles_act_inside_the_block_only_and_only_where_declared():
+    model = build_model("tf_efficientnet_lite0", in_chans=1).train()
+    x = torch.randn(4, 1, 64, 64)
+    torch.manual_seed(0)
+    plain = model(x)
+    torch.manual_seed(0)
+    with mixed_styles(model, get_spec("tf_efficientnet_lite0").style, p=1.0):
+        mixed = model(x)
+    torch.manual_seed(0)
+    after = model(x)
+    assert not torch.allclose(mixed, plain, atol=1e-4)
+    assert torch.allclose(after, plain) and not any(m._forward_hooks for m in model.modules()), "hooks removed"
+    with pytest.raises(DataError, match="mixstyle"), mixed_styles(build_model("cxrnet", in_chans=1), get_spec("cxrnet").style, 0.5):
+        pass

@@ -71,6 +71,9 @@ class TrainConfig:
                                       "(DANN; training only, not in the saved model; 0: off)")
     consistency: float = _f(0.0, "weight of a consistency term: the logit margin of each film and of its sharpened or "
                                  "blurred twin should agree (`covidxray.invariance`; training only; 0: off)")
+    mixstyle: float = _f(0.0, "probability per batch and layer that the early stages' outputs swap part of their "
+                              "per-channel statistics with another film of the batch (MixStyle, `covidxray.invariance`; "
+                              "training only; 0: off)")
     augment: str = _f("cxr", "training augmentation", choices=AUGMENT_NAMES)
     freeze: bool = _f(True, "freeze the architecture's declared early layers (fast on CPU)")
     ema: float = _f(0.997, "per-step decay of the weight average that is validated and saved (0: off)")

@@ -39,7 +39,7 @@ from .data import Sample, data_fingerprint, load_samples, make_splits, write_spl
 from .errors import CheckpointError, DataError
 from .familiarity import FILE as FAMILIARITY_FILE, WARN_ABOVE, Familiarity
 from .inference import autocast, logits_and_features, predict_probs
-from .invariance import twin_loss
+from .invariance import mixed_styles, twin_loss
 from .models import build_model, get_spec
 from .presets import Preprocess, TrainAugment
 from .report import save_predictions_csv, write_history
@@ -126,7 +126,8 @@ def train_one_epoch(
             x = augment(x, g, labels[idx])
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
-        with autocast(device), adversary.watch(model) if adversary is not None else nullcontext():
+        with autocast(device), adversary.watch(model) if adversary is not None else nullcontext(), \
+                mixed_styles(distributed.unwrap(model), get_spec(cfg.arch).style, cfg.mixstyle):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         adv = adversary.loss(y, sources[idx].to(device), (epoch + step / steps) / cfg.epochs) if adversary is not None else 0
@@ -290,8 +291,7 @@ def _build(cfg: TrainConfig, resume: bool, device: torch.device, data: _Data):
     model = model.to(device).to(memory_format=torch.channels_last)
     adversary = build_adversary(model, cfg.arch, data.ytr, data.source_index, cfg.origin_adversary, cfg.seed, device)
     optimizer, scheduler = _make_optimizer(model, cfg, math.ceil(len(data.ytr) / cfg.batch_size), adversary)
-    # An exponential moving average of the weights is what gets validated and shipped: on small,
-    # noisy data it is steadier from epoch to epoch than the raw weights.
+    # The weights' moving average is validated and shipped: on small, noisy data it is steadier from epoch to epoch.
     ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
     return model, frozen, adversary, optimizer, scheduler, ema
 

@@ -10,18 +10,32 @@ image blurred or unsharp-masked, and the loss pays for any difference between th
     loss = F.cross_entropy(logits, y) + twin_loss(model, x, logits, pre, g, weight=0.3)
 
 Training only: the saved model is the plain classifier, and a weight of 0 (the default) draws nothing.
+
+`mixed_styles` asks for the same at the level of features (MixStyle; Zhou et al., ICLR 2021): inside the block,
+the early stages' outputs of a training batch swap part of their per-channel mean and standard deviation (a
+film's contrast and texture, which differ by hospital) with another film of the batch, drawn at random from
+either class, so that those statistics stop telling the classes apart. Inference never sees it.
+
+    with mixed_styles(model, get_spec(arch).style, p=0.5):
+        logits = model(x)
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DataError
 from .inference import autocast
 from .presets import Preprocess
 
-__all__ = ["acquisition_twin", "twin_loss"]
+__all__ = ["acquisition_twin", "twin_loss", "mix_style", "mixed_styles"]
+
+_ALPHA = 0.1  # Beta(alpha, alpha) mixing weights: mostly near 0 or 1, a style nearly swapped
 
 _RADIUS = 5  # kernel half-width: 3 sigma of the widest blur (1.5 px) and then some
 
@@ -51,3 +65,40 @@ def twin_loss(model: nn.Module, x: torch.Tensor, logits: torch.Tensor, pre: Prep
         other = model(twin)
     margin = lambda z: z[:, 1].float() - z[:, 0].float()  # noqa: E731 - local shorthand
     return weight * F.mse_loss(margin(other), margin(logits))
+
+
+def mix_style(x: torch.Tensor, alpha: float = _ALPHA) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` with each film's per-channel mean and standard deviation mixed with a random other film's,
+    by a weight drawn from Beta(alpha, alpha) (torch's global generator: seeded per epoch in training)."""
+    n = x.shape[0]
+    mu = x.mean((2, 3), keepdim=True).detach()
+    sigma = (x.var((2, 3), keepdim=True) + 1e-6).sqrt().detach()
+    lam = torch.distributions.Beta(alpha, alpha).sample((n, 1, 1, 1)).to(x.device, x.dtype)
+    other = torch.randperm(n).to(x.device)
+    return (x - mu) / sigma * (lam * sigma + (1 - lam) * sigma[other]) + lam * mu + (1 - lam) * mu[other]
+
+
+@contextmanager
+def mixed_styles(model: nn.Module, layers: Sequence[str], p: float) -> Iterator[None]:
+    """Forward passes inside the block mix the styles of ``layers``' outputs (`mix_style`), each layer with
+    probability ``p`` per batch; ``p`` 0 leaves the model untouched.
+
+    Raises:
+        DataError: ``p`` is set and the architecture declares no ``layers`` (`covidxray.models.ModelSpec.style`).
+    """
+    if p and not layers:
+        raise DataError("--mixstyle needs an architecture that declares its early stages (ModelSpec.style): "
+                        "tf_efficientnet_lite0/1/2")
+    if not p:
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return mix_style(out) if out.shape[0] > 1 and torch.rand(()) < p else out
+
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -43,6 +43,7 @@ class ModelSpec:
     cam_layer: str  # dotted name of the layer whose activations Grad-CAM uses
     head: str  # dotted name of the final linear layer
     freezable: tuple[str, ...] = ()  # early modules a recipe may freeze (cheap backward on CPU)
+    style: tuple[str, ...] = ()  # early stages whose outputs --mixstyle mixes (`covidxray.invariance`)
     mean: float = 0.449  # grey-level normalisation matching the pretrained weights
     std: float = 0.226
     imagenet: Callable[[], dict[str, torch.Tensor]] | None = None  # offline ImageNet state dict loader
@@ -131,18 +132,20 @@ class CXRNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+_LITE_STYLE = ("blocks.0", "blocks.1", "blocks.2")  # strides 2, 4 and 8
+
 REGISTRY: dict[str, ModelSpec] = {
     "tf_efficientnet_lite0": ModelSpec(
         _timm("tf_efficientnet_lite0"), stem="conv_stem", cam_layer="bn2", head="classifier",
-        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(0),
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), style=_LITE_STYLE, mean=0.5, std=0.5, imagenet=_lite_imagenet(0),
     ),
     "tf_efficientnet_lite1": ModelSpec(
         _timm("tf_efficientnet_lite1"), stem="conv_stem", cam_layer="bn2", head="classifier",
-        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(1),
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), style=_LITE_STYLE, mean=0.5, std=0.5, imagenet=_lite_imagenet(1),
     ),
     "tf_efficientnet_lite2": ModelSpec(
         _timm("tf_efficientnet_lite2"), stem="conv_stem", cam_layer="bn2", head="classifier",
-        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), mean=0.5, std=0.5, imagenet=_lite_imagenet(2),
+        freezable=("conv_stem", "bn1", "blocks.0", "blocks.1"), style=_LITE_STYLE, mean=0.5, std=0.5, imagenet=_lite_imagenet(2),
     ),
     "resnet18": ModelSpec(_torchvision("resnet18"), "conv1", "layer4", "fc", ("conv1", "bn1", "layer1"), imagenet=_torchvision_imagenet("resnet18")),
     "resnet34": ModelSpec(_torchvision("resnet34"), "conv1", "layer4", "fc", ("conv1", "bn1", "layer1"), imagenet=_torchvision_imagenet("resnet34")),
