@@ -85,7 +85,8 @@ def main() -> None:
             f"(up, down, left, right) and margins {predictor.preprocess.lung_margin / 2:.2f} and "
             f"{predictor.preprocess.lung_margin * 1.5:.2f} (the model's: {predictor.preprocess.lung_margin:.2f}); test "
             f"split of each origin, at most {args.per_group} films per origin and finding. COVID-19 is the positive class.")
-    save(args.name, {"title": "How far the lung box moves the answer", "rows": rows, "table": table + ["", note],
+    model = args.model.replace("../", "") if args.model else "bundled model"
+    save(args.name, {"title": f"How far the lung box moves the answer: {model}", "rows": rows, "table": table + ["", note],
                         "command": f"python bench/box_jitter.py --shift {args.shift} --per-group {args.per_group}"
                                    + (f" --model {args.model} --name {args.name}" if args.model else "")})
     print(note)
