@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common import peak_rss_mb, save
-from covidxray.engine import AUGMENTS
+from covidxray.presets import AUGMENTS
 from covidxray.models import build_model, get_spec
 
 CASES = [  # (arch, size, freeze, augment): the default recipe, its neighbours, and the reference

@@ -21,7 +21,7 @@ ARCHITECTURES = (
     "tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "resnet18", "resnet34", "resnet50",
     "densenet121", "efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_large", "cxrnet",
 )
-AUGMENT_NAMES = ("cxr", "acquisition", "soft-normals", "reference", "none")  # keys of `covidxray.engine.AUGMENTS`, plus "none"
+AUGMENT_NAMES = ("cxr", "acquisition", "soft-normals", "soft-zoom", "reference", "none")  # `covidxray.presets.AUGMENTS`, "none"
 
 
 def _f(default: Any, help: str, **argparse_options: Any) -> Any:

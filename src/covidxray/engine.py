@@ -41,27 +41,16 @@ from .familiarity import FILE as FAMILIARITY_FILE, WARN_ABOVE, Familiarity
 from .inference import autocast, logits_and_features, predict_probs
 from .invariance import mixed_styles, twin_loss
 from .models import build_model, get_spec
-from .presets import Preprocess, TrainAugment
+from .presets import AUGMENTS, Preprocess
 from .report import save_predictions_csv, write_history
 from .segment import LungSegmenter
 
-__all__ = ["AUGMENTS", "train", "train_one_epoch"]
+__all__ = ["train", "train_one_epoch"]
 
 log = logging.getLogger(__name__)
 
 
 FAMILIARITY_SAMPLE = 3000  # training films whose features define "familiar" (a sample: the statistics settle well before)
-
-AUGMENTS = {
-    "cxr": TrainAugment(),
-    # Stronger acquisition variety, so that sharpness, processing and compression cannot name a hospital.
-    "acquisition": TrainAugment(resolution=(0.35, 1.0), gamma=(0.6, 1.6), contrast=0.25, noise=0.03, blur=0.5,
-                                window=0.3, jpeg=0.3),
-    # The cxr set, and half of the normal films made softer and flatter, as other detectors and film show them.
-    "soft-normals": TrainAugment(soften_normals=0.5),
-    "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
-                              gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
-}
 
 
 def _ema_update(decay: float):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter", "moved_box"]
+__all__ = ["AUGMENTS", "Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter", "moved_box"]
 
 
 def equalize(img: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -347,6 +347,21 @@ class TrainAugment:
             top, left = int((h - eh) * float(u(1))), int((w - ew) * float(u(1)))
             x[i, :, top:top + eh, left:left + ew] = float(u(1))
         return x
+
+
+# The training augmentations by name (`TrainConfig.augment`; "none": no augmentation).
+AUGMENTS = {
+    "cxr": TrainAugment(),
+    # Stronger acquisition variety, so that sharpness, processing and compression cannot name a hospital.
+    "acquisition": TrainAugment(resolution=(0.35, 1.0), gamma=(0.6, 1.6), contrast=0.25, noise=0.03, blur=0.5,
+                                window=0.3, jpeg=0.3),
+    # The cxr set, and half of the normal films made softer and flatter, as other detectors and film show them.
+    "soft-normals": TrainAugment(soften_normals=0.5),
+    # The same, zoomed into parts of the lung box (up to 1.6x, moved further): an answer that does not hang on the framing.
+    "soft-zoom": TrainAugment(soften_normals=0.5, scale=(0.9, 1.6), translate=0.15),
+    "reference": TrainAugment(rotate=10, scale=(0.9, 1.1), aspect=0.0, translate=0.05, hflip=0.5, resolution=(1.0, 1.0),
+                              gamma=(1.0, 1.0), contrast=0.0, noise=0.0, erase=0.0),
+}
 
 
 def _blur_or_sharpen(x: torch.Tensor, chosen: torch.Tensor, sharpen: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
