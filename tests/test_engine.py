@@ -87,3 +87,22 @@ def test_unknown_recipe_is_refused():
 
     with pytest.raises(DataError, match="unknown recipe"):
         config_for("magic")
+
+
+def test_every_named_augmentation_is_seeded_in_range_and_offered():
+    import torch
+
+    from covidxray.config import AUGMENT_NAMES
+    from covidxray.presets import AUGMENTS
+
+    assert set(AUGMENTS) | {"none"} == set(AUGMENT_NAMES), "train --augment offers exactly the augmentations there are"
+    x = torch.rand(8, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1] * 4)
+    out = {}
+    for name, augment in AUGMENTS.items():
+        out[name] = augment(x.clone(), torch.Generator().manual_seed(1), labels)
+        again = augment(x.clone(), torch.Generator().manual_seed(1), labels)
+        assert out[name].shape == x.shape and torch.equal(out[name], again), name
+        assert 0 <= float(out[name].min()) and float(out[name].max()) <= 1, name
+    # zoomed in: the affine grid's black fill (pixels from outside the box) shrinks against the plain recipe's
+    assert (out["soft-zoom"] == 0).float().mean() < (out["soft-normals"] == 0).float().mean()
