@@ -29,7 +29,7 @@ def runs() -> dict[str, dict]:
         cells = payload.get("summary", {}).get("cells", {})
         if path.stem != "loso-summary" and all(c in cells for c in NORMALS):
             found[path.stem.removeprefix("loso-")] = payload
-    merged = {m for p in found.values() for m in re.findall(r"--merge (\S+)", p["command"]) for m in m.split(",")}
+    merged = {name for p in found.values() for names in re.findall(r"--merge (\S+)", p["command"]) for name in names.split(",")}
     return {name: p for name, p in found.items() if name not in merged}
 
 

@@ -91,8 +91,8 @@ def test_the_twin_loss_teaches_the_score_to_ignore_sharpness(films: torch.Tensor
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path):
-    """Train one short default run; ``run(name, **options)`` trains the same with options added."""
+def short_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_file: Path, cache_dir: Path):
+    """``short_run(name, **options)``: one short default training run with ``options``; its model.json."""
     root = tmp_path_factory.mktemp("runs")
 
     def run(name: str, **options) -> dict:
@@ -100,13 +100,17 @@ def plain_run(tmp_path_factory: pytest.TempPathFactory, manifest: Path, split_fi
                          size=SIZE, epochs=1, limit=96, deterministic=True, patience=0, seed=3, **options)
         return json.loads((train(cfg) / "model.json").read_text())
 
-    run.plain = run("off")
     return run
 
 
+@pytest.fixture(scope="module")
+def plain_run(short_run) -> dict:
+    return short_run("off")
+
+
 @pytest.mark.parametrize("option, value", [("consistency", 0.5), ("mixstyle", 0.5)])
-def test_a_training_only_term_changes_the_run_and_only_the_run(plain_run, option: str, value: float):
-    off, on = plain_run.plain, plain_run(option, **{option: value})
+def test_a_training_only_term_changes_the_run_and_only_the_run(short_run, plain_run: dict, option: str, value: float):
+    off, on = plain_run, short_run(option, **{option: value})
     assert on["train_config"][option] == value and off["train_config"][option] == 0
     assert on["weights_sha256"] != off["weights_sha256"]
     # the term exists in training only: the saved classifier has the same tensors either way
