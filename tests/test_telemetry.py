@@ -108,7 +108,9 @@ def test_serve_with_two_workers_shares_requests_and_sums_the_metrics(manifest: P
     finally:
         proc.terminate()
         proc.wait(30)
-    assert min(cpu_used.values()) > 0.2, cpu_used  # both processes classified films
+    # Both processes classified films: ~10 ms of CPU a film, and the kernel may split the 48 connections 1:2, so a few
+    # films are ~0.05 s; an idle worker spends next to nothing over these seconds.
+    assert min(cpu_used.values()) > 0.05, cpu_used
     for got in scrapes:
         for label, n in labels.items():
             assert got[("covidxray_answers_total", (("label", label),))] == n
