@@ -32,7 +32,7 @@ from covidxray.dicomnode.sr import Destination, send_datasets
 from covidxray.dicomnode.worker import classify_batch
 from covidxray.errors import DicomNodeError
 from covidxray.predictor import Predictor
-from covidxray.results import open_results, utc_now
+from covidxray.results import SqliteResults, open_results, utc_now
 from test_telemetry import samples
 
 IDLE_TIMEOUT_S = 120  # everything sent is recorded well within this, even with other work on the two cores
@@ -54,7 +54,7 @@ def node(tmp_path: Path, predictor: Predictor):
     started = []
 
     def start(**options) -> Listener:
-        config = ListenerConfig(db=str(tmp_path / "results.db"), port=0, **options)
+        config = ListenerConfig(**{"db": str(tmp_path / "results.db"), "port": 0, **options})
         started.append(Listener(config, predictor=predictor).start())
         return started[-1]
 
@@ -281,6 +281,38 @@ def test_instances_left_in_the_spool_are_processed_at_start(node, films, tmp_pat
     assert sorted(r.sop_instance_uid for r in listener.store.recent()) == sorted(ds.SOPInstanceUID for ds in films[:3])
     assert listener.store.get(films[0].SOPInstanceUID) == row  # not classified twice
     assert listener.stats["recorded"] == 2 and spool.pending() == []
+
+
+def _spooled_start(node, films, tmp_path: Path, monkeypatch, queued: list[int]) -> tuple[Listener, list[tuple]]:
+    """A listener (no DICOM port, batches of 2) that finds ``films`` in its spool at start, queued in the order of
+    ``queued`` (indices into ``films``; one twice is a resend queued twice); and its steps, in the order they ran:
+    ``("classify", [SOP Instance UIDs])`` and ``("record", n)``."""
+    spool = Spool(tmp_path / "results.db.spool")
+    paths = [spool.put(ds.SOPInstanceUID, dicoms.to_bytes(ds)) for ds in films]
+    monkeypatch.setattr(Spool, "pending", lambda self: [paths[i] for i in queued] if paths[0].exists() else [])
+    steps: list[tuple] = []
+    submit, record = listener_module.Classifier.submit, SqliteResults.record
+    monkeypatch.setattr(listener_module.Classifier, "submit",
+                        lambda self, items: steps.append(("classify", [sop for sop, _, _ in items])) or submit(self, items))
+    monkeypatch.setattr(SqliteResults, "record", lambda self, rows, *a: steps.append(("record", len(rows))) or record(self, rows, *a))
+    listener = node(port=None, batch_size=2)
+    assert listener.wait_idle(IDLE_TIMEOUT_S)
+    return listener, steps
+
+
+def test_the_next_batch_is_classified_before_the_last_one_is_recorded(node, films, tmp_path: Path, monkeypatch):
+    listener, steps = _spooled_start(node, films[:6], tmp_path, monkeypatch, queued=[0, 1, 2, 3, 4, 5])
+    assert [kind for kind, _ in steps] == ["classify", "classify", "record", "classify", "record", "record"]
+    assert listener.stats["recorded"] == 6 and listener.spool.pending() == []
+
+
+def test_a_resend_in_the_batch_before_is_classified_once_and_recorded_once(node, films, tmp_path: Path, monkeypatch):
+    # films[1] queued twice, in two batches that follow each other: the second must not classify it again
+    listener, steps = _spooled_start(node, films[:3], tmp_path, monkeypatch, queued=[0, 1, 1, 2])
+    classified = [sop for kind, sops in steps if kind == "classify" for sop in sops]
+    assert sorted(classified) == sorted(ds.SOPInstanceUID for ds in films[:3])
+    assert sorted(r.sop_instance_uid for r in listener.store.recent()) == sorted(classified)
+    assert listener.stats["recorded"] == 3 and listener.stats["duplicates"] == 1
 
 
 def test_reports_go_back_to_the_pacs(node, films, tmp_path: Path):

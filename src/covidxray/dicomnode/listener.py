@@ -7,7 +7,7 @@ Three kinds of threads, joined by two queues:
 2. one worker: takes whatever is queued (up to ``batch_size``), skips instances already recorded
    (a resend is recorded once), has the rest classified in batched model calls (one per lane) by the
    `Classifier`, a process of its own unless a loaded model was given, and commits the rows in one
-   transaction; then the files leave the spool.
+   transaction; then the files leave the spool. The next batch is classified while one is committed.
 3. with ``send_to``, one reporter: sends each instance's structured report (and heat map capture)
    back to the PACS over one association per batch, retries with back-off, records the outcome.
 
@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,7 +46,7 @@ from .guard import Guard
 from .sr import Destination, build_heatmap_capture, build_report, check_ae_title, send_datasets
 from .spool import Spool
 from .classifier import Classifier
-from .worker import Classified, read_header
+from .worker import Classified, InFlight, read_header, take
 
 __all__ = ["ListenerConfig", "Listener", "STORAGE_CLASSES", "TRANSFER_SYNTAXES"]
 
@@ -109,27 +110,6 @@ def _with_sender(event: evt.Event, calling_ae: str) -> bytes:
     meta = event.file_meta
     meta.SourceApplicationEntityTitle = calling_ae
     return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), event.request.DataSet.getvalue()))
-
-
-def _take(items: queue.Queue, limit: int | None = None) -> list | None:
-    """The next item (waiting for it) and whatever else is queued, up to ``limit``; None once told to stop.
-
-    No waiting window: under load, what queued while the last batch ran is the next batch.
-    """
-    first = items.get()
-    if first is None:
-        return None
-    batch = [first]
-    while limit is None or len(batch) < limit:
-        try:
-            item = items.get_nowait()
-        except queue.Empty:
-            break
-        if item is None:
-            items.put(None)  # stop after this batch
-            break
-        batch.append(item)
-    return batch
 
 
 class Listener:
@@ -305,47 +285,69 @@ class Listener:
     # ------------------------------------------------------------------------------------ classifying
 
     def _work_loop(self) -> None:
-        while (batch := _take(self._work, self.config.batch_size)) is not None:
-            try:
-                self._process(batch)
-            except Exception:  # a database or disk failure: the files stay spooled and are tried again
-                log.exception("could not record a batch of %d instances; retrying in 5 s", len(batch))
-                if self._stopping.wait(5):
-                    return
+        """Batches reach the classifier one ahead of the database: once it has classified a batch, what queued
+        meanwhile goes to it at once, and only then is the classified batch recorded (the commit and the spool's
+        clean-up no longer leave the classifier idle)."""
+        ahead: InFlight | None = None
+        while True:
+            if ahead is not None and ahead.future is not None:
+                wait([ahead.future])
+            batch = take(self._work, self.config.batch_size, block=ahead is None)
+            sent = self._guarded(batch, self._send, batch, ahead) if batch else None
+            if ahead is not None:
+                self._guarded(ahead.batch, self._record, ahead)
+            if batch is None:
+                return
+            ahead = sent
+
+    def _guarded(self, batch: list[tuple[str, Path, str]], step: Callable, *args):
+        """``step(*args)``; on a database or disk failure the batch is queued again in 5 s (on stop: left spooled)."""
+        try:
+            return step(*args)
+        except Exception:
+            log.exception("could not record a batch of %d instances; retrying in 5 s", len(batch))
+            if not self._stopping.wait(5):
                 for item in batch:
                     self._work.put(item)
+            return None
 
-    def _process(self, batch: list[tuple[str, Path, str]]) -> None:
-        start = time.perf_counter()
+    def _send(self, batch: list[tuple[str, Path, str]], ahead: InFlight | None) -> InFlight:
+        """Have a batch's new instances classified; those recorded before, or in the batch ``ahead`` (a resend
+        queued twice), are looked up once that one is recorded."""
         unique = {sop: (sop, path, received) for sop, path, received in batch}  # a resend queued twice
-        known = self.store.known(unique)
-        fresh = [item for sop, item in unique.items() if sop not in known]
-        done = self.classifier.submit(fresh).result() if fresh else []
+        skip = self.store.known(unique) | (set(ahead.unique) if ahead is not None else set())
+        fresh = [item for sop, item in unique.items() if sop not in skip]
+        return InFlight(batch, unique, fresh, self.classifier.submit(fresh) if fresh else None, time.perf_counter())
+
+    def _record(self, sent: InFlight) -> None:
+        done = sent.future.result() if sent.future is not None else []
         added = self.store.record([c.row for c in done], {c.row.sop_instance_uid: c.heatmap_png for c in done if c.heatmap_png})
-        for sop in known:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
-            row = self.store.get(sop)
-            path = unique[sop][1]
+        fresh = {sop for sop, _, _ in sent.fresh}
+        for sop in sent.unique.keys() - fresh:  # recorded before (a resend, or a crash after the commit): perhaps not yet reported
+            if (row := self.store.get(sop)) is None:  # it was in the batch before, which failed: both go round again
+                raise RuntimeError("an instance of this batch was in the one before it, which was not recorded")
+            path = sent.unique[sop][1]
             done.append(Classified(path, row, read_header(path) if row.report_status is None else None,
                                    self.store.heatmap(sop)))
         labels = Counter(c.row.reason or c.row.label for c in done[:len(fresh)])
         for c in done[:len(fresh)]:
             self.telemetry.answer(c.row.label, c.row.reason)
-        self.stats.update(recorded=added, duplicates=len(batch) - added, **{f"label_{k}": v for k, v in labels.items()})
+        self.stats.update(recorded=added, duplicates=len(sent.batch) - added, **{f"label_{k}": v for k, v in labels.items()})
         log.info("recorded %d instances (%s; %d already known) in %.2f s", added,
-                 ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "-", len(batch) - added,
-                 time.perf_counter() - start)
+                 ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "-", len(sent.batch) - added,
+                 time.perf_counter() - sent.start)
         for c in done:
             if self.destination and c.row.report_status is None:
                 self._reports.put((c, 0))
             else:
                 self.spool.remove(c.path)
                 self._finished(1)
-        self._finished(len(batch) - len(unique))  # queued duplicates need no further work
+        self._finished(len(sent.batch) - len(sent.unique))  # queued duplicates need no further work
 
     # ------------------------------------------------------------------------------------ answering back
 
     def _report_loop(self) -> None:
-        while (batch := _take(self._reports)) is not None:
+        while (batch := take(self._reports)) is not None:
             self._send_reports(batch)
 
     def _send_reports(self, batch: list[tuple[Classified, int]]) -> None:

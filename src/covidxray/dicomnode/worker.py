@@ -1,12 +1,14 @@
 """From spooled files to result rows: headers, one batched model call, heat maps when asked.
 
-`classify_batch` is the pure part (files in, rows out) that the listener's worker thread calls;
-the threads, queues and the database live in `covidxray.dicomnode.listener`.
+`classify_batch` is the pure part (files in, rows out) that the listener's worker thread calls; `take` makes
+the batches from its queue. The threads, queues and the database live in `covidxray.dicomnode.listener`.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +25,7 @@ from ..predictor import Prediction, Predictor
 from ..results import ResultRow, utc_now
 from ..sites import SiteMatcher, SiteProfile
 
-__all__ = ["Classified", "classify_batch", "error_reason", "read_header", "site_of", "HEATMAP_SIDE"]
+__all__ = ["Classified", "InFlight", "classify_batch", "take", "error_reason", "read_header", "site_of", "HEATMAP_SIDE"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,42 @@ class Classified:
     row: ResultRow
     header: Dataset | None  # None when the file is not readable DICOM at all (no report can refer to it)
     heatmap_png: bytes | None = field(default=None, repr=False)
+
+
+@dataclass
+class InFlight:
+    """A batch taken from the queue: its instances by SOP Instance UID, those sent to the classifier, and its future."""
+
+    batch: list[tuple[str, Path, str]]
+    unique: dict[str, tuple[str, Path, str]]
+    fresh: list[tuple[str, Path, str]]
+    future: Future | None
+    start: float
+
+
+def take(items: queue.Queue, limit: int | None = None, block: bool = True) -> list | None:
+    """The next item (waiting for it, unless not ``block``: then [] when none is queued) and whatever else is
+    queued, up to ``limit``; None once told to stop.
+
+    No waiting window: under load, what queued while the last batch ran is the next batch.
+    """
+    try:
+        first = items.get(block)
+    except queue.Empty:
+        return []
+    if first is None:
+        return None
+    batch = [first]
+    while limit is None or len(batch) < limit:
+        try:
+            item = items.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            items.put(None)  # stop after this batch
+            break
+        batch.append(item)
+    return batch
 
 
 def error_reason(exc: ImageError) -> str:
