@@ -96,20 +96,26 @@ def test_lung_crop_is_the_box_of_the_image_resized(segmenter: LungSegmenter, man
     assert "segmenter" not in pre.to_dict() and Preprocess(size=64).to_dict().keys() == {"size", "equalize", "mean", "std"}
 
 
-def test_the_lung_map_is_cut_as_if_brought_to_the_films_size_first(segmenter: LungSegmenter, manifest: Path):
-    """`_crop` resamples only the box's part of the map: the same map as the whole map enlarged and then cut (to float
-    rounding), on real films of two sizes, one enlarged to a hospital film's 2500 x 3000 px."""
+def test_the_lung_map_is_cut_and_sized_as_if_brought_to_the_films_size_first(segmenter: LungSegmenter, manifest: Path):
+    """`_crop` makes the box's part of the map at the network's side in one step (`covidxray.resample`): the same map
+    as the whole map enlarged to the film, cut, and shrunk to the side by Pillow (to float rounding), on a real film
+    as it is, enlarged to a hospital film's 2500 x 3000 px, and shrunk below the side."""
     image = load_image(manifest.parent / "images/ieee8023/covid/00010.jpg")
-    big = np.asarray(Image.fromarray(image.astype(np.float32), mode="F").resize((2500, 3000), Image.Resampling.BILINEAR))
-    for film in (image, big):
+    for shape in (image.shape, (3000, 2500), (150, 120)):
+        film = _pillow(image, shape)
         lungs = segmenter(film)
         box = lung_box(lungs, 0.1)
         rows, cols = box_pixels(box, film.shape)
-        whole = np.asarray(Image.fromarray(lungs.astype(np.float32), mode="F").resize(film.shape[::-1], Image.Resampling.BILINEAR))
-        cut, cut_lungs = _crop(film, lungs, box)
+        cut, cut_lungs = _crop(film, lungs, box, 160)
         np.testing.assert_array_equal(cut, film[rows, cols])
-        assert cut_lungs.shape == cut.shape and box != (0.0, 0.0, 1.0, 1.0)
-        np.testing.assert_allclose(cut_lungs, whole[rows, cols], atol=1e-4)
+        assert cut_lungs.shape == (160, 160) and box != (0.0, 0.0, 1.0, 1.0) and 0.2 < (cut_lungs > 0.5).mean() < 0.9
+        np.testing.assert_allclose(cut_lungs, _pillow(_pillow(lungs, film.shape)[rows, cols], (160, 160)), atol=1e-4)
+
+
+def _pillow(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``a`` resized to ``shape`` (rows, columns) by Pillow, bilinear, in float32."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F").resize(
+        shape[::-1], Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def test_a_model_refuses_another_segmenter(tmp_path: Path, segmenter: LungSegmenter):

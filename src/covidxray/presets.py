@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from .resample import region_to_side
+
 __all__ = ["AUGMENTS", "Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter", "moved_box"]
 
 
@@ -119,7 +121,7 @@ class Preprocess:
                     raise ValueError("this preprocessing crops to the lungs: attach the lung segmenter or pass a lung map")
                 lungs = self.segmenter(image)
             box = box or lung_box(lungs, self.lung_margin)
-            image, lungs = _crop(image, lungs, box)
+            image, lungs = _crop(image, lungs, box, self.size)
         else:
             box = (0.0, 0.0, 1.0, 1.0)
         small = _resize(image, self.size)
@@ -129,7 +131,7 @@ class Preprocess:
         if self.mask_border:
             u8 = mask_border(u8, self.mask_border)
         if self.equalize_lungs:
-            u8 = equalize(u8, _resize(lungs, self.size) > 0.5)
+            u8 = equalize(u8, lungs > 0.5)
         if self.lung_crop and self.outside:
             u8 = _darken_outside(u8, lungs, self.outside)
         return (equalize(u8) if self.equalize and not self.equalize_lungs else u8), box
@@ -230,16 +232,17 @@ def box_pixels(box: tuple[float, float, float, float], shape: tuple[int, ...]) -
     return slice(r0, max(int(math.ceil(bottom * h)), r0 + 1)), slice(c0, max(int(math.ceil(right * w)), c0 + 1))
 
 
-def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """The image and the lung map (brought to the image's size) cut to the relative ``box``.
+def _crop(image: np.ndarray, lungs: np.ndarray, box: tuple[float, float, float, float],
+          size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image cut to the relative ``box``, and the lung map over the same box at ``size x size``.
 
-    The map is resampled for the box's pixels only (Pillow's ``box``: the same sample points and weights as
-    bringing the whole map to the image's size and cutting it, without the full-size map: 3x faster on a 3000 px film).
+    The map is what resizing it to the image's size, cutting it and resizing the cut to ``size`` would give
+    (`covidxray.resample.region_to_side`), without a map of the image's size: 1 ms instead of 23 on a 2500 px film.
     """
     rows, cols = box_pixels(box, image.shape)
     (h, w), (map_h, map_w) = image.shape[:2], np.shape(lungs)
     region = (cols.start * map_w / w, rows.start * map_h / h, cols.stop * map_w / w, rows.stop * map_h / h)
-    return image[rows, cols], _resize(lungs, (rows.stop - rows.start, cols.stop - cols.start), box=region)
+    return image[rows, cols], region_to_side(lungs, region, (rows.stop - rows.start, cols.stop - cols.start), size)
 
 
 @functools.lru_cache(maxsize=8)
@@ -265,11 +268,11 @@ def max_filter(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def _darken_outside(u8: np.ndarray, lungs: np.ndarray, strength: float) -> np.ndarray:
-    """Blend the pixels outside the dilated lung map toward black by ``strength`` (soft edge)."""
+    """Blend the pixels outside the dilated lung map (of ``u8``'s size) toward black by ``strength`` (soft edge)."""
     size = u8.shape[0]
     k = max(3, int(round(size * 0.04)) | 1)  # dilate by ~2 % of the side: keep the pleura and the lung edge
     # a k x k max over the pixels inside the image (in float32, the map's own values: the same maxima, half the work)
-    m = max_filter(_resize(lungs, size), k).astype(np.float64)
+    m = max_filter(lungs, k).astype(np.float64)
     # k x k mean over the pixels inside the image (the window's share of the image divides it out)
     m = ndimage.uniform_filter(m, k, mode="constant") / _window_share(m.shape, k)
     m = np.clip(m, 0, 1)
