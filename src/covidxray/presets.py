@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from .resample import region_to_side
+from .resample import region_to_side, resize as _resize
 
 __all__ = ["AUGMENTS", "Preprocess", "TrainAugment", "box_pixels", "equalize", "lung_box", "mask_border", "max_filter", "moved_box"]
 
@@ -203,14 +203,6 @@ def lung_box(prob: np.ndarray, margin: float = 0.1, threshold: float = 0.5, min_
     top, bottom, left, right = rows[0] / h, (rows[-1] + 1) / h, cols[0] / w, (cols[-1] + 1) / w
     dy, dx = (bottom - top) * margin, (right - left) * margin
     return float(max(0.0, top - dy)), float(max(0.0, left - dx)), float(min(1.0, bottom + dy)), float(min(1.0, right + dx))
-
-
-def _resize(image: np.ndarray, size: int | tuple[int, int], box: tuple[float, ...] | None = None) -> np.ndarray:
-    """Float image -> ``size`` (side, or (height, width)); Pillow's filters widen with the scale, so shrinking antialiases.
-    ``box``: only that part of the image, ``(left, top, right, bottom)`` in its pixels (Pillow's ``box``)."""
-    h, w = (size, size) if isinstance(size, int) else size
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
-    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
 def moved_box(box: tuple[float, float, float, float], margin: float, shift: tuple[float, float],

@@ -1,4 +1,4 @@
-"""Pillow's bilinear resizing as weights: a lung map brought from its region of the film straight to the network's side.
+"""Pillow's bilinear resize (`resize`, preprocessing's one resize), and the same as weights (`region_to_side`).
 
 `covidxray.presets.Preprocess` darkens what lies outside the lungs with the lung map framed as the network input.
 That map used to be made with two Pillow resizes: the segmenter's map over the crop's region brought to the crop's
@@ -17,7 +17,7 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["taps", "region_to_side"]
+__all__ = ["region_to_side", "resize", "taps"]
 
 # Up to this many pixels in between (a 300 x 300 px crop), Pillow's own two resizes cost less than making the weights.
 _PILLOW_UP_TO = 300 * 300
@@ -61,7 +61,7 @@ def region_to_side(lungs: np.ndarray, region: tuple[float, float, float, float],
     pixels) to ``via`` (height, width), then resized to ``side x side``: float32, without the ``via``-sized map."""
     (h, w), (via_h, via_w) = np.shape(lungs), via
     if via_h * via_w <= _PILLOW_UP_TO:
-        return _pillow(_pillow(lungs, via, region), (side, side))
+        return resize(resize(lungs, via, region), side)
     left, top, right, bottom = region
     row_index, row_weight = _through(taps(via_h, 0, via_h, side), taps(h, top, bottom, via_h))
     col_index, col_weight = _through(taps(via_w, 0, via_w, side), taps(w, left, right, via_w))
@@ -69,7 +69,9 @@ def region_to_side(lungs: np.ndarray, region: tuple[float, float, float, float],
     return np.einsum("ok,hok->ho", col_weight, rows[:, col_index]).astype(np.float32)
 
 
-def _pillow(a: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Pillow's bilinear resize of float ``a`` (over ``box``: left, top, right, bottom) to ``size`` (height, width)."""
-    image = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
-    return np.asarray(image.resize(size[::-1], Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+def resize(image: np.ndarray, size: int | tuple[int, int], box: tuple[float, ...] | None = None) -> np.ndarray:
+    """Float image -> ``size`` (side, or (height, width)) by Pillow, bilinear; its filters widen with the scale, so
+    shrinking antialiases. ``box``: only that part of the image, ``(left, top, right, bottom)`` in its pixels."""
+    h, w = (size, size) if isinstance(size, int) else size
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    return np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
