@@ -18,6 +18,7 @@ from covidxray.cli import main
 from covidxray.errors import CheckpointError
 from covidxray.imaging import load_image
 from covidxray.presets import Preprocess, _crop, box_pixels, lung_box, max_filter
+from covidxray.resample import resize
 from covidxray.segment import LungNet, LungSegmenter, dice, full_mask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,20 +103,14 @@ def test_the_lung_map_is_cut_and_sized_as_if_brought_to_the_films_size_first(seg
     as it is, enlarged to a hospital film's 2500 x 3000 px, and shrunk below the side."""
     image = load_image(manifest.parent / "images/ieee8023/covid/00010.jpg")
     for shape in (image.shape, (3000, 2500), (150, 120)):
-        film = _pillow(image, shape)
+        film = resize(image, shape)
         lungs = segmenter(film)
         box = lung_box(lungs, 0.1)
         rows, cols = box_pixels(box, film.shape)
         cut, cut_lungs = _crop(film, lungs, box, 160)
         np.testing.assert_array_equal(cut, film[rows, cols])
         assert cut_lungs.shape == (160, 160) and box != (0.0, 0.0, 1.0, 1.0) and 0.2 < (cut_lungs > 0.5).mean() < 0.9
-        np.testing.assert_allclose(cut_lungs, _pillow(_pillow(lungs, film.shape)[rows, cols], (160, 160)), atol=1e-4)
-
-
-def _pillow(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``a`` resized to ``shape`` (rows, columns) by Pillow, bilinear, in float32."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F").resize(
-        shape[::-1], Image.Resampling.BILINEAR), dtype=np.float32)
+        np.testing.assert_allclose(cut_lungs, resize(resize(lungs, film.shape)[rows, cols], 160), atol=1e-4)
 
 
 def test_a_model_refuses_another_segmenter(tmp_path: Path, segmenter: LungSegmenter):
