@@ -20,6 +20,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pynetdicom import AE
 
+from covidxray.dicomnode.sr import c_store
+
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
 
@@ -174,7 +176,7 @@ def store_each(items: list, port: int, syntax: str, acknowledged: list, calling_
                 failures.append(f"{len(items) - n} not sent: the association was {'aborted' if assoc.is_aborted else 'not established'}")
             return
         start = time.monotonic()
-        status = assoc.send_c_store(item)
+        status = c_store(assoc, item)  # not assoc.send_c_store: see c_store
         if status and status.get("Status") == 0x0000:
             acknowledged.append(item)  # list.append is atomic: other threads may read the list meanwhile
         elif failures is not None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import io
+import queue
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pynetdicom import AE, evt
 
 import dicoms
 from covidxray import DISCLAIMER
-from covidxray.dicomnode.sr import Destination, build_heatmap_capture, build_report
+from covidxray.dicomnode.sr import Destination, build_heatmap_capture, build_report, c_store
 from covidxray.errors import DicomNodeError
 from covidxray.results import ResultRow
 
@@ -88,3 +92,65 @@ def test_destination_round_trip():
     assert str(Destination.parse("ORTHANC@pacs.example:4242")) == "ORTHANC@pacs.example:4242"
     assert Destination.parse("PACS@[::1]:104").host == "::1"
 
+
+
+class _LateCheckpoint(threading.Event):
+    """A reactor checkpoint that its reactor leaves 50 ms after passing it: all that while, the reactor looks paused."""
+
+    def wait(self, timeout=None):
+        passed = super().wait(timeout)
+        time.sleep(0.05)
+        return passed
+
+
+class _SlowWaiter(queue.Queue):
+    """A DIMSE message queue whose blocking reader (the thread that sent the C-STORE) comes 0.2 s late, as a thread
+    of a busy process may: the reactor, if it is not parked, is there first."""
+
+    def get(self, block=True, timeout=None):
+        if block:
+            time.sleep(0.2)
+        return super().get(block, timeout)
+
+
+@pytest.fixture
+def store_scp(manifest: Path):
+    """A storage SCP on a loopback port that answers every C-STORE with success; yields it and films it takes."""
+    films = dicoms.films(manifest, 3, size=64)
+    scp = AE(ae_title="STORE")
+    scp.add_supported_context(films[0].SOPClassUID, films[0].file_meta.TransferSyntaxUID)
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+    yield server, films
+    server.shutdown()
+
+
+def _associate(server, films):
+    ae = AE(ae_title="SENDER")
+    ae.dimse_timeout = 3
+    ae.add_requested_context(films[0].SOPClassUID, films[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="STORE")
+    assert assoc.is_established
+    return assoc
+
+
+@pytest.mark.parametrize("send", [c_store, pytest.param(lambda assoc, ds: assoc.send_c_store(ds), marks=pytest.mark.xfail(
+    strict=False, reason="pynetdicom's own send_c_store: its reactor takes the response and the C-STORE times out"))],
+    ids=["c_store", "pynetdicom"])
+def test_a_c_store_waits_until_the_reactor_is_parked(store_scp, send):
+    """Each C-STORE right after the one before, while the reactor has just passed its checkpoint: every one answered."""
+    server, films = store_scp
+    assoc = _associate(server, films)
+    try:
+        assoc._reactor_checkpoint, assoc.dimse.msg_queue = _LateCheckpoint(), _SlowWaiter()
+        assoc._reactor_checkpoint.set()
+        assert [send(assoc, ds).get("Status") for ds in films] == [0, 0, 0]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def test_a_c_store_on_an_aborted_association_gets_no_status(store_scp):
+    server, films = store_scp
+    assoc = _associate(server, films)
+    assoc.abort()
+    assert "Status" not in c_store(assoc, films[0])
