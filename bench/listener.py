@@ -1,11 +1,11 @@
 """Throughput and crash safety of ``covidxray listen``: 4 concurrent DICOM senders, end to end.
 
-    .venv/bin/python bench/listener.py [--instances 400] [--senders 4] [--kill-instances 500]
+    .venv/bin/python bench/listener.py [--instances 400] [--senders 4] [--kill-instances 500] [--sender storescu]
     .venv/bin/python bench/listener.py --db sqlite --db postgresql [--repeat 3]   # the two stores compared
 
 ``covidxray listen`` runs in a subprocess on a free loopback port with a fresh database. Each run
 sends 512x512 12-bit CR films made from real X-rays of the shared data set (fresh SOP Instance UIDs,
-so every instance is new) from ``--senders`` threads, one association each, and measures from
+so every instance is new) from ``--senders`` senders, one association each, and measures from
 the first C-STORE until the database holds a row for every acknowledged instance: received,
 spooled (fsync), classified and committed. Runs: uncompressed (explicit VR little endian), JPEG
 Lossless SV1 (dcmtk's ``dcmcjpeg``), and a kill -9 of the listener half-way through a stream
@@ -14,6 +14,10 @@ After each throughput run the listener's ``/metrics`` is read and its answers by
 compared with the database's rows by label (they must agree); the listener process's CPU time
 (every thread, from /proc) gives its CPU per instance and the cores it used, while the senders
 were sending and overall (2 cores: 2.0 is all of them).
+
+The senders are dcmtk's ``storescu`` by default (``--sender storescu``: one process each, C++, as a modality
+or PACS would send), or pynetdicom threads in this process (``--sender pynetdicom``, the tests' client: several
+ms of Python CPU per instance, taken from the 2 cores the listener runs on).
 
 SQLite against PostgreSQL (``--db sqlite --db postgresql --repeat 3``): uncompressed runs only,
 each on a fresh database, interleaved (sqlite, postgresql, sqlite, ...) so that the load of a
@@ -30,6 +34,7 @@ import os
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,14 +76,38 @@ def make_files(folder: Path, n: int, syntax: str) -> list[Path]:
     return paths
 
 
-def send(paths: list[Path], port: int, senders: int, acked: list, failures: list | None = None) -> list[threading.Thread]:
-    """Start ``senders`` threads, each sending its share of ``paths`` over one association (raw files, no re-encoding)."""
+def send(paths: list[Path], port: int, senders: int, acked: list, failures: list | None = None,
+         sender: str = "storescu") -> list[threading.Thread]:
+    """Start ``senders`` threads, each sending its share of ``paths`` over one association (raw files, no re-encoding):
+    through dcmtk's ``storescu`` (a process each) or pynetdicom (in this process)."""
     syntax = str(dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    threads = [threading.Thread(target=dicoms.store_each, args=(paths[k::senders], port, syntax, acked, "BENCH", failures))
+    target = storescu_each if sender == "storescu" else dicoms.store_each
+    threads = [threading.Thread(target=target, args=(paths[k::senders], port, syntax, acked, "BENCH", failures))
                for k in range(senders)]
     for t in threads:
         t.start()
     return threads
+
+
+def storescu_each(paths: list[Path], port: int, syntax: str, acked: list, calling_ae: str, failures: list | None) -> None:
+    """dcmtk's ``storescu`` sends ``paths`` (uncompressed, or JPEG Lossless SV1 as they are) over one association; each
+    file whose C-STORE it reports answered with success goes to ``acked`` as the answer comes, the others to ``failures``."""
+    proposal = "-xs" if syntax == uid.JPEGLosslessSV1 else "-xe"
+    proc = subprocess.Popen(["storescu", "-v", proposal, "-aet", calling_ae, "-aec", "COVIDXRAY", "127.0.0.1", str(port),
+                             *map(str, paths)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sending, answered = None, set()
+    for line in proc.stdout:
+        if found := re.match(r"I: Sending file: (.+)", line):
+            sending = Path(found.group(1).strip())
+        elif "Received Store Response" in line and sending is not None:
+            answered.add(sending)
+            if "(Success)" in line:
+                acked.append(sending)  # list.append is atomic: other threads may read the list meanwhile
+            elif failures is not None:
+                failures.append(f"{sending.name}: {line.strip()}")
+    proc.wait()
+    if failures is not None and (unanswered := len(paths) - len(answered)):
+        failures.append(f"{unanswered} not answered (storescu exited with {proc.returncode})")
 
 
 def recorded(db: str | Path) -> list[str]:
@@ -120,7 +149,7 @@ def metrics_against_rows(log: Path, db: str | Path) -> dict:
             "metrics_agree": by_label == metric_by_label and refusals == metric_refusals}
 
 
-def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path | None = None) -> dict:
+def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path | None = None, sender: str = "storescu") -> dict:
     uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     db = db or work / f"{name}.db"
     log = work / f"{name}.log"
@@ -129,7 +158,7 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start, cpu_start = time.perf_counter(), cpu_seconds(proc.pid)
     try:
-        for t in send(paths, port, senders, acked, failures):
+        for t in send(paths, port, senders, acked, failures, sender):
             t.join()
         sent, cpu_sent = time.perf_counter(), cpu_seconds(proc.pid)
         done = wait_recorded(db, {uids[p] for p in acked})
@@ -139,7 +168,7 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
         proc.terminate()
         proc.wait(60)
     rows = recorded(db)
-    return {"run": name, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
+    return {"run": name, "sender": sender, "instances": len(paths), "acknowledged": len(acked), "recorded": len(rows),
             "lost": len({uids[p] for p in acked} - set(rows)), "duplicated": len(rows) - len(set(rows)),
             "send_s": round(sent - start, 2), "end_to_end_s": round(done - start, 2),
             "instances_per_s": round(len(acked) / (done - start), 1),
@@ -150,12 +179,12 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
             **({"listener_log_tail": log.read_text().splitlines()[-15:]} if failures else {})}
 
 
-def kill_run(paths: list[Path], work: Path, senders: int) -> dict:
+def kill_run(paths: list[Path], work: Path, senders: int, sender: str = "storescu") -> dict:
     uids = {p: dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     db = work / "kill.db"
     proc, port = dicoms.start_listen(db, work / "kill-1.log")
     acked: list[Path] = []
-    threads = send(paths, port, senders, acked)
+    threads = send(paths, port, senders, acked, sender=sender)
     while len(acked) < len(paths) // 2:
         time.sleep(0.001)
     os.kill(proc.pid, signal.SIGKILL)
@@ -200,7 +229,8 @@ class Databases:
             self.server.stop()
 
 
-def compare_stores(kinds: list[str], repeat: int, instances: int, senders: int, work: Path) -> tuple[list[dict], dict]:
+def compare_stores(kinds: list[str], repeat: int, instances: int, senders: int, work: Path, sender: str,
+                   ) -> tuple[list[dict], dict]:
     """Uncompressed runs on each store in ``kinds``, interleaved ``repeat`` times; the runs and each store's median."""
     paths = make_files(work / "raw", instances, uid.ExplicitVRLittleEndian)
     databases, rows = Databases(work), []
@@ -208,7 +238,7 @@ def compare_stores(kinds: list[str], repeat: int, instances: int, senders: int, 
         for r in range(repeat):
             for kind in kinds:
                 name = "sqlite" if kind == "sqlite" else "postgresql"
-                row = run(paths, work, senders, f"{name}-{r + 1}", databases.new(kind))
+                row = run(paths, work, senders, f"{name}-{r + 1}", databases.new(kind), sender)
                 rows.append({**row, "store": name, "load_average": round(os.getloadavg()[0], 1)})
                 print(rows[-1], flush=True)
     finally:
@@ -232,12 +262,12 @@ def save_comparison(args: argparse.Namespace, rows: list[dict], medians: dict, l
               + (f"; PostgreSQL / SQLite = **{ratio:.2f}** (run by run: {', '.join(map(str, pairs))})" if ratio else "")]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0; runs interleaved so both stores share it)")
-    save("listener-db", {"title": f"DICOM listener on SQLite and on PostgreSQL — {args.senders} senders, "
+    save("listener-db", {"title": f"DICOM listener on SQLite and on PostgreSQL — {args.senders} senders ({args.sender}), "
                                   f"{args.instances} uncompressed 512x512 CR per run", "rows": rows, "medians": medians,
                          "ratio_postgresql_to_sqlite": ratio, "ratios_run_by_run": pairs, "note": note, "table": table + ["", note],
                          "command": f"python bench/listener.py --instances {args.instances} --senders {args.senders} "
                                     + " ".join(f"--db {k if k in ('sqlite', 'postgresql') else 'URL'}" for k in args.db)
-                                    + f" --repeat {args.repeat}"})
+                                    + f" --repeat {args.repeat} --sender {args.sender}"})
     print(f"medians {medians}, ratio {ratio}")
 
 
@@ -251,6 +281,9 @@ def main() -> None:
                              "or a postgresql:// URL of a server where the bench may create databases; uncompressed "
                              "runs only, saved as bench/results/listener-db.json")
     parser.add_argument("--repeat", type=int, default=3, help="with --db: runs per store, interleaved")
+    parser.add_argument("--sender", choices=("storescu", "pynetdicom"), default="storescu",
+                        help="the DICOM client that sends: dcmtk's storescu, one process per sender (default), or pynetdicom, "
+                             "threads of this process (more CPU of the machine the listener runs on)")
     parser.add_argument("--note", default="", help="a line about the machine (e.g. shared with other work)")
     args = parser.parse_args()
     for kind in args.db or []:
@@ -259,14 +292,16 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     if args.db:
         with tempfile.TemporaryDirectory() as tmp:
-            rows, medians = compare_stores(args.db, args.repeat, args.instances, args.senders, Path(tmp))
+            rows, medians = compare_stores(args.db, args.repeat, args.instances, args.senders, Path(tmp), args.sender)
         save_comparison(args, rows, medians, load_before)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = [run(make_files(work / "raw", args.instances, uid.ExplicitVRLittleEndian), work, args.senders, "uncompressed"),
-                run(make_files(work / "jpegll", args.instances, uid.JPEGLosslessSV1), work, args.senders, "JPEG Lossless SV1"),
-                kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders)]
+        rows = [run(make_files(work / "raw", args.instances, uid.ExplicitVRLittleEndian), work, args.senders, "uncompressed",
+                    sender=args.sender),
+                run(make_files(work / "jpegll", args.instances, uid.JPEGLosslessSV1), work, args.senders, "JPEG Lossless SV1",
+                    sender=args.sender),
+                kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders, args.sender)]
     table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s | "
              "listener CPU ms per instance | cores it used (while sending) |", "|---|---|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
@@ -276,10 +311,10 @@ def main() -> None:
               f"{r.get('listener_cores', '—')} ({r.get('listener_cores_while_sending', '—')}) |" for r in rows]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0)")
-    save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders, 512x512 CR, end to end", "rows": rows,
+    save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders ({args.sender}), 512x512 CR, end to end", "rows": rows,
                       "note": note, "table": table + ["", note],
                       "command": f"python bench/listener.py --instances {args.instances} --senders {args.senders} "
-                                 f"--kill-instances {args.kill_instances}"})
+                                 f"--kill-instances {args.kill_instances} --sender {args.sender}"})
     for r in rows:
         print(r)
 
