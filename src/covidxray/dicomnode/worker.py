@@ -134,12 +134,13 @@ def classify_batch(
         One `Classified` per item, in order. Unreadable files are rows with label ``error`` and a
         reason; answers that are not answers (the input gate) are rows with label ``not_answered``.
     """
-    headers = [read_header(path) for _, path, _ in items]
     lanes = predictor.threads.lanes
     outcomes = predictor.predict_paths([path for _, path, _ in items], batch_size=max(1, -(-len(items) // lanes)))
     meta = {"model": predictor.name, "weights_sha256": predictor.meta.get("weights_sha256")}
     done = []
-    for (sop_uid, path, received_at), header, outcome in zip(items, headers, outcomes, strict=True):
+    # Each header is read as its film's answer comes: the lanes still at work meanwhile (the generator runs them).
+    for (sop_uid, path, received_at), outcome in zip(items, outcomes, strict=True):
+        header = read_header(path)
         base = {"sop_instance_uid": sop_uid, "study_instance_uid": _uid(header, "StudyInstanceUID"),
                 "series_instance_uid": _uid(header, "SeriesInstanceUID"), "modality": _uid(header, "Modality"),
                 "received_at": received_at, "classified_at": utc_now(), **meta}
