@@ -123,7 +123,7 @@ def summarise(results: dict[int, dict[str, dict]]) -> tuple[list[str], dict]:
             pick = (max if metric == "called COVID-19" else min)(keys, key=lambda k: np.mean(summary[k]["at_threshold"]))
             worst[metric] = {"origin": pick, "at_threshold": float(np.mean(summary[pick]["at_threshold"]))}
     table.append("")
-    table.append(f"Worst held-out origin at the run's threshold: " + "; ".join(
+    table.append("Worst held-out origin at the run's threshold: " + "; ".join(
         f"{m} {w['at_threshold']:.3f} ({w['origin']})" for m, w in worst.items()) +
         f". Internal covid-cxr test ROC-AUC of the runs: {ms(aucs)} (threshold-free numbers: at 0.90 internal sensitivity "
         "for normals and other findings, at 0.90 internal specificity for COVID-19 films).")

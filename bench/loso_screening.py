@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 
 from common import ROOT, save
 from loso import heldout_samples

@@ -44,7 +44,7 @@ def test_each_twin_is_its_film_sharpened_or_blurred(films: torch.Tensor):
     assert torch.equal(twin, again) and twin.shape == films.shape
     assert twin.min() >= 0 and twin.max() <= 1
     g = torch.Generator().manual_seed(0)
-    g_sigma, sharpen = torch.rand(len(films), generator=g), torch.rand(len(films), generator=g) < 0.5  # the draws it made
+    _, sharpen = torch.rand(len(films), generator=g), torch.rand(len(films), generator=g) < 0.5  # the draws it made (sigma, kind)
     assert 0 < int(sharpen.sum()) < len(films), "a batch of 16 should hold both kinds"
     before, after = _detail(films), _detail(twin)
     assert torch.all(after[sharpen] > 1.2 * before[sharpen]), "sharpened twins have more fine detail"
