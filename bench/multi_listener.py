@@ -68,7 +68,7 @@ class Sender:
             if not assoc.is_established:
                 return False
         try:
-            status = assoc.send_c_store(path)
+            status = dicoms.c_store(assoc, path)  # not assoc.send_c_store alone: see covidxray.dicomnode.sr.c_store
         except RuntimeError:  # the association went away between the check and the request
             return False
         return bool(status) and status.get("Status") == 0x0000

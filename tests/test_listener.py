@@ -28,7 +28,7 @@ import dicoms
 from processes import child_pids, spawned_pids
 from covidxray.dicomnode import Listener, ListenerConfig, listener as listener_module
 from covidxray.dicomnode.spool import Spool
-from covidxray.dicomnode.sr import Destination, send_datasets
+from covidxray.dicomnode.sr import Destination, c_store, send_datasets
 from covidxray.dicomnode.worker import classify_batch
 from covidxray.errors import DicomNodeError
 from covidxray.predictor import Predictor
@@ -245,7 +245,7 @@ def test_a_full_disk_refuses_instead_of_acknowledging(node, films):
     assoc = _associate(listener, "PACS")  # opened while there is room
     assert assoc.is_established
     listener.guard.min_free_mb = listener.guard.free_mb() + 10**9  # the disk "fills" meanwhile
-    assert assoc.send_c_store(films[0]).Status == 0xA700  # out of resources: the PACS keeps it and retries
+    assert c_store(assoc, films[0]).Status == 0xA700  # out of resources: the PACS keeps it and retries
     assoc.release()
     assoc = _associate(listener, "PACS")
     assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.diagnostic) == (0x02, 0x01)
