@@ -185,8 +185,8 @@ def c_store(assoc: Association, dataset: Dataset | str | os.PathLike) -> Dataset
     pynetdicom (3.0) pauses its reactor around a C-STORE, lest the reactor take the response off the queue before
     ``send_c_store`` does, but it then waits only for a flag that the reactor sets just before its checkpoint and
     clears just after it: a reactor that has just passed the checkpoint passes for paused, may take the response and
-    drop it, and the C-STORE waits out its DIMSE timeout and aborts the association (3 times in 8,800 C-STOREs
-    from 4 associations in one busy process, here). So the checkpoint is closed first, and the C-STORE waits until the
+    drop it, and the C-STORE waits out its DIMSE timeout and aborts the association (rare, and more so on an idle
+    machine: `bench/c_store_race.py`). So the checkpoint is closed first, and the C-STORE waits until the
     reactor is blocked on it (``send_c_store`` opens it again when it is done). An association that is gone by then
     (aborted by the peer) gets no C-STORE and no status: an empty data set, as ``send_c_store`` answers an abort.
     """
