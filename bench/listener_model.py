@@ -47,12 +47,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     predictor = Predictor(None)
-    per_batch = [(p, 32) for p in range(0, args.instances, 32)]
+    starts = range(0, args.instances, 32)  # the listener's batches: 32 films
     ways = {
         "classify_batch per 32 (the model process's step)": lambda paths: [classify_batch(
-            predictor, [(str(i), f, "-") for i, f in enumerate(paths[s:s + n])]) for s, n in per_batch],
-        "predict_paths per 32 (two lanes of 16)": lambda paths: [list(predictor.predict_paths(paths[s:s + n], batch_size=16))
-                                                             for s, n in per_batch],
+            predictor, [(str(i), f, "-") for i, f in enumerate(paths[s:s + 32])]) for s in starts],
+        "predict_paths per 32 (two lanes of 16)": lambda paths: [list(predictor.predict_paths(paths[s:s + 32], batch_size=16))
+                                                             for s in starts],
         "predict_paths over all, batches of 32 (streamed)": lambda paths: list(predictor.predict_paths(paths, batch_size=32)),
     }
     load_before = os.getloadavg()[0]
