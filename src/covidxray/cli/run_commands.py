@@ -82,6 +82,13 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
                          "so export the graphs again")
     ca.set_defaults(func=cmd_calibrate)
 
+    rh = sub.add_parser("refit-head", parents=[run, data],
+                        help="refit the classifier's last layer on the training films' features as served (last-layer "
+                             "retraining), then temperature and threshold on validation: rewrites the weights")
+    rh.add_argument("--target-sensitivity", type=float,
+                    help="threshold rule as for calibrate (default: Youden's J on the validation split)")
+    rh.set_defaults(func=cmd_refit_head)
+
     au = sub.add_parser("audit", parents=[run, data, split],
                         help="shortcut audit: per-source metrics, source probe, leakage, Grad-CAM location")
     au.add_argument("--out", help="output folder (default RUN/audit)")
@@ -176,6 +183,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
               "graphs again and evaluate again: earlier graphs and reports belong to the old weights")
     else:
         print(f"rewrote {args.run} model.json (weights unchanged); evaluate again: earlier reports used the old values")
+    return 0
+
+
+def cmd_refit_head(args: argparse.Namespace) -> int:
+    from ..head import refit_run
+
+    refit, cal = refit_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
+                           cache_dir=args.cache_dir)
+    print("validation ROC-AUC (COVID-19 positive) by C: " + ", ".join(
+        f"{c:g} {auc:.4f}{' (chosen)' if c == refit.c else ''}" for c, auc in refit.val_auc.items()))
+    print(f"temperature {cal.temperature:.4f}, logit shift {cal.shift:+.4f}: validation ECE {cal.ece_after:.4f}; "
+          f"threshold {cal.threshold:.4f}: {cal.threshold_rule}")
+    print(f"rewrote {args.run} weights and model.json: export the ONNX graphs and evaluate again (earlier graphs and "
+          "reports belong to the old head)")
     return 0
 
 

@@ -1,0 +1,129 @@
+"""The classifier's last layer refitted on the features of its own training films, as prediction sees them.
+
+The network's head is learnt together with the backbone, under the training's augmentation (crops moved and
+scaled, label-conditional softening of normal films) and regularisation, and it is never shown a film as it is
+served. Refitting only that layer afterwards - an L2-regularised logistic regression on the training films'
+pre-logit features, its strength chosen by the validation split's ROC-AUC - is last-layer retraining
+(Kirichenko, Izmailov & Wilson, "Last Layer Re-Training is Sufficient for Robustness to Spurious Correlations",
+ICLR 2023). The backbone and so the features, the familiarity statistics and the ONNX graphs' inputs stay as they
+are; temperature and threshold are fitted again on validation (`covidxray.calibration`), as at the end of training.
+
+The penalty is on the weights of the features as they are, not standardised ones: standardising would give the
+near-constant features (some are exactly 0 on every training film) the largest weights, which makes the head
+follow noise there - the int8 graph's rounding, for one (its parity check refused such a head: test ROC-AUC
+0.98 -> 0.66) - for no gain on validation (`bench/head_refit.py`).
+
+    covidxray refit-head runs/default          # rewrites the run's weights and model.json; export and evaluate again
+
+`fit_head` is the fit alone (NumPy in, a `LinearHead` out); `refit_run` applies it to a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from .calibration import Calibration, calibrate_model
+from .checkpoint import resolve_data, run_dir, save_model
+from .errors import DataError
+from .evaluate import predict_split
+from .models import get_spec
+from .predictor import Predictor
+
+__all__ = ["C_GRID", "LinearHead", "Refit", "fit_head", "set_head", "refit_run"]
+
+log = logging.getLogger(__name__)
+
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # inverse L2 strength on the features; validation picks one
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A logit of COVID-19 linear in the features: ``feats @ weight + bias``."""
+
+    weight: np.ndarray  # (D,)
+    bias: float
+
+    def margin(self, feats: np.ndarray) -> np.ndarray:
+        """The logit of COVID-19 against normal, ``(N,)``."""
+        return np.asarray(feats, np.float64) @ self.weight + self.bias
+
+    def two_class(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head as the network's two-logit layer (normal, COVID-19): their difference is `margin`."""
+        w = torch.from_numpy(self.weight).float()
+        return torch.stack([-w / 2, w / 2]), torch.tensor([-self.bias / 2, self.bias / 2], dtype=torch.float32)
+
+
+@dataclass
+class Refit:
+    """The chosen head and what chose it."""
+
+    c: float  # the chosen inverse regularisation strength
+    head: LinearHead
+    val_auc: dict[float, float] = field(default_factory=dict)  # each candidate's validation ROC-AUC
+    candidates: dict[float, LinearHead] = field(default_factory=dict)
+
+
+def fit_head(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray, val_y: np.ndarray,
+             grid: tuple[float, ...] = C_GRID) -> Refit:
+    """A logistic regression on the training features (centred) for each C of ``grid``; the one with the best
+    validation ROC-AUC (ties: the stronger regularisation). ``*_y``: 1 = COVID-19, 0 = normal; both classes needed."""
+    x, y, vy = np.asarray(train_feats, np.float64), np.asarray(train_y).astype(int), np.asarray(val_y).astype(int)
+    for name, labels in (("training", y), ("validation", vy)):
+        if np.unique(labels).size < 2:
+            raise DataError(f"refitting the head needs COVID-19 and normal films in the {name} split; it has one class")
+    mu = x.mean(0)  # centred for the solver's sake; the intercept takes the mean back
+    out = Refit(c=grid[0], head=LinearHead(np.zeros(x.shape[1]), 0.0))
+    for c in grid:  # lbfgs on a convex loss: the same answer on every machine, up to its tolerance
+        lr = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x - mu, y)
+        coef = lr.coef_[0]
+        head = LinearHead(coef, float(lr.intercept_[0] - (mu * coef).sum()))
+        out.candidates[c], out.val_auc[c] = head, float(roc_auc_score(vy, head.margin(val_feats)))
+    out.c = max(grid, key=lambda c: (round(out.val_auc[c], 4), -c))
+    out.head = out.candidates[out.c]
+    return out
+
+
+def set_head(model: torch.nn.Module, arch: str, head: LinearHead) -> None:
+    """Write ``head`` into the network's classifier layer (`covidxray.models.ModelSpec.head`), in place."""
+    layer = model.get_submodule(get_spec(arch).head)
+    weight, bias = head.two_class()
+    if tuple(layer.weight.shape) != tuple(weight.shape):
+        raise DataError(f"{arch}: its head is {tuple(layer.weight.shape)}, the refitted one {tuple(weight.shape)}")
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(layer.weight))
+        layer.bias.copy_(bias.to(layer.bias))
+
+
+def refit_run(run: str | os.PathLike, data: str | None = None, splits: str | None = None,
+              target_sensitivity: float | None = None, cache_dir: str | None = None) -> tuple[Refit, Calibration]:
+    """Refit a trained run's head on its training split (`fit_head`), calibrate it again on validation (temperature,
+    logit shift, threshold: Youden's J, or ``target_sensitivity`` on every COVID-19 origin) and rewrite its weights
+    and ``model.json`` atomically. ONNX graphs and reports made before belong to the old head: export and evaluate
+    again. The familiarity statistics stay valid (the features do not change)."""
+    predictor = Predictor(run, backend="torch")
+    arch = predictor.meta["arch"]
+    data, splits = resolve_data(run, predictor.meta, data, splits)
+    train, _, train_feats, _ = predict_split(predictor, data, splits, "train", cache_dir)
+    val, _, val_feats, _ = predict_split(predictor, data, splits, "val", cache_dir)
+    refit = fit_head(train_feats, [s.label for s in train], val_feats, [s.label for s in val])
+    set_head(predictor.model, arch, refit.head)
+    logits = predict_split(predictor, data, splits, "val", cache_dir)[1]
+    relogit = lambda: predict_split(predictor, data, splits, "val", cache_dir)[1]  # noqa: E731 - the model as it is now
+    cal, _ = calibrate_model(predictor.model, arch, [s.label for s in val], logits, relogit, True,
+                             target_sensitivity=target_sensitivity, sources=[s.source for s in val])
+    meta = {**predictor.meta, **cal.to_meta(), "val_auc": refit.val_auc[refit.c],
+            "head_refit": {"method": "L2 logistic regression on the training split's pre-logit features "
+                                     "(last-layer retraining); C chosen by validation ROC-AUC",
+                           "c": refit.c, "train_images": len(train), "val_auc": {f"{c:g}": a for c, a in refit.val_auc.items()},
+                           "val_auc_before": predictor.meta.get("val_auc")}}
+    save_model(run_dir(run), predictor.model.cpu(), meta)
+    log.info("refitted the head of %s on %d training films: C=%g, validation ROC-AUC %.4f; T=%.3f, threshold %.4f",
+             run, len(train), refit.c, refit.val_auc[refit.c], cal.temperature, cal.threshold)
+    return refit, cal
