@@ -287,3 +287,8 @@ def test_the_threshold_keeps_every_covid_origin_at_the_target_sensitivity():
     logits = np.stack([np.zeros_like(p), np.log(p.clip(1e-6, 1 - 1e-6) / (1 - p.clip(1e-6, 1 - 1e-6)))], 1)
     cal = calibrate(y, logits, 0.9, sources=sources)
     assert "every COVID-19 origin" in cal.threshold_rule and set(cal.to_meta()["calibration"]["ece_by_source"]) == set(sources)
+    # pooled=True: the COVID-19 films together reach the target (what the bundled model's threshold uses)
+    together = calibrate(y, logits, 0.9, sources=sources, pooled=True, temperature=1.0)
+    assert together.threshold == pytest.approx(choose_threshold(y, p, 0.9), abs=1e-5) and together.threshold > threshold
+    assert "COVID-19 films together" in together.threshold_rule
+    assert set(together.to_meta()["calibration"]["ece_by_source"]) == set(sources)  # still reported per origin

@@ -91,11 +91,11 @@ def test_refit_head_command_rewrites_the_head_and_its_calibration(trained_run: P
     assert meta["weights_sha256"] == hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest() != before["weights_sha256"]
     assert {p.name for p in run.iterdir()} == {f.name for f in model_files(run)}  # written atomically, nothing left over
     refit = meta["head_refit"]
-    assert refit["train_images"] == 200 and float(refit["c"]) in C_GRID and refit["val_auc_before"] == before["val_auc"]
+    assert refit["train_images"] == 200 and refit["c"] in C_GRID and meta["val_auc"] == before["val_auc"]
     # What is stored is what the rewritten model does: its validation ROC-AUC, and a threshold it gives a validation film.
     predictor = Predictor(run, backend="torch")
     val, logits, _, _ = predict_split(predictor, str(small_data), None, "val", str(cache_dir))
-    assert roc_auc_score([s.label for s in val], logits[:, 1] - logits[:, 0]) == pytest.approx(meta["val_auc"], abs=1e-4)
+    assert roc_auc_score([s.label for s in val], logits[:, 1] - logits[:, 0]) == pytest.approx(refit["val_auc"], abs=1e-4)
     probs = torch.softmax(torch.from_numpy(logits) / meta["temperature"], dim=1)[:, 1].numpy()
     assert np.abs(probs - meta["threshold"]).min() < 1e-6
     assert meta["familiarity"] == before["familiarity"]  # the features, and so their statistics, are unchanged

@@ -217,7 +217,7 @@ def per_origin_threshold(y: np.ndarray, p: np.ndarray, sources: Sequence[str], t
 
 def calibrate(
     y: ArrayLike, logits: ArrayLike, target_sensitivity: float | None = None, threshold: float | None = None,
-    temperature: float | None = None, sources: Sequence[str] | None = None, shift: bool = False,
+    temperature: float | None = None, sources: Sequence[str] | None = None, shift: bool = False, pooled: bool = False,
 ) -> Calibration:
     """Fit the temperature (unless given) and then choose the threshold, both on validation data.
 
@@ -230,6 +230,8 @@ def calibrate(
         temperature: keep this temperature instead of fitting one.
         sources: the origin of each validation film: with ``target_sensitivity``, every COVID-19 origin must reach
             it (`per_origin_threshold`), not just the pooled films; the ECE is also reported per origin.
+        pooled: with ``target_sensitivity``, the COVID-19 films together reach it (an origin with few validation
+            films can otherwise drag the threshold down for every site).
         shift: also fit a logit shift (with the temperature, unless ``temperature`` is given); every number
             after it (threshold, ECE and NLL after) is on the shifted logits, which the caller must make the
             model's own (`covidxray.models.fold_logit_shift`).
@@ -257,13 +259,13 @@ def calibrate(
              f"(T={temperature:.3f}, {'fitted' if fitted else 'kept'}{shift_note})")
     if threshold is not None:
         rule = f"fixed at {threshold:g} by the user (T={temperature:.3f} {'fitted on' if fitted else 'kept for'} the validation split)"
-    elif target_sensitivity and sources is not None:
+    elif target_sensitivity and sources is not None and not pooled:
         threshold, needed = per_origin_threshold(labels, p, sources, target_sensitivity)
         rule = (f"sensitivity >= {target_sensitivity} on every COVID-19 origin {where}; the highest such threshold, "
                 f"so the best specificity on every normal origin (each origin's own threshold: {needed})")
     else:
         threshold = choose_threshold(labels, p, target_sensitivity)
-        name = f"sensitivity >= {target_sensitivity}" if target_sensitivity else "Youden's J"
+        name = f"sensitivity >= {target_sensitivity} on the COVID-19 films together" if target_sensitivity else "Youden's J"
         rule = f"{name} {where}"
     by_source = {}
     if sources is not None:

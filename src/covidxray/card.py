@@ -1,10 +1,9 @@
 """Model card: MODEL_CARD.md and a self-contained MODEL_CARD.html from a run's checkpoint, reports and audit.
 
-The sections follow the CLAIM (Checklist for Artificial Intelligence in Medical Imaging, 2024
-update) and TRIPOD+AI (BMJ 2024) reporting items that apply to a research model: intended use,
-data provenance, how the data were split, the model, results with 95% CIs (internal and external),
-calibration, the shortcut audit and the limitations. Built once as a list of blocks, rendered twice:
-Markdown (pictures linked) and HTML (pictures embedded as data URIs, to mail or archive on its own).
+The sections follow the CLAIM (Checklist for Artificial Intelligence in Medical Imaging, 2024 update) and TRIPOD+AI
+(BMJ 2024) reporting items that apply to a research model: intended use, data provenance, how the data were split,
+the model, results with 95% CIs (internal and external), calibration, the shortcut audit and the limitations. Built
+once as a list of blocks, rendered twice: Markdown (pictures linked) and HTML (pictures embedded as data URIs).
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ _METRIC_NAMES = {
     "ppv": "PPV (precision, COVID-19)", "npv": "NPV", "f1": "F1 (COVID-19)", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC",
 }
 
-# A block is (kind, payload): ("h2", text), ("p", text), ("ul", [text]), ("table", (header, rows)), ("img", (path, alt))
-# or ("note", text). Text may use **bold** and `code`.
+# A block: ("h2", text), ("p", text), ("ul", [text]), ("table", (header, rows)), ("img", (path, alt)), ("note", text).
 Block = tuple[str, Any]
 
 
@@ -276,7 +274,9 @@ def build_card(
             f"lr {cfg.get('lr')}, label smoothing {cfg.get('label_smoothing')}, class-balanced sampling "
             f"{cfg.get('balanced')}, augmentation `{cfg.get('augment')}`, seed {cfg.get('seed')}); epoch kept "
             f"{meta.get('epoch')} (best validation ROC-AUC {meta.get('val_auc', float('nan')):.4f}); training "
-            f"{meta.get('train_seconds', 0) / 60:.1f} min on CPU.",
+            f"{meta.get('train_seconds', 0) / 60:.1f} min on CPU." + ("" if not (r := meta.get("head_refit")) else
+            f" Then its last layer was refitted (`covidxray refit-head`): {r['method']}, C = {r['c']:g}, "
+            f"{r['train_images']} films; validation ROC-AUC {r['val_auc']:.4f}."),
             f"Preprocessing: decode (DICOM VOI LUT, MONOCHROME1 inverted) → {lungs}square resize to {pre['size']} px → {mask}"
             f"{('lung-only ' if pre.get('equalize_lungs') else '') + 'histogram equalisation → ' if pre['equalize'] else ''}normalise (mean {pre['mean']}, std {pre['std']}).",
             f"Output: P(COVID-19) = softmax(logits / T)[covid] with T = {meta.get('temperature', 1.0):.4f}; "

@@ -184,6 +184,7 @@ def evaluate_run(
 def calibrate_run(
     run: str | os.PathLike, data: str | None = None, splits: str | None = None, target_sensitivity: float | None = None,
     threshold: float | None = None, keep_temperature: bool = False, shift: bool = False, cache_dir: str | None = None,
+    pooled: bool = False,
 ) -> Calibration:
     """Refit the temperature and threshold of a trained run on its validation split; rewrite ``model.json``.
 
@@ -195,7 +196,7 @@ def calibrate_run(
     Args:
         run: run folder or ``model.json``.
         data, splits: the data holding the validation split; default: what the run was trained on.
-        target_sensitivity, threshold: threshold rule (see `calibrate`); default Youden's J.
+        target_sensitivity, threshold, pooled: threshold rule (see `calibrate`); default Youden's J.
         keep_temperature: keep the stored temperature and only choose the threshold (no shift).
         shift: also fit a logit shift (Platt scaling), kept in the weights.
         cache_dir: decoded-image cache.
@@ -208,7 +209,7 @@ def calibrate_run(
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     relogit = lambda: predict_split(predictor, data, splits, "val", cache_dir)[1]  # noqa: E731 - the model as it is now
     cal, logits = calibrate_model(predictor.model, predictor.meta["arch"], [s.label for s in samples], logits, relogit,
-                                  shift and not keep_temperature, target_sensitivity=target_sensitivity,
+                                  shift and not keep_temperature, target_sensitivity=target_sensitivity, pooled=pooled,
                                   threshold=threshold, temperature=predictor.temperature if keep_temperature else None,
                                   sources=[s.source for s in samples])
     if cal.shift:  # save_model records the new weights' hash in place of the old

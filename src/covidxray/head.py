@@ -102,9 +102,11 @@ def set_head(model: torch.nn.Module, arch: str, head: LinearHead) -> None:
 
 
 def refit_run(run: str | os.PathLike, data: str | None = None, splits: str | None = None,
-              target_sensitivity: float | None = None, cache_dir: str | None = None) -> tuple[Refit, Calibration]:
+              target_sensitivity: float | None = None, pooled: bool = False,
+              cache_dir: str | None = None) -> tuple[Refit, Calibration]:
     """Refit a trained run's head on its training split (`fit_head`), calibrate it again on validation (temperature,
-    logit shift, threshold: Youden's J, or ``target_sensitivity`` on every COVID-19 origin) and rewrite its weights
+    logit shift, threshold: Youden's J, or ``target_sensitivity`` on every COVID-19 origin, or on all of them together
+    with ``pooled``) and rewrite its weights
     and ``model.json`` atomically. ONNX graphs and reports made before belong to the old head: export and evaluate
     again. The familiarity statistics stay valid (the features do not change)."""
     predictor = Predictor(run, backend="torch")
@@ -117,12 +119,12 @@ def refit_run(run: str | os.PathLike, data: str | None = None, splits: str | Non
     logits = predict_split(predictor, data, splits, "val", cache_dir)[1]
     relogit = lambda: predict_split(predictor, data, splits, "val", cache_dir)[1]  # noqa: E731 - the model as it is now
     cal, _ = calibrate_model(predictor.model, arch, [s.label for s in val], logits, relogit, True,
-                             target_sensitivity=target_sensitivity, sources=[s.source for s in val])
-    meta = {**predictor.meta, **cal.to_meta(), "val_auc": refit.val_auc[refit.c],
+                             target_sensitivity=target_sensitivity, sources=[s.source for s in val], pooled=pooled)
+    meta = {**predictor.meta, **cal.to_meta(),  # val_auc stays the trained epoch's; the refit's is beside it
             "head_refit": {"method": "L2 logistic regression on the training split's pre-logit features "
                                      "(last-layer retraining); C chosen by validation ROC-AUC",
-                           "c": refit.c, "train_images": len(train), "val_auc": {f"{c:g}": a for c, a in refit.val_auc.items()},
-                           "val_auc_before": predictor.meta.get("val_auc")}}
+                           "c": refit.c, "train_images": len(train), "val_auc": refit.val_auc[refit.c],
+                           "val_auc_by_c": {f"{c:g}": a for c, a in refit.val_auc.items()}}}
     save_model(run_dir(run), predictor.model.cpu(), meta)
     log.info("refitted the head of %s on %d training films: C=%g, validation ROC-AUC %.4f; T=%.3f, threshold %.4f",
              run, len(train), refit.c, refit.val_auc[refit.c], cal.temperature, cal.threshold)

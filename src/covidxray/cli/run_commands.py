@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
                            "--target-specificity, the cost in sensitivity shown on validation (`covidxray site add` does "
                            "this without touching the model, for as many sites as it serves)")
     ca.add_argument("--target-specificity", type=float, default=0.95, help="with --site-normals (default 0.95)")
+    ca.add_argument("--pooled", action="store_true", help="with --target-sensitivity: the validation split's COVID-19 films "
+                    "together reach it, not each origin (an origin with few films can drag the threshold down)")
     ca.add_argument("--keep-temperature", action="store_true", help="keep the stored temperature; only choose the threshold")
     ca.add_argument("--shift", action="store_true",
                     help="also fit a logit shift (Platt scaling), kept in the classifier's bias: rewrites the weights, "
@@ -87,6 +89,7 @@ def register(sub: argparse._SubParsersAction, run: argparse.ArgumentParser, data
                              "retraining), then temperature and threshold on validation: rewrites the weights")
     rh.add_argument("--target-sensitivity", type=float,
                     help="threshold rule as for calibrate (default: Youden's J on the validation split)")
+    rh.add_argument("--pooled", action="store_true", help="with --target-sensitivity: the COVID-19 films together reach it")
     rh.set_defaults(func=cmd_refit_head)
 
     au = sub.add_parser("audit", parents=[run, data, split],
@@ -171,7 +174,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
 
     cal = calibrate_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
-                        threshold=args.threshold, keep_temperature=args.keep_temperature, shift=args.shift,
+                        threshold=args.threshold, keep_temperature=args.keep_temperature, shift=args.shift, pooled=args.pooled,
                         cache_dir=args.cache_dir)
     shift = f", logit shift {cal.shift:+.4f}" if cal.shift else ""
     print(f"temperature {cal.temperature:.4f}{shift}: validation ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}, "
@@ -190,7 +193,7 @@ def cmd_refit_head(args: argparse.Namespace) -> int:
     from ..head import refit_run
 
     refit, cal = refit_run(args.run, data=args.data, splits=args.splits, target_sensitivity=args.target_sensitivity,
-                           cache_dir=args.cache_dir)
+                           pooled=args.pooled, cache_dir=args.cache_dir)
     print("validation ROC-AUC (COVID-19 positive) by C: " + ", ".join(
         f"{c:g} {auc:.4f}{' (chosen)' if c == refit.c else ''}" for c, auc in refit.val_auc.items()))
     print(f"temperature {cal.temperature:.4f}, logit shift {cal.shift:+.4f}: validation ECE {cal.ece_after:.4f}; "
