@@ -13,6 +13,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
+from covidxray.card import build_card
 from covidxray.checkpoint import copy_model, load_model, model_files
 from covidxray.cli import main
 from covidxray.data import load_samples
@@ -99,3 +100,6 @@ def test_refit_head_command_rewrites_the_head_and_its_calibration(trained_run: P
     probs = torch.softmax(torch.from_numpy(logits) / meta["temperature"], dim=1)[:, 1].numpy()
     assert np.abs(probs - meta["threshold"]).min() < 1e-6
     assert meta["familiarity"] == before["familiarity"]  # the features, and so their statistics, are unchanged
+    model_part = next(payload for kind, payload in build_card(run) if kind == "ul" and "Architecture" in payload[0])
+    assert "last layer was refitted (`covidxray refit-head`)" in model_part[0] and f"C = {refit['c']:g}" in model_part[0]
+    assert "refitted" not in next(p for k, p in build_card(trained_run) if k == "ul" and "Architecture" in p[0])[0]
