@@ -20,15 +20,28 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), all its threads and its living child processes included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, child_pids(pid)))
+def cpu_seconds(pid: int, child: bool = False) -> float:
+    """User + system CPU time of a process (Linux /proc), all its threads and its living child processes included
+    (a child that ends while it is read counts 0: its time is gone with it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        if child:
+            return 0.0
+        raise
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(c, child=True) for c in child_pids(pid))
 
 
 def child_pids(pid: int) -> list[int]:
-    """The processes ``pid`` started that are still running (Linux /proc)."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    """The processes ``pid`` started that are still running (Linux /proc); threads that end meanwhile are skipped."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended between the listing and the read
+            continue
+    return out
 
 
 def peak_rss_mb() -> float:
