@@ -5,8 +5,9 @@
 
 The network's pre-logit features of the covid-cxr training films are taken once, as prediction sees them (no
 augmentation), and an L2-regularised logistic regression on them replaces the head (`covidxray.head.fit_head`,
-what `covidxray refit-head` does); the regularisation is chosen on the validation split's ROC-AUC. The shipped head and the refitted ones are then scored alike: ROC-AUC on validation and on the test
-split (COVID-19 against normal), and on the origins the model never saw (JSRT, Shenzhen, Montgomery) at one rule,
+what `covidxray refit-head` does); the regularisation is chosen on the validation split's ROC-AUC. The shipped
+head and the refitted ones are then scored alike: ROC-AUC on validation and on the test split (COVID-19 against
+normal), and on the origins the model never saw (JSRT, Shenzhen, Montgomery) at one rule,
 the threshold that keeps 0.90 sensitivity on the validation split's COVID-19 films: specificity of their normals and
 the share of their other findings (nodules, tuberculosis) called COVID-19; and sensitivity per COVID-19 origin of the
 test split at that threshold. The test split chooses nothing here.

@@ -5,7 +5,7 @@
 A measurement for the next step of site onboarding, not a product path yet (it needs the training films' features
 where the site is onboarded). For each normal origin the model never saw (JSRT, Shenzhen, Montgomery), 60 of its
 normal films (seeded draws) join the training films' features and the head is refitted as `covidxray refit-head`
-does (`covidxray.head.fit_head`: L2 logistic regression, the bundled model's C), the 60 weighing ``--weight`` times
+does (`covidxray.head.fit_head` at the bundled model's C), the 60 weighing ``--weight`` times
 a training film each. The threshold keeps 0.90 sensitivity on the validation split's COVID-19 films, for the
 site-refitted head as for the shipped one, so no site film sets it. Scored: the site's other normal films
 (specificity), its other findings (tuberculosis, nodules: called COVID-19), and the test split's COVID-19 films of
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from common import ROOT, save
 from head_refit import CXR, features
 from origins import NORMAL_ORIGINS
+from covidxray.head import fit_head
 from covidxray.predictor import Predictor
 from covidxray.sites import site_threshold
 
@@ -33,14 +33,12 @@ SENSITIVITY = 0.90
 
 def site_margins(parts: dict, c: float, onboard: np.ndarray, weight: float) -> dict[str, np.ndarray]:
     """The margins of every part under a head refitted on the training films plus the ``onboard`` normals."""
-    train, unseen = parts["train"], parts["unseen"]
-    x = np.concatenate([train["feats"], unseen["feats"][onboard]]).astype(np.float64)
+    train, val, unseen = parts["train"], parts["val"], parts["unseen"]
+    x = np.concatenate([train["feats"], unseen["feats"][onboard]])
     y = np.r_[train["finding"] == "covid", np.zeros(len(onboard), bool)]
     w = np.r_[np.ones(len(train["feats"])), np.full(len(onboard), weight)]
-    mu = x.mean(0)
-    lr = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x - mu, y, sample_weight=w)
-    coef = lr.coef_[0]
-    return {k: v["feats"] @ coef + float(lr.intercept_[0] - mu @ coef) for k, v in parts.items()}
+    head = fit_head(x, y, val["feats"], val["finding"] == "covid", grid=(c,), sample_weight=w).head
+    return {k: head.margin(v["feats"]) for k, v in parts.items()}
 
 
 def rates(parts: dict, m: dict[str, np.ndarray], t: float, held: np.ndarray, site: str) -> dict[str, float]:

@@ -71,9 +71,10 @@ class Refit:
 
 
 def fit_head(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray, val_y: np.ndarray,
-             grid: tuple[float, ...] = C_GRID) -> Refit:
+             grid: tuple[float, ...] = C_GRID, sample_weight: np.ndarray | None = None) -> Refit:
     """A logistic regression on the training features (centred) for each C of ``grid``; the one with the best
-    validation ROC-AUC (ties: the stronger regularisation). ``*_y``: 1 = COVID-19, 0 = normal; both classes needed."""
+    validation ROC-AUC (ties: the stronger regularisation). ``*_y``: 1 = COVID-19, 0 = normal; both classes needed.
+    ``sample_weight``: each training film's weight (default 1)."""
     x, y, vy = np.asarray(train_feats, np.float64), np.asarray(train_y).astype(int), np.asarray(val_y).astype(int)
     for name, labels in (("training", y), ("validation", vy)):
         if np.unique(labels).size < 2:
@@ -81,7 +82,7 @@ def fit_head(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray
     mu = x.mean(0)  # centred for the solver's sake; the intercept takes the mean back
     out = Refit(c=grid[0], head=LinearHead(np.zeros(x.shape[1]), 0.0))
     for c in grid:  # lbfgs on a convex loss: the same answer on every machine, up to its tolerance
-        lr = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x - mu, y)
+        lr = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x - mu, y, sample_weight=sample_weight)
         coef = lr.coef_[0]
         head = LinearHead(coef, float(lr.intercept_[0] - (mu * coef).sum()))
         out.candidates[c], out.val_auc[c] = head, float(roc_auc_score(vy, head.margin(val_feats)))
