@@ -117,9 +117,13 @@ def refit_run(run: str | os.PathLike, data: str | None = None, splits: str | Non
     val, _, val_feats, _ = predict_split(predictor, data, splits, "val", cache_dir)
     refit = fit_head(train_feats, [s.label for s in train], val_feats, [s.label for s in val])
     set_head(predictor.model, arch, refit.head)
-    logits = predict_split(predictor, data, splits, "val", cache_dir)[1]
-    relogit = lambda: predict_split(predictor, data, splits, "val", cache_dir)[1]  # noqa: E731 - the model as it is now
-    cal, _ = calibrate_model(predictor.model, arch, [s.label for s in val], logits, relogit, True,
+    layer = predictor.model.get_submodule(get_spec(arch).head)
+
+    def relogit() -> np.ndarray:  # the validation logits of the model as it is now: its head on the features it gave
+        with torch.no_grad():
+            return layer(torch.from_numpy(val_feats).to(layer.weight)).cpu().numpy()
+
+    cal, _ = calibrate_model(predictor.model, arch, [s.label for s in val], relogit(), relogit, True,
                              target_sensitivity=target_sensitivity, sources=[s.source for s in val], pooled=pooled)
     meta = {**predictor.meta, **cal.to_meta(),  # val_auc stays the trained epoch's; the refit's is beside it
             "head_refit": {"method": "L2 logistic regression on the training split's pre-logit features "
