@@ -31,13 +31,15 @@ SENSITIVITY = 0.90
 
 
 def features(predictor: Predictor) -> dict[str, dict[str, np.ndarray]]:
-    """Per part (train, val, test of covid-cxr; the unseen origins' every film): features, margins, origins, findings."""
+    """Per part (train, val, test of covid-cxr; the unseen origins' every film): features, margins, origins, findings,
+    splits (the unseen origins' patient split of `origins.pooled_rows`)."""
     out = {}
     for part, origins, split in (("train", CXR, "train"), ("val", CXR, "val"), ("test", CXR, "test"), ("unseen", NORMAL_ORIGINS, None)):
         kept, images, findings = origin_films(predictor.preprocess, origins, split, ROOT / "runs" / "cache", "head")
         logits, feats = logits_and_features(predictor.model, predictor.meta["arch"], images, predictor.preprocess)
         out[part] = {"feats": feats, "margin": (logits[:, 1] - logits[:, 0]) / predictor.temperature,
-                     "source": np.array([s.source for s in kept]), "finding": np.array(findings)}
+                     "source": np.array([s.source for s in kept]), "finding": np.array(findings),
+                     "split": np.array([s.split for s in kept])}
         print(f"{part}: {len(kept)} films", flush=True)
     return out
 

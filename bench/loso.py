@@ -17,6 +17,7 @@ repeats every group per seed and reports mean and spread.
     python bench/loso.py --name X --pooled --seeds 0,1,2 -- ...       # train flags after --
     python bench/loso.py --name X --merge X-a,X-b -- ...              # one table of results saved in turn
     python bench/loso.py --name X --seeds 0,1,2 --ensemble -- ...     # the seeds' runs as one mean-probability ensemble
+    python bench/loso.py --name X --refit-head --result X-refit -- ... # each run scored with its head refitted
 
 ``--pooled`` trains on every shared origin (covid-cxr, JSRT and tb-cxr: `origins.pooled_rows`, other
 findings as not COVID-19); without it, on covid-cxr alone (plus ``--jsrt-normals``). Runs go to
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,9 +79,23 @@ def train_group(name: str, seed: int, group: str, args, overrides: dict) -> Path
     return run
 
 
+def refitted(run: Path) -> Path:
+    """A copy of ``run`` beside it (``GROUP-refit``) with its head refitted as the shipped model's is (`covidxray.head`):
+    0.90 sensitivity on the validation COVID-19 films together."""
+    from covidxray.head import refit_run
+
+    out = run.parent / f"{run.name}-refit"
+    if not (out / "model.json").is_file() or "head_refit" not in json.loads((out / "model.json").read_text()):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(run, out, ignore=shutil.ignore_patterns("last.safetensors", "*.onnx", "eval-*", "audit"))
+        refit_run(out, target_sensitivity=0.9, pooled=True, cache_dir=str(ROOT / "runs" / "cache"))
+    return out
+
+
 def run_group(name: str, seed: int, group: str, args, overrides: dict) -> dict:
     held_out = set(group.split("+"))
     run = train_group(name, seed, group, args, overrides)
+    run = refitted(run) if args.refit_head else run
     predictor = Predictor(run, backend="torch")
     internal = internal_anchors(predictor)
     y, p = internal.pop("y"), internal.pop("p")
@@ -179,6 +195,8 @@ def main() -> None:
                                     "(e.g. the groups and seeds of one recipe screened in turn)")
     ap.add_argument("--ensemble", action="store_true", help="score each group's runs of all --seeds as one ensemble "
                                                             "(mean P(COVID-19), Youden threshold on validation)")
+    ap.add_argument("--refit-head", action="store_true", help="score each run with its head refitted as the shipped "
+                    "model's (`covidxray refit-head RUN --target-sensitivity 0.9 --pooled`, on a copy: GROUP-refit)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: covidxray train flags")
     args = ap.parse_args()
     flags = argparse.ArgumentParser(add_help=False)
@@ -201,7 +219,7 @@ def main() -> None:
     table, summary = summarise(results)
     command = (f"python bench/loso.py --name {args.name}" + (f" --result {args.result}" if args.result else "")
                + (f" --merge {args.merge}" if args.merge else f" --groups {args.groups} --seeds {args.seeds}")
-               + (" --ensemble" if args.ensemble else "")
+               + (" --ensemble" if args.ensemble else "") + (" --refit-head" if args.refit_head else "")
                + (" --pooled" if args.pooled else "") + (" --jsrt-normals" if args.jsrt_normals else "")
                + (f" --recipe {args.recipe}" if args.recipe != "default" else "")
                + (" -- " + " ".join(a for a in args.train_args if a != "--") if args.train_args else ""))
