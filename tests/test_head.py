@@ -20,6 +20,7 @@ from covidxray.data import load_samples
 from covidxray.errors import DataError
 from covidxray.evaluate import predict_split
 from covidxray.head import C_GRID, LinearHead, fit_head, set_head
+from covidxray.headfit import HeadFeatures
 from covidxray.models import forward_with_features
 from covidxray.predictor import Predictor
 
@@ -100,6 +101,12 @@ def test_refit_head_command_rewrites_the_head_and_its_calibration(trained_run: P
     probs = torch.softmax(torch.from_numpy(logits) / meta["temperature"], dim=1)[:, 1].numpy()
     assert np.abs(probs - meta["threshold"]).min() < 1e-6
     assert meta["familiarity"] == before["familiarity"]  # the features, and so their statistics, are unchanged
+    # The features it was fitted on are kept beside it (for a site's own head), and checked against model.json.
+    kept = HeadFeatures.load(run, meta)
+    assert (len(kept.train), len(kept.val)) == (200, len(val)) and refit["features_file"] in {p.name for p in model_files(run)}
+    assert (kept.val_y == [s.label for s in val]).all()
+    margin = np.log(probs / (1 - probs))[kept.val_y == 1]  # the validation sensitivity a site's head keeps
+    assert refit["val_sensitivity"] == pytest.approx((margin >= np.log(meta["threshold"] / (1 - meta["threshold"])) - 1e-9).mean())
     model_part = next(payload for kind, payload in build_card(run) if kind == "ul" and "Architecture" in payload[0])
     assert "last layer was refitted (`covidxray refit-head`)" in model_part[0] and f"C = {refit['c']:g}" in model_part[0]
     assert "refitted" not in next(p for k, p in build_card(trained_run) if k == "ul" and "Architecture" in p[0])[0]

@@ -204,7 +204,7 @@ def test_a_profile_for_other_weights_stops_the_listener(onboarded, predictor: Pr
 
 def test_site_add_measures_the_cost_on_the_models_validation_split(trained_run: Path, jsrt_normals, cache_dir: Path):
     """With the training data at hand, the cost in sensitivity is also measured where the model's threshold was chosen."""
-    from covidxray.evaluate import onboard_site
+    from covidxray.onboarding import onboard_site
 
     profile = onboard_site("val-site", jsrt_normals[0][0].parent, target_specificity=0.9, model=trained_run,
                            allow_lower=True, cache_dir=str(cache_dir))

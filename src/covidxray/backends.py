@@ -153,19 +153,27 @@ class CascadeRunner(Runner):
     def __init__(self, fast: Runner, exact: Runner, band: float, temperature: float, thresholds: Iterable[float]):
         self.fast, self.exact, self.band, self.temperature = fast, exact, float(band), float(temperature)
         self.thresholds: frozenset[float] = frozenset()
+        self.heads: tuple[tuple[np.ndarray, float, float], ...] = ()
         self.watch(thresholds)
         self.scored = self.rechecked = 0  # films, since loading
         self._count = threading.Lock()  # calls run side by side (the thread plan's lanes)
 
-    def watch(self, thresholds: Iterable[float]) -> None:
-        """Re-check films near these thresholds too (a new set replaces the old one whole: safe beside a running call)."""
+    def watch(self, thresholds: Iterable[float], heads: Iterable[tuple[np.ndarray, float, float]] = ()) -> None:
+        """Re-check films near these thresholds too, and films whose P(covid) under one of ``heads`` (sites' own:
+        weight, bias, threshold, on the features) lies near its threshold (a new set replaces the old one whole:
+        safe beside a running call)."""
         self.thresholds = self.thresholds | frozenset(float(t) for t in thresholds)
+        known = {(w.tobytes(), b, t) for w, b, t in self.heads}
+        self.heads = self.heads + tuple(h for h in heads if (h[0].tobytes(), h[1], h[2]) not in known)
 
     def __call__(self, **inputs: torch.Tensor) -> list[np.ndarray]:
         out = self.fast(**inputs)
         logits = out[0].astype(np.float64) / self.temperature
         probs = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax(...)[:, 1]
-        near = np.flatnonzero(near_thresholds(probs, self.band, self.thresholds))
+        near = near_thresholds(probs, self.band, self.thresholds)
+        for weight, bias, threshold in self.heads if len(out) > 1 else ():
+            near |= near_thresholds(1.0 / (1.0 + np.exp(-(out[1].astype(np.float64) @ weight + bias))), self.band, [threshold])
+        near = np.flatnonzero(near)
         with self._count:
             self.scored, self.rechecked = self.scored + len(probs), self.rechecked + len(near)
         if len(near):

@@ -123,12 +123,14 @@ def resolve_data(
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
-    """Every file a model needs, beside its ``model.json``: weights, familiarity statistics, segmenter and gate,
-    and the exported ONNX graphs with their contracts (`covidxray.export`) when there are any."""
+    """Every file a model needs, beside its ``model.json``: weights, familiarity statistics, a refitted head's kept
+    features, segmenter and gate, and the exported ONNX graphs with their contracts (`covidxray.export`) when there are any."""
     meta, p = read_model_meta(path)
     names = ["model.json", meta.get("weights_file", "model.safetensors")]
     if "familiarity" in meta:
         names.append(meta["familiarity"]["file"])
+    if "features_file" in meta.get("head_refit", {}):  # what a site's own head is fitted on (`covidxray.headfit`)
+        names.append(meta["head_refit"]["features_file"])
     seg = p.parent / "segmenter.json"
     if seg.is_file():
         seg_meta = json.loads(seg.read_text())

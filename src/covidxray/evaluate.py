@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from collections import Counter
-from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from .cache import readable_images
 from .calibration import Calibration, calibrate_model, covid_probability
-from .checkpoint import default_model_path, resolve_data, run_dir, save_model, update_model_meta
+from .checkpoint import resolve_data, run_dir, save_model, update_model_meta
 from .batch import expand_inputs
 from .data import Sample, load_samples
 from .errors import DataError, ImageError
@@ -33,9 +32,10 @@ from .inference import logits_and_features
 from .metrics import METRICS, bootstrap_metrics
 from .predictor import Predictor
 from .report import json_safe, save_predictions_csv, write_report
-from .sites import SiteProfile, check_target, site_threshold
+from .sites import site_threshold
 
-__all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "onboard_site", "predict_split", "resolve_data", "screen"]
+__all__ = ["evaluate_run", "calibrate_run", "calibrate_site", "answered", "answered_probs", "predict_split", "probs_of",
+           "rates", "threshold_for", "validation_split", "resolve_data", "screen"]
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,14 @@ def calibrate_site(
         ``{"threshold_before", "threshold", "site": {...}, "validation_before": {...}, "validation_after": {...}}``.
     """
     predictor = Predictor(run, backend="torch")
-    probs, site = _answered_probs(predictor, site_normals)
-    threshold = _threshold_for(probs, target_specificity, site_normals)
-    y, p = _validation(run, predictor, cache_dir)
+    probs, site = answered_probs(predictor, site_normals)
+    threshold = threshold_for(probs, target_specificity, site_normals)
+    y, p = validation_split(run, predictor, cache_dir)
     out = {
         "threshold_before": predictor.threshold, "threshold": threshold, "target_specificity": target_specificity,
         "site": {**site, "specificity_before": float((probs < predictor.threshold).mean()),
                  "specificity_after": float((probs < threshold).mean())},
-        "validation_before": _rates(y, p, predictor.threshold), "validation_after": _rates(y, p, threshold),
+        "validation_before": rates(y, p, predictor.threshold), "validation_after": rates(y, p, threshold),
     }
     rule = (f"site calibration: specificity >= {target_specificity:g} on {len(probs)} normal films of {site_normals} "
             f"(was {predictor.threshold:.4f}: {predictor.meta.get('threshold_rule', '')})")
@@ -253,86 +253,43 @@ def calibrate_site(
     return out
 
 
-def _answered_probs(predictor: Predictor, films: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """P(COVID-19) of every film in ``films`` (a folder, searched recursively, or a manifest) that gets an answer,
-    and the counts: files, answered, not answered (the input gate), unreadable."""
+def answered_probs(predictor: Predictor, films: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """P(COVID-19) of every film in ``films`` that gets an answer, and the counts (`answered`)."""
+    results, counts = answered(predictor, films)
+    return probs_of(results), counts
+
+
+def answered(predictor: Predictor, films: str | os.PathLike) -> tuple[list, dict[str, Any]]:
+    """The answers (`Prediction`) of every film in ``films`` (a folder, searched recursively, or a manifest) that gets
+    one, and the counts: files, answered, not answered (the input gate), unreadable."""
     files = expand_inputs([str(films)]) if Path(films).is_dir() else [s.path for s in load_samples(films)]
     results = [r for r in predictor.predict_paths(files) if not isinstance(r, ImageError)]
-    probs = np.array([r.probability for r in results if r.answered], dtype=float)
-    return probs, {"folder": str(films), "files": len(files), "answered": len(probs),
-                   "not_answered": sum(not r.answered for r in results), "unreadable": len(files) - len(results)}
+    kept = [r for r in results if r.answered]
+    return kept, {"folder": str(films), "files": len(files), "answered": len(kept),
+                  "not_answered": len(results) - len(kept), "unreadable": len(files) - len(results)}
 
 
-def _threshold_for(probs: np.ndarray, target_specificity: float, films: str | os.PathLike, floor: float | None = None) -> float:
+def probs_of(results: list) -> np.ndarray:
+    """The P(COVID-19) of answers (`covidxray.answer.Prediction`)."""
+    return np.array([r.probability for r in results], dtype=float)
+
+
+def threshold_for(probs: np.ndarray, target_specificity: float, films: str | os.PathLike, floor: float | None = None) -> float:
+    """`site_threshold`, its error naming ``films``."""
     try:
         return site_threshold(probs, target_specificity, floor)
     except DataError as e:
         raise DataError(f"{films}: {e}") from None
 
 
-def _validation(run: str | os.PathLike, predictor: Predictor, cache_dir: str | None) -> tuple[list[int], np.ndarray]:
+def validation_split(run: str | os.PathLike, predictor: Predictor, cache_dir: str | None) -> tuple[list[int], np.ndarray]:
     """Labels and P(COVID-19) of the run's validation split (the films that chose its own threshold)."""
     data, splits = resolve_data(run, predictor.meta)
     samples, logits, _, _ = predict_split(predictor, data, splits, "val", cache_dir)
     return [s.label for s in samples], covid_probability(logits, predictor.temperature)
 
 
-def _rates(y: Sequence[int], p: np.ndarray, threshold: float) -> dict[str, Any]:
+def rates(y: Sequence[int], p: np.ndarray, threshold: float) -> dict[str, Any]:
     """Sensitivity and specificity (95 % bootstrap CIs) at ``threshold``; a rate the labels leave undefined is left out."""
     boot = bootstrap_metrics(y, p, threshold, n_boot=1000)
     return {k: boot[k] for k in ("sensitivity", "specificity") if not np.isnan(boot[k]["value"])}
-
-
-def onboard_site(
-    name: str, normals: str | os.PathLike, covid: str | os.PathLike | None = None, target_specificity: float = 0.95,
-    model: str | os.PathLike | None = None, institutions: Sequence[str] = (), stations: Sequence[str] = (),
-    ae_titles: Sequence[str] = (), allow_lower: bool = False, validation: bool = True, cache_dir: str | None = None,
-) -> SiteProfile:
-    """Onboard a site: its own operating point, set on its normal films, and what that costs; the model stays as it is.
-
-    The films in ``normals`` (a folder, searched recursively, or a manifest; all taken as normal)
-    go through the input gate and the model as served (``backend='auto'``); the site's threshold is
-    the lowest at which at least ``target_specificity`` of the answered ones are called normal, and
-    not below the model's own unless ``allow_lower`` (`site_threshold`). The cost is measured at the
-    model's threshold and at the site's: specificity on the site's normals, sensitivity on its
-    COVID-19 films (``covid``, optional), and sensitivity and specificity on the model's validation
-    split (when its data is at hand and ``validation``), with 95 % CIs.
-
-    Returns:
-        The `SiteProfile` (not yet saved: see `covidxray.sites.SiteRegistry.save`).
-
-    Raises:
-        DataError: fewer than 20 answered normal films, a bad name or target, an unreadable folder.
-    """
-    check_target(target_specificity)  # before minutes of scoring, not after
-    predictor = Predictor(model)
-    probs, counts = _answered_probs(predictor, normals)
-    before = predictor.threshold
-    threshold = _threshold_for(probs, target_specificity, normals, None if allow_lower else before)
-    rule = (f"lowest threshold calling >= {target_specificity:g} of {len(probs)} answered normal films of the site "
-            f"normal{'' if allow_lower else f', not below the model threshold {before:.4f}'}")
-    zeros = [0] * len(probs)
-    cost: dict[str, Any] = {"site_normals": {**counts, "specificity_before": _rates(zeros, probs, before)["specificity"],
-                                             "specificity_after": _rates(zeros, probs, threshold)["specificity"]}}
-    if covid is not None:
-        cprobs, ccounts = _answered_probs(predictor, covid)
-        if not len(cprobs):
-            raise DataError(f"{covid}: no COVID-19 film here got an answer ({ccounts['files']} files)")
-        ones = [1] * len(cprobs)
-        cost["site_covid"] = {**ccounts, "sensitivity_before": _rates(ones, cprobs, before)["sensitivity"],
-                              "sensitivity_after": _rates(ones, cprobs, threshold)["sensitivity"]}
-    cost["validation"] = {"skipped": "not asked for (--no-validation)"}
-    if validation:
-        try:
-            torch_predictor = predictor if predictor.model is not None else Predictor(model, backend="torch")
-            y, p = _validation(model or default_model_path(), torch_predictor, cache_dir)
-            cost["validation"] = {"films": len(y), "covid": int(sum(y)), "before": _rates(y, p, before),
-                                  "after": _rates(y, p, threshold)}
-        except DataError as e:  # a hospital rarely has the training data: the site's own numbers still stand
-            cost["validation"] = {"skipped": str(e)}
-    return SiteProfile(
-        name=name, threshold=threshold, target_specificity=target_specificity, rule=rule,
-        weights_sha256=predictor.meta["weights_sha256"], model=predictor.name, default_threshold=before,
-        institutions=tuple(institutions), stations=tuple(stations), ae_titles=tuple(ae_titles), cost=json_safe(cost),
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )

@@ -15,80 +15,31 @@ follow noise there - the int8 graph's rounding, for one (its parity check refuse
 
     covidxray refit-head runs/default          # rewrites the run's weights and model.json; export and evaluate again
 
-`fit_head` is the fit alone (NumPy in, a `LinearHead` out); `refit_run` applies it to a run.
+`covidxray.headfit.fit_head` is the fit alone (NumPy in, a `LinearHead` out); `refit_run` applies it to a run, and
+keeps the features it fitted on beside the weights (``head-features.safetensors``, float16) so that a site can refit
+the head with its own normal films added (`covidxray.headfit.site_head`, ``covidxray site add NAME --normals DIR
+--refit-head``) without the training data.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from .calibration import Calibration, calibrate_model
 from .checkpoint import resolve_data, run_dir, save_model
 from .errors import DataError
 from .evaluate import predict_split
+from .headfit import C_GRID, FEATURES_FILE, HeadFeatures, LinearHead, Refit, fit_head
 from .models import get_spec
 from .predictor import Predictor
 
 __all__ = ["C_GRID", "LinearHead", "Refit", "fit_head", "set_head", "refit_run"]
 
 log = logging.getLogger(__name__)
-
-C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # inverse L2 strength on the features; validation picks one
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """A logit of COVID-19 linear in the features: ``feats @ weight + bias``."""
-
-    weight: np.ndarray  # (D,)
-    bias: float
-
-    def margin(self, feats: np.ndarray) -> np.ndarray:
-        """The logit of COVID-19 against normal, ``(N,)``."""
-        return np.asarray(feats, np.float64) @ self.weight + self.bias
-
-    def two_class(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head as the network's two-logit layer (normal, COVID-19): their difference is `margin`."""
-        w = torch.from_numpy(self.weight).float()
-        return torch.stack([-w / 2, w / 2]), torch.tensor([-self.bias / 2, self.bias / 2], dtype=torch.float32)
-
-
-@dataclass
-class Refit:
-    """The chosen head and what chose it."""
-
-    c: float  # the chosen inverse regularisation strength
-    head: LinearHead
-    val_auc: dict[float, float] = field(default_factory=dict)  # each candidate's validation ROC-AUC
-    candidates: dict[float, LinearHead] = field(default_factory=dict)
-
-
-def fit_head(train_feats: np.ndarray, train_y: np.ndarray, val_feats: np.ndarray, val_y: np.ndarray,
-             grid: tuple[float, ...] = C_GRID, sample_weight: np.ndarray | None = None) -> Refit:
-    """A logistic regression on the training features (centred) for each C of ``grid``; the one with the best
-    validation ROC-AUC (ties: the stronger regularisation). ``*_y``: 1 = COVID-19, 0 = normal; both classes needed.
-    ``sample_weight``: each training film's weight (default 1)."""
-    x, y, vy = np.asarray(train_feats, np.float64), np.asarray(train_y).astype(int), np.asarray(val_y).astype(int)
-    for name, labels in (("training", y), ("validation", vy)):
-        if np.unique(labels).size < 2:
-            raise DataError(f"refitting the head needs COVID-19 and normal films in the {name} split; it has one class")
-    mu = x.mean(0)  # centred for the solver's sake; the intercept takes the mean back
-    out = Refit(c=grid[0], head=LinearHead(np.zeros(x.shape[1]), 0.0))
-    for c in grid:  # lbfgs on a convex loss: the same answer on every machine, up to its tolerance
-        lr = LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(x - mu, y, sample_weight=sample_weight)
-        coef = lr.coef_[0]
-        head = LinearHead(coef, float(lr.intercept_[0] - (mu * coef).sum()))
-        out.candidates[c], out.val_auc[c] = head, float(roc_auc_score(vy, head.margin(val_feats)))
-    out.c = max(grid, key=lambda c: (round(out.val_auc[c], 4), -c))
-    out.head = out.candidates[out.c]
-    return out
 
 
 def set_head(model: torch.nn.Module, arch: str, head: LinearHead) -> None:
@@ -123,13 +74,19 @@ def refit_run(run: str | os.PathLike, data: str | None = None, splits: str | Non
         with torch.no_grad():
             return layer(torch.from_numpy(val_feats).to(layer.weight)).cpu().numpy()
 
-    cal, _ = calibrate_model(predictor.model, arch, [s.label for s in val], relogit(), relogit, True,
+    val_y = np.array([s.label for s in val])
+    cal, _ = calibrate_model(predictor.model, arch, val_y, relogit(), relogit, True,
                              target_sensitivity=target_sensitivity, sources=[s.source for s in val], pooled=pooled)
+    margin = np.diff(relogit(), axis=1)[:, 0] / cal.temperature  # the calibrated logit of COVID-19 (shift in the bias)
+    kept = HeadFeatures(train_feats, np.array([s.label for s in train]), val_feats, val_y)
     meta = {**predictor.meta, **cal.to_meta(),  # val_auc stays the trained epoch's; the refit's is beside it
             "head_refit": {"method": "L2 logistic regression on the training split's pre-logit features "
                                      "(last-layer retraining); C chosen by validation ROC-AUC",
                            "c": refit.c, "train_images": len(train), "val_auc": refit.val_auc[refit.c],
-                           "val_auc_by_c": {f"{c:g}": a for c, a in refit.val_auc.items()}}}
+                           "val_auc_by_c": {f"{c:g}": a for c, a in refit.val_auc.items()},
+                           # what a site's head keeps (`site_head`): this sensitivity on validation at the threshold
+                           "val_sensitivity": float((1 / (1 + np.exp(-margin[val_y == 1])) >= cal.threshold).mean()),
+                           "features_file": FEATURES_FILE, "features_sha256": kept.save(run_dir(run))}}
     save_model(run_dir(run), predictor.model.cpu(), meta)
     log.info("refitted the head of %s on %d training films: C=%g, validation ROC-AUC %.4f; T=%.3f, threshold %.4f",
              run, len(train), refit.c, refit.val_auc[refit.c], cal.temperature, cal.threshold)

@@ -18,7 +18,7 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from itertools import islice, takewhile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .answer import NOT_ANSWERED, Prediction
 from .backends import CascadeRunner, OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
@@ -37,46 +38,16 @@ from .imaging import ImageInfo, read_image
 from .inference import classifier_forward
 from .presets import Preprocess
 from .segment import LungSegmenter
-from .sites import NOT_ONBOARDED, SiteProfile
+from .sites import SiteProfile, site_fields
 
 __all__ = ["NOT_ANSWERED", "Prediction", "Predictor", "default_model_path"]
 
-NOT_ANSWERED = "not_answered"  # the third outcome: the input is not a frontal chest X-ray
 # Films per segmenter call: past a few, batching saves no CPU time on the segmenter (measured: batch 1 and 32 cost the
 # same per film) while ONNX Runtime's arena grows with it (peak RSS of `predict` +250 MB at 32, +80 MB at 8).
 SEGMENTER_BATCH = 8
 DECODE_SIDE_FACTOR = 2  # files are decoded with at least this many times the larger network input per side: `decode_side`
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's answer. ``probability`` is P(COVID-19); ``label`` is ``covid`` when it reaches ``threshold``.
-
-    An image that is not a frontal chest X-ray gets no answer: ``label`` is ``not_answered``,
-    ``probability`` is None and ``reason`` says why in a word (``message`` in a sentence).
-    ``threshold`` is the one used: the site's when the film's site is onboarded (`covidxray.sites`),
-    else the model's own, and then ``note`` says "site not onboarded".
-    """
-
-    path: str
-    label: str  # "covid" (COVID-19 positive), "normal", or "not_answered"
-    probability: float | None  # P(covid), after temperature scaling; None when not answered
-    threshold: float
-    reason: str | None = None  # why not answered: wrong_modality, lateral_view, not_chest_xray, ...
-    message: str | None = None  # the reason, or a warning about an answer, for people
-    unfamiliarity: float | None = None  # 0: typical of the training films ... 1: unlike any of them
-    site: str | None = None  # the onboarded site whose threshold decided (None: the model's default threshold)
-    site_onboarded: bool = False
-    note: str | None = NOT_ONBOARDED  # "site not onboarded: ..." when no site profile applies
-
-    @property
-    def answered(self) -> bool:
-        return self.label != NOT_ANSWERED
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Predictor:
@@ -181,10 +152,14 @@ class Predictor:
 
     def classify(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
         """P(covid) and unfamiliarity (None without familiarity statistics) for prepared uint8 images ``(N, S, S)``."""
+        return self.score(images, batch_size)[:2]
+
+    def score(self, images: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`classify`'s P(covid) and unfamiliarity, and the features ``(N, D)`` (None from a graph without them)."""
         logits, feats = self._logits_and_features(images, batch_size)
         probs = torch.softmax(torch.from_numpy(logits) / self.temperature, dim=1)[:, 1].numpy()
         unfamiliar = self.familiarity(feats) if self.familiarity is not None and feats is not None and len(feats) else None
-        return probs, unfamiliar
+        return probs, unfamiliar, feats
 
     def predict_prepared(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """P(covid) for prepared uint8 images ``(N, S, S)`` (see `Preprocess.prepare`)."""
@@ -238,8 +213,9 @@ class Predictor:
         """The `Prediction` for one `check` result: classified, or not answered."""
         if isinstance(checked, Verdict):
             return self.refuse(name, checked)
-        probs, unfamiliar = self.classify(torch.from_numpy(checked)[None])
-        return self.decide(name, float(probs[0]), None if unfamiliar is None else float(unfamiliar[0]))
+        probs, unfamiliar, feats = self.score(torch.from_numpy(checked)[None])
+        return self.decide(name, float(probs[0]), None if unfamiliar is None else float(unfamiliar[0]),
+                           features=None if feats is None else feats[0])
 
     def predict_paths(
         self, paths: Iterable[str | os.PathLike], batch_size: int = 32, workers: int = 0,
@@ -286,8 +262,8 @@ class Predictor:
     def _answer_batch(self, batch: list[tuple[str, np.ndarray | Verdict | ImageError]]) -> Iterator[Prediction | ImageError]:
         """The classifier on a batch's prepared images in one call; refusals and errors pass through, in order."""
         good = [(i, img) for i, (_, img) in enumerate(batch) if isinstance(img, np.ndarray)]
-        probs, unfamiliar = self.classify(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None)
-        by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]))
+        probs, unfamiliar, feats = self.score(torch.from_numpy(np.stack([img for _, img in good]))) if good else ([], None, None)
+        by_index = {i: (float(p), None if unfamiliar is None else float(unfamiliar[k]), None, None if feats is None else feats[k])
                     for k, ((i, _), p) in enumerate(zip(good, probs))}
         for i, (name, img) in enumerate(batch):
             if isinstance(img, ImageError):
@@ -297,25 +273,34 @@ class Predictor:
             else:
                 yield self.decide(name, *by_index[i])
 
-    def decide(self, name: str, prob: float, unfamiliarity: float | None = None, site: SiteProfile | None = None) -> Prediction:
-        """The answer for P(covid) = ``prob``: ``covid`` when it reaches the threshold, else ``normal``.
+    def decide(self, name: str, prob: float, unfamiliarity: float | None = None, site: SiteProfile | None = None,
+               features: np.ndarray | None = None) -> Prediction:
+        """The answer for P(covid) = ``prob``, the model's: ``covid`` when it reaches the threshold, else ``normal``.
 
         The one rule for label versus threshold; every surface (CLI, API, Grad-CAM, listener) goes
         through it. The threshold is ``site``'s (a profile made for these weights: see `at_site`),
-        else the model's own. An unusually unfamiliar film keeps its answer, with a warning in ``message``.
+        else the model's own; a site with a head of its own takes P(covid) from it, on the film's ``features``.
+        An unusually unfamiliar film keeps its answer, with a warning in ``message``.
         """
+        if site is not None and site.head is not None:
+            if features is None:
+                raise CheckpointError(f"site {site.name} decides with a head of its own, on the classifier's features; "
+                                      f"{self.name} gave none (export the model again: covidxray export RUN)")
+            prob = site.probability(features)
         threshold = self.threshold_at(site)
         label = "covid" if prob >= threshold else "normal"
         message = warning(unfamiliarity) if unfamiliarity is not None else None
-        return Prediction(name, label, prob, threshold, message=message, unfamiliarity=unfamiliarity, **_site_fields(site))
+        return Prediction(name, label, prob, threshold, message=message, unfamiliarity=unfamiliarity,
+                          features=features, **site_fields(site))
 
     def refuse(self, name: str, verdict: Verdict, site: SiteProfile | None = None) -> Prediction:
         """The third outcome: no answer, with the gate's reason."""
         return Prediction(name, NOT_ANSWERED, None, self.threshold_at(site), reason=verdict.reason, message=verdict.message,
-                          **_site_fields(site))
+                          **site_fields(site))
 
     def at_site(self, prediction: Prediction, site: SiteProfile | None) -> Prediction:
-        """``prediction`` as ``site`` decides it: its threshold, or (None) the model's own with "site not onboarded".
+        """``prediction`` (as the model decided it) as ``site`` decides it: its threshold and head, or (None) the model's
+        own with "site not onboarded".
 
         Raises:
             CheckpointError: ``site`` was onboarded for other weights than this model's.
@@ -323,8 +308,8 @@ class Predictor:
         if site is not None:
             site.check_weights(self.meta.get("weights_sha256"))
         if prediction.answered:
-            return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site)
-        return replace(prediction, threshold=self.threshold_at(site), **_site_fields(site))
+            return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site, prediction.features)
+        return replace(prediction, threshold=self.threshold_at(site), **site_fields(site))
 
     def watch(self, thresholds: Iterable[float]) -> None:
         """Decide films near these thresholds too (onboarded sites') as the float graph would: an int8 graph's
@@ -332,6 +317,12 @@ class Predictor:
         under other backends it does nothing (their probabilities are the float ones already)."""
         if isinstance(self.runner, CascadeRunner):
             self.runner.watch(thresholds)
+
+    def watch_sites(self, sites: Iterable[SiteProfile]) -> None:
+        """`watch` the sites' thresholds, and the films near a threshold under a site's own head."""
+        if isinstance(self.runner, CascadeRunner):
+            sites = list(sites)
+            self.runner.watch([s.threshold for s in sites], [(*s.head_arrays(), s.threshold) for s in sites if s.head])
 
     def threshold_at(self, site: SiteProfile | None) -> float:
         """The threshold that decides a film of ``site``: the site's own, or (None) the model's."""
@@ -348,11 +339,6 @@ def _onnx_classifier(graph: Path, contract: dict, meta: dict, threads: int) -> R
     exact = OnnxRunner.load(graph.parent / Path(recheck["float_onnx"]).name, recheck["float_onnx_sha256"],
                             contract_path(graph).name, threads)
     return CascadeRunner(runner, exact, recheck["band"], meta.get("temperature", 1.0), [meta["threshold"]])
-
-
-def _site_fields(site: SiteProfile | None) -> dict:
-    return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED} if site is None else {
-        "site": site.name, "site_onboarded": True, "note": None}
 
 
 def decode_side(preprocess: Preprocess, segmenter: LungSegmenter | None) -> int:

@@ -5,8 +5,10 @@ origins; at another hospital the same threshold calls a different share of norma
 (docs/benchmarks.md). A hospital validates before use, so that is the product's path:
 ``covidxray site add NAME --normals DIR`` runs the site's own normal films through the model and
 stores the lowest threshold at which at least the target share of them is called normal, with
-what it costs (`covidxray.evaluate.onboard_site`). The profile is a JSON file in a registry folder,
-one per site; the weights and ``model.json`` are never rewritten.
+what it costs (`covidxray.onboarding.onboard_site`). With ``--refit-head`` the site also gets a head of its own:
+the model's last layer refitted with the site's normals added to the training films' features the model keeps
+(`covidxray.headfit.site_head`), which then gives its films' P(COVID-19). The profile is a JSON file in a registry
+folder, one per site; the weights and ``model.json`` are never rewritten.
 
 Per film, a profile is chosen by name (``predict --site``, the API's ``site`` parameter) or, in the
 DICOM listener, by the film's InstitutionName or StationName or the sender's calling AE title
@@ -26,14 +28,17 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .config import settings
 from .errors import CheckpointError, DataError
 from .utils import atomic_write_json, read_json_object
 
+if TYPE_CHECKING:  # NumPy only where a site's head is used: `covidxray --help` loads this module
+    import numpy as np
+
 __all__ = ["FORMAT", "MIN_NORMALS", "NOT_ONBOARDED", "SiteMatcher", "SiteProfile", "SiteRegistry", "check_target", "default_sites_folder",
-           "normalise", "site_threshold"]
+           "normalise", "site_fields", "site_threshold"]
 
 FORMAT = "covidxray-site-1"  # the ``format`` field of a profile file
 MIN_NORMALS = 20  # answered normal films below which no threshold is set: one film would move it by 5 %
@@ -84,7 +89,7 @@ def site_threshold(normal_probs: Sequence[float], target_specificity: float, flo
 class SiteProfile:
     """One onboarded site: its threshold for one model's weights, how it is recognised, and what it cost.
 
-    ``cost`` is what `covidxray.evaluate.onboard_site` measured: specificity on the site's normal
+    ``cost`` is what `covidxray.onboarding.onboard_site` measured: specificity on the site's normal
     films before and after, sensitivity on its COVID-19 films if it gave some, and sensitivity and
     specificity on the model's validation split at both thresholds, with 95 % CIs.
     """
@@ -101,11 +106,39 @@ class SiteProfile:
     ae_titles: tuple[str, ...] = ()  # calling AE titles of its senders
     cost: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""  # ISO 8601 UTC
+    # The site's own head (`covidxray.head.site_head`, ``site add --refit-head``): ``weight`` (one per feature) and
+    # ``bias`` of the logit of the site's P(COVID-19); None: the model's head decides, at the site's threshold.
+    head: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
         if not (0.0 <= self.threshold <= 1.0):
             raise DataError(f"site {self.name}: threshold {self.threshold} is not a probability")
+        if self.head is not None:
+            import numpy as np
+
+            w = np.asarray(self.head.get("weight", ()), np.float64)
+            if w.ndim != 1 or not len(w) or not np.isfinite(w).all() or not math.isfinite(float(self.head.get("bias", "nan"))):
+                raise DataError(f"site {self.name}: its head needs a list of finite weights and a finite bias")
+
+    def probability(self, features: np.ndarray) -> np.ndarray | float:
+        """P(COVID-19) under the site's own head, for one film's features ``(D,)`` or many ``(N, D)``."""
+        import numpy as np
+
+        weight, bias = self.head_arrays()
+        if np.shape(features)[-1] != len(weight):
+            raise CheckpointError(f"site {self.name}: its head takes {len(weight)} features, the model gives "
+                                  f"{np.shape(features)[-1]}")
+        p = 1.0 / (1.0 + np.exp(-(np.asarray(features, np.float64) @ weight + bias)))
+        return float(p) if np.ndim(p) == 0 else p
+
+    def head_arrays(self) -> tuple[np.ndarray, float]:
+        """The site head's weight vector and bias (`DataError` for a site without one)."""
+        if self.head is None:
+            raise DataError(f"site {self.name} has no head of its own (onboarded without --refit-head)")
+        import numpy as np
+
+        return np.asarray(self.head["weight"], np.float64), float(self.head["bias"])
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
@@ -130,6 +163,12 @@ class SiteProfile:
                 f"not for the one loaded ({(weights_sha256 or 'unknown')[:12]}...); its threshold means nothing for "
                 f"other weights: onboard the site again (covidxray site add {self.name} --normals DIR --model RUN)")
         return self
+
+
+def site_fields(site: SiteProfile | None) -> dict[str, Any]:
+    """The site fields of an answer (`covidxray.predictor.Prediction`): which profile decided, or "not onboarded"."""
+    return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED} if site is None else {
+        "site": site.name, "site_onboarded": True, "note": None}
 
 
 def default_sites_folder() -> Path:

@@ -113,7 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CovidXrayError("--resume and torchrun runs need --out FILE.csv (rows are collected in FILE.csv.partN first)")
     predictor = Predictor(args.model, device=str(device), backend=args.backend, gate=args.gate)
     site = SiteRegistry(args.sites).get(args.site, predictor.meta.get("weights_sha256")) if args.site else None
-    predictor.watch([site.threshold] if site is not None else [])  # int8: films near it re-checked in float
+    predictor.watch_sites([site] if site is not None else [])  # int8: films near it re-checked in float
     mine = paths[dist.rank::dist.world_size]  # each process takes every world_size-th input
     writer = None
     if args.out:

@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--ae", action="append", default=[], metavar="AE_TITLE",
                      help="calling AE title of the site's senders (repeatable)")
     add.add_argument("--model", help="run folder or model.json (default: the bundled model)")
+    add.add_argument("--refit-head", action="store_true",
+                     help="also give the site a head of its own: the model's last layer refitted with the site's normals "
+                          "added to the training films' features the model keeps (its threshold still from validation "
+                          "COVID-19 films); needs a model whose head was refitted (covidxray refit-head), as the "
+                          "bundled one's was")
     add.add_argument("--validation", action=argparse.BooleanOptionalAction, default=True,
                      help="also measure the cost on the model's validation split (default; needs its training data, "
                           "minutes on a CPU); --no-validation measures on the site's films only")
@@ -59,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_site_add(args: argparse.Namespace) -> int:
-    from ..evaluate import onboard_site
+    from ..onboarding import onboard_site
 
     registry = SiteRegistry(args.sites)
     if registry.path(args.name).exists() and not args.replace:
@@ -67,7 +72,8 @@ def cmd_site_add(args: argparse.Namespace) -> int:
     registry.check_claims(args.name, args.institution, args.station, args.ae)  # before minutes of scoring films
     profile = onboard_site(args.name, args.normals, args.covid, args.target_specificity, model=args.model,
                            institutions=args.institution, stations=args.station, ae_titles=args.ae,
-                           allow_lower=args.allow_lower, validation=args.validation, cache_dir=args.cache_dir)
+                           allow_lower=args.allow_lower, validation=args.validation, cache_dir=args.cache_dir,
+                           refit_head=args.refit_head)
     path = registry.save(profile)
     print("\n".join(summary(profile)))
     print(f"wrote {path} (the model is unchanged); use it with: covidxray predict --site {profile.name} ...")
@@ -84,6 +90,9 @@ def summary(profile: SiteProfile) -> list[str]:
              f"  site normals: {normals['answered']} answered of {normals['files']} ({normals['not_answered']} not answered, "
              f"{normals['unreadable']} unreadable); specificity {format_ci(normals['specificity_before'])} -> "
              f"{format_ci(normals['specificity_after'])}"]
+    if profile.head is not None:
+        lines.append(f"  site head: refitted with {profile.head['site_films']} of its normals; held-out specificity "
+                     f"(each fifth under a head fitted without it) {format_ci(normals['specificity_held_out'])}")
     if "site_covid" in cost:
         c = cost["site_covid"]
         lines.append(f"  site COVID-19 films: {c['answered']} answered; sensitivity {format_ci(c['sensitivity_before'])} -> "

@@ -61,7 +61,7 @@ def load(predictor: Predictor | None, model: str | None, backend: str, threads: 
         predictor = Predictor(model, backend=backend, threads=threads)
     registry = SiteRegistry(sites)
     matcher = SiteMatcher(registry.all(predictor.meta.get("weights_sha256")))
-    predictor.watch(p.threshold for p in matcher.profiles)  # int8: films near them re-checked in float
+    predictor.watch_sites(matcher.profiles)  # int8: films near them re-checked in float
     explainer = None
     if heatmaps:  # Grad-CAM needs gradients: the PyTorch weights beside an ONNX graph
         explainer = predictor if predictor.model is not None else Predictor(model, backend="torch", threads=threads)

@@ -188,7 +188,7 @@ class Service:
             log.error("site %r: %s", name, e)
             raise ApiError(500, "broken_site_profile", f"the profile of site {name!r} cannot be used; the server's "
                                                        "log says why") from None
-        self.loaded().watch([profile.threshold])  # before its film is classified: an int8 graph re-checks near it
+        self.loaded().watch_sites([profile])  # before its film is classified: an int8 graph re-checks near it
         return profile
 
     async def classify(self, upload: Upload, explain: bool = False, preview: bool = False,
@@ -204,7 +204,8 @@ class Service:
                     answer = predictor.refuse(upload.name, checked, site=site)
                     explain = False
                 else:
-                    answer = predictor.decide(upload.name, *await self.batcher.submit(checked), site=site)
+                    prob, unfamiliar, features = await self.batcher.submit(checked)
+                    answer = predictor.decide(upload.name, prob, unfamiliar, site, features)
                 extra = await self._in_thread(self._pictures, image, explain, preview) if explain or preview else {}
         except TimeoutError:
             raise ApiError(504, "timeout", f"{upload.name}: no answer within {self.timeout_s:g} s; try again later") from None
@@ -233,12 +234,12 @@ class Service:
         with self._networks:
             return self.loaded().check_many([image for image, _ in items], [info for _, info in items])
 
-    def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None]]:
-        """``(P(covid), unfamiliarity)`` per prepared image, from one model call."""
+    def _classify_batch(self, prepared: np.ndarray) -> list[tuple[float, float | None, np.ndarray | None]]:
+        """``(P(covid), unfamiliarity, features)`` per prepared image, from one model call."""
         with self._networks:
-            probs, unfamiliar = self.loaded().classify(torch.from_numpy(prepared), batch_size=len(prepared))
-        return [(float(p), None if unfamiliar is None else float(u))
-                for p, u in zip(probs, unfamiliar if unfamiliar is not None else [None] * len(probs))]
+            probs, unfamiliar, feats = self.loaded().score(torch.from_numpy(prepared), batch_size=len(prepared))
+        return [(float(p), None if unfamiliar is None else float(unfamiliar[k]), None if feats is None else feats[k])
+                for k, p in enumerate(probs)]
 
     def _pictures(self, image: np.ndarray, explain: bool, preview: bool) -> dict[str, str]:
         out = {}
