@@ -142,3 +142,22 @@ def test_an_int8_graph_rechecks_films_near_the_site_heads_threshold(onboarded, j
     bare = fast[0].__class__(**{**fast[0].to_dict(), "features": None})
     with pytest.raises(CheckpointError, match="site jsrt-head decides with a head of its own.*gave none"):
         served.at_site(bare, head)
+
+
+def test_site_add_refit_head_with_few_films_and_without_kept_features(jsrt_normals, trained_run: Path, tmp_path: Path,
+                                                                        capsys):
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for p in jsrt_normals[1][:22]:
+        (folder / p.name).symlink_to(p)
+    registry = tmp_path / "registry"
+    # 22 films set a threshold, but four fifths of them (17) cannot: no held-out number, and the summary says so.
+    assert main(["site", "add", "small", "--normals", str(folder), "--sites", str(registry), "--refit-head",
+                 "--no-validation"]) == 0
+    assert "held-out specificity not measured (25 films or more needed)" in capsys.readouterr().out
+    profile = SiteRegistry(registry).load("small")
+    assert profile.head["site_films"] == 22 and "specificity_held_out" not in profile.cost["site_normals"]
+    # A model whose head was never refitted keeps no features: refused before a film is scored.
+    assert main(["site", "add", "other", "--normals", str(folder), "--sites", str(registry), "--refit-head",
+                 "--model", str(trained_run)]) == 2
+    assert "keeps no head features" in capsys.readouterr().err and not (registry / "other.json").exists()

@@ -18,7 +18,7 @@ from .evaluate import answered, probs_of, rates, threshold_for, validation_split
 from .headfit import SITE_WEIGHT, HeadFeatures, model_head, site_head
 from .predictor import Predictor
 from .report import json_safe
-from .sites import SiteProfile, check_target
+from .sites import MIN_NORMALS, SiteProfile, check_target
 
 __all__ = ["onboard_site"]
 
@@ -66,8 +66,7 @@ def onboard_site(
     zeros = [0] * len(probs)
     cost: dict[str, Any] = {"site_normals": {**counts, "specificity_before": rates(zeros, probs_of(results), before)["specificity"],
                                              "specificity_after": rates(zeros, probs, threshold)["specificity"]}}
-    if site is not None:
-        held = site.held_out(normals)
+    if site is not None and (held := site.held_out(normals)) is not None:
         cost["site_normals"]["specificity_held_out"] = rates([0] * len(held), held, 0.5)["specificity"]
     if covid is not None:
         cresults, ccounts = answered(predictor, covid)
@@ -116,8 +115,11 @@ class _SiteHead:
     def probs(self, results: list) -> np.ndarray:
         return _sigmoid(self.head.margin(np.stack([r.features for r in results])))
 
-    def held_out(self, films) -> np.ndarray:
-        """Each fold's P(COVID-19) minus its threshold plus 0.5 (so that 0.5 decides), under a head without it."""
+    def held_out(self, films) -> np.ndarray | None:
+        """Each fold's P(COVID-19) minus its threshold plus 0.5 (so that 0.5 decides), under a head without it; None
+        when the other folds hold too few films to set a threshold (`MIN_NORMALS`)."""
+        if len(self.feats) - -(-len(self.feats) // self.FOLDS) < MIN_NORMALS:
+            return None
         order = np.random.default_rng(0).permutation(len(self.feats))
         out = []
         for fold in np.array_split(order, self.FOLDS):

@@ -91,8 +91,10 @@ def summary(profile: SiteProfile) -> list[str]:
              f"{normals['unreadable']} unreadable); specificity {format_ci(normals['specificity_before'])} -> "
              f"{format_ci(normals['specificity_after'])}"]
     if profile.head is not None:
+        held = normals.get("specificity_held_out")
         lines.append(f"  site head: refitted with {profile.head['site_films']} of its normals; held-out specificity "
-                     f"(each fifth under a head fitted without it) {format_ci(normals['specificity_held_out'])}")
+                     + (f"(each fifth under a head fitted without it) {format_ci(held)}" if held else
+                        "not measured (25 films or more needed)"))
     if "site_covid" in cost:
         c = cost["site_covid"]
         lines.append(f"  site COVID-19 films: {c['answered']} answered; sensitivity {format_ci(c['sensitivity_before'])} -> "
