@@ -8,12 +8,16 @@ JSRT's normal films stand in for a hospital the bundled model never saw: 60 onbo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import dicoms
+from covidxray.dicomnode import Listener, ListenerConfig
+from covidxray.dicomnode.sr import Destination, send_datasets
 from covidxray.backends import CascadeRunner
 from covidxray.cli import main
 from covidxray.errors import CheckpointError, DataError
@@ -161,3 +165,24 @@ def test_site_add_refit_head_with_few_films_and_without_kept_features(jsrt_norma
     assert main(["site", "add", "other", "--normals", str(folder), "--sites", str(registry), "--refit-head",
                  "--model", str(trained_run)]) == 2
     assert "keeps no head features" in capsys.readouterr().err and not (registry / "other.json").exists()
+
+
+def test_the_listener_decides_a_matched_sites_film_with_its_head(onboarded, jsrt_normals, tmp_path: Path):
+    _, head, _ = onboarded
+    registry = SiteRegistry(tmp_path / "sites")
+    registry.save(replace(head, institutions=("Head Hospital",)))
+    film = dicoms.xray_pixels(jsrt_normals[1][1], 256)
+    ours, other = dicoms.cr(film, InstitutionName="HEAD hospital"), dicoms.cr(film, InstitutionName="Elsewhere")
+    predictor = Predictor()
+    listener = Listener(ListenerConfig(db=str(tmp_path / "r.db"), port=0, sites=str(registry.folder)), predictor=predictor).start()
+    try:
+        assert send_datasets([ours, other], Destination("COVIDXRAY", "127.0.0.1", listener.port), "ANY-CR") == [0, 0]
+        assert listener.wait_idle(120)
+        rows = {r.sop_instance_uid: r for r in listener.store.recent()}
+    finally:
+        listener.stop()
+    mine, theirs = rows[ours.SOPInstanceUID], rows[other.SOPInstanceUID]
+    assert (mine.site, mine.threshold, theirs.site, theirs.threshold) == ("jsrt-head", head.threshold, None, predictor.threshold)
+    # The same pixels: the site's head gives its own P(COVID-19), the model's head another.
+    assert abs(mine.probability - theirs.probability) > 1e-3
+    assert mine.label == ("covid" if mine.probability >= head.threshold else "normal")
