@@ -106,7 +106,7 @@ class SiteProfile:
     ae_titles: tuple[str, ...] = ()  # calling AE titles of its senders
     cost: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""  # ISO 8601 UTC
-    # The site's own head (`covidxray.head.site_head`, ``site add --refit-head``): ``weight`` (one per feature) and
+    # The site's own head (`covidxray.headfit.site_head`, ``site add --refit-head``): ``weight`` (one per feature) and
     # ``bias`` of the logit of the site's P(COVID-19); None: the model's head decides, at the site's threshold.
     head: dict[str, Any] | None = None
 
