@@ -121,12 +121,15 @@ def test_the_site_head_decides_its_films_on_the_cli_and_the_api(onboarded, jsrt_
     # The 32 films never used to onboard: the site's head calls more of them normal than the model's threshold does.
     assert spec["head"] >= 0.8 and spec["head"] > spec["default"]
     assert {(a["site"], a["threshold"]) for a in at_head} == {("jsrt-head", head.threshold)}
+    # The answer says whose head gave its probability; a threshold-only site's answers need no note.
+    assert {a["note"] for a in at_head} == {f"decided by site jsrt-head's own head, refitted on {head.head['site_films']} of its normal films"}
+    assert {a["note"] for a in at_plain} == {None}
     assert any(abs(a["probability"] - b["probability"]) > 0.01 for a, b in zip(at_head, default) if a["probability"])
     assert "features" not in at_head[0]
     # The API: the same film, the same site head, the same answer as the command line (the bundled int8 graph both).
     with TestClient(create_app(sites=registry)) as client:
         answer = client.post("/v1/predict?site=jsrt-head", files={"file": ("a.jpg", held[0].read_bytes())}).json()
-    assert (answer["site"], answer["label"]) == ("jsrt-head", at_head[0]["label"])
+    assert (answer["site"], answer["label"], answer["note"]) == ("jsrt-head", at_head[0]["label"], at_head[0]["note"])
     assert answer["probability"] == pytest.approx(at_head[0]["probability"], abs=1e-4)
 
 

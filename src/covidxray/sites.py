@@ -166,9 +166,12 @@ class SiteProfile:
 
 
 def site_fields(site: SiteProfile | None) -> dict[str, Any]:
-    """The site fields of an answer (`covidxray.predictor.Prediction`): which profile decided, or "not onboarded"."""
-    return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED} if site is None else {
-        "site": site.name, "site_onboarded": True, "note": None}
+    """The site fields of an answer (`covidxray.predictor.Prediction`): which profile decided, or "not onboarded";
+    a site with a head of its own says so in the note (its P(COVID-19) is that head's, not the model's)."""
+    if site is None:
+        return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED}
+    return {"site": site.name, "site_onboarded": True, "note": None if site.head is None else
+            f"decided by site {site.name}'s own head, refitted on {site.head.get('site_films', '?')} of its normal films"}
 
 
 def default_sites_folder() -> Path:

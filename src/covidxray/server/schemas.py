@@ -37,7 +37,8 @@ class PredictionOut(BaseModel):
                                                           "than this one (above 0.99: a warning)")
     site: str | None = Field(None, description="the onboarded site whose threshold decided; null: none")
     site_onboarded: bool = Field(False, description="false: the model's default threshold applied (see note)")
-    note: str | None = Field(None, description="'site not onboarded: ...' when no site profile applied")
+    note: str | None = Field(None, description="'site not onboarded: ...' when no site profile applied; which site's own "
+                                             "head gave P(COVID-19) when its site has one")
     positive_class: str = POSITIVE_CLASS
     model: ModelRef
     timing_ms: float = Field(description="server time for this image: decode, queue, model")
