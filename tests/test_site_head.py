@@ -63,9 +63,21 @@ def test_site_head_learns_the_sites_normals_and_keeps_the_validation_sensitivity
         HeadFeatures.load(tmp_path, {"head_refit": {"features_sha256": sha}})
 
 
+@pytest.mark.parametrize("head", [{"weight": [1.0, float("nan")], "bias": 0.0}, {"weight": [1e308, -1e308], "bias": 0.0},
+                                  {"weight": ["a"], "bias": 0.0}, {"weight": [1.0], "bias": "x"}, {"weight": [[1.0], [2.0, 3.0]]},
+                                  {"weight": []}, [1.0, 2.0], "x"])
+def test_a_profile_refuses_a_head_it_cannot_use(head, tmp_path: Path):
+    with pytest.raises(DataError, match="site bad: its head needs a list of weights and a bias, finite and at most"):
+        SiteProfile("bad", 0.6, 0.95, "r", "ab" * 32, head=head)
+    # From a profile file (hand-edited): the error names the file.
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "covidxray-site-1", "name": "bad", "threshold": 0.6,
+                                                   "target_specificity": 0.95, "rule": "r", "weights_sha256": "ab" * 32,
+                                                   "head": head}))
+    with pytest.raises(DataError, match=r"bad\.json: not a usable site profile"):
+        SiteRegistry(tmp_path).load("bad")
+
+
 def test_a_site_head_needs_the_features_and_a_profile_checks_its_head():
-    with pytest.raises(DataError, match="site bad: its head needs a list of finite weights"):
-        SiteProfile("bad", 0.6, 0.95, "r", "ab" * 32, head={"weight": [1.0, float("nan")], "bias": 0.0})
     profile = SiteProfile("ok", 0.6, 0.95, "r", "ab" * 32, head={"weight": [1.0, -1.0], "bias": 0.5})
     assert profile.probability(np.array([1.0, 1.0])) == pytest.approx(1 / (1 + np.exp(-0.5)))
     with pytest.raises(CheckpointError, match="its head takes 2 features, the model gives 3"):
@@ -189,3 +201,27 @@ def test_the_listener_decides_a_matched_sites_film_with_its_head(onboarded, jsrt
     # The same pixels: the site's head gives its own P(COVID-19), the model's head another.
     assert abs(mine.probability - theirs.probability) > 1e-3
     assert mine.label == ("covid" if mine.probability >= head.threshold else "normal")
+
+
+def test_a_head_for_other_features_is_refused_before_any_film_meets_it(onboarded, jsrt_normals, tmp_path: Path):
+    """A hand-edited profile whose head takes 3 features: the API answers 500 for that site and keeps serving the
+    others (its head never reaches the int8 graph's re-check); the listener does not start, naming the site."""
+    _, head, _ = onboarded
+    registry = SiteRegistry(tmp_path / "sites")
+    registry.save(head)
+    registry.save(replace(head, name="edited", head={**head.head, "weight": [0.1, 0.2, 0.3]}, institutions=("Edited",)))
+    data = jsrt_normals[1][2].read_bytes()
+    with TestClient(create_app(sites=registry.folder)) as client:
+        edited = client.post("/v1/predict?site=edited", files={"file": ("a.jpg", data)})
+        ours = client.post("/v1/predict?site=jsrt-head", files={"file": ("a.jpg", data)})
+        plain = client.post("/v1/predict", files={"file": ("a.jpg", data)})
+    assert edited.status_code == 500 and edited.json()["error"]["code"] == "broken_site_profile"
+    assert (ours.status_code, ours.json()["site"], plain.status_code) == (200, "jsrt-head", 200)
+    predictor = Predictor()
+    assert predictor.feature_count == len(head.head["weight"])
+    listener = Listener(ListenerConfig(db=str(tmp_path / "r.db"), port=0, sites=str(registry.folder)), predictor=predictor)
+    try:
+        with pytest.raises(DataError, match="site edited: its head takes 3 features, the model .* gives 1280"):
+            listener.start()
+    finally:
+        listener.store.close()

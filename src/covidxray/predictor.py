@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import deque
@@ -31,7 +32,7 @@ from .answer import NOT_ANSWERED, Prediction
 from .backends import CascadeRunner, OnnxRunner, Runner, TorchRunner, onnx_file, thread_plan
 from .checkpoint import contract_path, default_model_path, load_model, load_preprocess, read_onnx_contract, resolve_model_path
 from .distributed import default_device
-from .errors import CheckpointError, ImageError
+from .errors import CheckpointError, DataError, ImageError
 from .familiarity import Familiarity, warning
 from .gate import InputGate, Verdict
 from .imaging import ImageInfo, read_image
@@ -296,7 +297,7 @@ class Predictor:
     def refuse(self, name: str, verdict: Verdict, site: SiteProfile | None = None) -> Prediction:
         """The third outcome: no answer, with the gate's reason."""
         return Prediction(name, NOT_ANSWERED, None, self.threshold_at(site), reason=verdict.reason, message=verdict.message,
-                          **site_fields(site))
+                          **site_fields(site, answered=False))
 
     def at_site(self, prediction: Prediction, site: SiteProfile | None) -> Prediction:
         """``prediction`` (as the model decided it) as ``site`` decides it: its threshold and head, or (None) the model's
@@ -309,7 +310,7 @@ class Predictor:
             site.check_weights(self.meta.get("weights_sha256"))
         if prediction.answered:
             return self.decide(prediction.path, prediction.probability, prediction.unfamiliarity, site, prediction.features)
-        return replace(prediction, threshold=self.threshold_at(site), **site_fields(site))
+        return replace(prediction, threshold=self.threshold_at(site), **site_fields(site, answered=False))
 
     def watch(self, thresholds: Iterable[float]) -> None:
         """Decide films near these thresholds too (onboarded sites') as the float graph would: an int8 graph's
@@ -319,10 +320,21 @@ class Predictor:
             self.runner.watch(thresholds)
 
     def watch_sites(self, sites: Iterable[SiteProfile]) -> None:
-        """`watch` the sites' thresholds, and the films near a threshold under a site's own head."""
+        """`watch` the sites' thresholds, and the films near a threshold under a site's own head; `DataError` for a site
+        whose head does not take this model's features (before any film meets it)."""
+        sites = list(sites)
+        for s in sites:
+            if s.head is not None and self.feature_count is not None and len(s.head_arrays()[0]) != self.feature_count:
+                raise DataError(f"site {s.name}: its head takes {len(s.head_arrays()[0])} features, the model "
+                                f"{self.name} gives {self.feature_count}; onboard the site again")
         if isinstance(self.runner, CascadeRunner):
-            sites = list(sites)
             self.runner.watch([s.threshold for s in sites], [(*s.head_arrays(), s.threshold) for s in sites if s.head])
+
+    @functools.cached_property
+    def feature_count(self) -> int | None:
+        """How many features the classifier gives per film (None: a graph without them), from one blank film."""
+        feats = self._logits_and_features(torch.zeros((1, self.preprocess.size, self.preprocess.size), dtype=torch.uint8), 1)[1]
+        return None if feats is None else int(feats.shape[1])
 
     def threshold_at(self, site: SiteProfile | None) -> float:
         """The threshold that decides a film of ``site``: the site's own, or (None) the model's."""

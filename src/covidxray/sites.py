@@ -42,6 +42,7 @@ __all__ = ["FORMAT", "MIN_NORMALS", "NOT_ONBOARDED", "SiteMatcher", "SiteProfile
 
 FORMAT = "covidxray-site-1"  # the ``format`` field of a profile file
 MIN_NORMALS = 20  # answered normal films below which no threshold is set: one film would move it by 5 %
+HEAD_BOUND = 1e6  # largest weight or bias a site's head may hold (a fitted head's are under 10)
 NOT_ONBOARDED = "site not onboarded: the model's default threshold applies (covidxray site add NAME --normals DIR)"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -117,9 +118,16 @@ class SiteProfile:
         if self.head is not None:
             import numpy as np
 
-            w = np.asarray(self.head.get("weight", ()), np.float64)
-            if w.ndim != 1 or not len(w) or not np.isfinite(w).all() or not math.isfinite(float(self.head.get("bias", "nan"))):
-                raise DataError(f"site {self.name}: its head needs a list of finite weights and a finite bias")
+            problem = f"site {self.name}: its head needs a list of weights and a bias, finite and at most {HEAD_BOUND:g} in size"
+            if not isinstance(self.head, dict):
+                raise DataError(problem)
+            try:
+                w, b = np.asarray(self.head.get("weight", ()), np.float64), float(self.head.get("bias", "nan"))
+            except (TypeError, ValueError):
+                raise DataError(problem) from None
+            # Bounded, so that a film's logit stays finite (a NaN probability would read as "normal").
+            if w.ndim != 1 or not len(w) or not (np.abs(w) <= HEAD_BOUND).all() or not abs(b) <= HEAD_BOUND:
+                raise DataError(problem)
 
     def probability(self, features: np.ndarray) -> np.ndarray | float:
         """P(COVID-19) under the site's own head, for one film's features ``(D,)`` or many ``(N, D)``."""
@@ -165,12 +173,12 @@ class SiteProfile:
         return self
 
 
-def site_fields(site: SiteProfile | None) -> dict[str, Any]:
+def site_fields(site: SiteProfile | None, answered: bool = True) -> dict[str, Any]:
     """The site fields of an answer (`covidxray.predictor.Prediction`): which profile decided, or "not onboarded";
-    a site with a head of its own says so in the note (its P(COVID-19) is that head's, not the model's)."""
+    a site with a head of its own says so in the note of an answered film (its P(COVID-19) is that head's)."""
     if site is None:
         return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED}
-    return {"site": site.name, "site_onboarded": True, "note": None if site.head is None else
+    return {"site": site.name, "site_onboarded": True, "note": None if site.head is None or not answered else
             f"decided by site {site.name}'s own head, refitted on {site.head.get('site_films', '?')} of its normal films"}
 
 

@@ -181,6 +181,7 @@ class Service:
                                                 f"`covidxray site add {name} --normals DIR`")
         try:
             profile = self.sites.get(name, self.loaded().meta.get("weights_sha256"))
+            self.loaded().watch_sites([profile])  # before its film is classified: an int8 graph re-checks near it
         except CheckpointError:
             raise ApiError(409, "site_for_other_model", f"site {name!r} was onboarded for another model's weights; "
                                                         "onboard it again for this one") from None
@@ -188,7 +189,6 @@ class Service:
             log.error("site %r: %s", name, e)
             raise ApiError(500, "broken_site_profile", f"the profile of site {name!r} cannot be used; the server's "
                                                        "log says why") from None
-        self.loaded().watch_sites([profile])  # before its film is classified: an int8 graph re-checks near it
         return profile
 
     async def classify(self, upload: Upload, explain: bool = False, preview: bool = False,
