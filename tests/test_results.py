@@ -150,16 +150,18 @@ def _version_1_database(url: str) -> None:
         db.execute(insert.format(", ".join(["%s"] * len(values))), values)
 
 
-def test_a_version_1_database_gains_the_site_column_and_keeps_its_rows(url: str):
-    """Migration step 2 adds ``site``: old rows read as not onboarded (NULL), new rows carry their site."""
+def test_a_version_1_database_gains_the_site_columns_and_keeps_its_rows(url: str):
+    """Migration steps 2 and 3 add ``site`` and ``site_decision``: old rows read as not onboarded (NULL), new rows
+    carry their site and how it decided."""
     _version_1_database(url)
     store = open_results(url)
     old = store.get("1.2.3.1")
-    assert (old.label, old.probability, old.site) == ("normal", 0.1, None)
-    store.record([_row(2, "covid", site="st-elsewhere")])
-    assert store.get("1.2.3.2").site == "st-elsewhere"
+    assert (old.label, old.probability, old.site, old.site_decision) == ("normal", 0.1, None, None)
+    store.record([_row(2, "covid", site="st-elsewhere", site_decision="head"), _row(3, site="north", site_decision="threshold")])
+    assert [(r.site, r.site_decision) for r in map(store.get, ("1.2.3.2", "1.2.3.3"))] == [
+        ("st-elsewhere", "head"), ("north", "threshold")]
     store.close()
-    assert SCHEMA_VERSION == len(MIGRATIONS) >= 2
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 3
 
 
 def test_two_processes_opening_a_version_1_sqlite_file_at_once_both_migrate_it(tmp_path: Path, monkeypatch):

@@ -11,6 +11,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +390,7 @@ def test_results_and_heatmaps_from_the_listener_database(reference: Predictor, t
     rows = [ResultRow(f"1.2.3.{i}", "1.2.4", "1.2.5", "CR", f"2024-03-01T10:0{i}:00.000+00:00",
                       f"2024-03-01T10:0{i}:01.000+00:00", label, probability=p, threshold=0.2, model="m")
             for i, (label, p) in enumerate([("covid", 0.9), ("normal", 0.05), ("not_answered", None)])]
+    rows[0] = replace(rows[0], site="north", site_decision="head")
     store = open_results(db)
     store.record(rows, {"1.2.3.0": b"\x89PNG\r\n\x1a\nheat map"})
     with _client(reference, results_db=db, api_key="k") as c:
@@ -397,6 +399,7 @@ def test_results_and_heatmaps_from_the_listener_database(reference: Predictor, t
         body = c.get("/v1/results", headers=key).json()
         assert [(r["sop_instance_uid"], r["label"], r["heatmap"]) for r in body["results"]] == [
             ("1.2.3.2", "not_answered", False), ("1.2.3.1", "normal", False), ("1.2.3.0", "covid", True)]
+        assert [(r["site"], r["site_decision"]) for r in body["results"]] == [(None, None), (None, None), ("north", "head")]
         assert "not a diagnosis" in body["disclaimer"]
         newest = c.get("/v1/results?since=2024-03-01T10:01Z&limit=1", headers=key).json()["results"]
         assert [r["sop_instance_uid"] for r in newest] == ["1.2.3.2"]

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 import dicoms
 from covidxray.dicomnode import Listener, ListenerConfig
-from covidxray.dicomnode.sr import Destination, send_datasets
+from covidxray.dicomnode.sr import Destination, build_report, send_datasets
 from covidxray.backends import CascadeRunner
 from covidxray.cli import main
 from covidxray.errors import CheckpointError, DataError
@@ -198,6 +198,10 @@ def test_the_listener_decides_a_matched_sites_film_with_its_head(onboarded, jsrt
         listener.stop()
     mine, theirs = rows[ours.SOPInstanceUID], rows[other.SOPInstanceUID]
     assert (mine.site, mine.threshold, theirs.site, theirs.threshold) == ("jsrt-head", head.threshold, None, predictor.threshold)
+    # The database and the structured report say the site's own head gave the probability.
+    assert (mine.site_decision, theirs.site_decision) == ("head", None)
+    text = next(i.TextValue for i in build_report(ours, mine).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "site")
+    assert text == f"jsrt-head: P(COVID-19) from the site's own head (refitted on its normal films), decided at the site's own threshold {head.threshold:.4f}"
     # The same pixels: the site's head gives its own P(COVID-19), the model's head another.
     assert abs(mine.probability - theirs.probability) > 1e-3
     assert mine.label == ("covid" if mine.probability >= head.threshold else "normal")

@@ -185,7 +185,7 @@ def test_listener_picks_the_site_by_institution_or_calling_ae(onboarded, jsrt_no
     for ds, site, threshold in ((by_name, "jsrt-site", profile.threshold), (by_ae, "jsrt-site", profile.threshold),
                                 (nowhere, None, predictor.threshold)):
         row = rows[ds.SOPInstanceUID]
-        assert (row.site, row.threshold) == (site, threshold)
+        assert (row.site, row.threshold, row.site_decision) == (site, threshold, "threshold" if site else None)
         text = next(i.TextValue for i in build_report(ds, row).ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "site")
         assert text.startswith("jsrt-site: decided at the site's own threshold" if site else "site not onboarded")
 

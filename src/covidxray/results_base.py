@@ -48,6 +48,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE results ADD COLUMN site TEXT
     """,
+    # 3: how the site decided: 'head' (its own head gave P(COVID-19), site add --refit-head) or 'threshold'; NULL: no site.
+    """
+    ALTER TABLE results ADD COLUMN site_decision TEXT
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _TYPES = {"sqlite": {"real": "REAL", "blob": "BLOB"}, "postgresql": {"real": "DOUBLE PRECISION", "blob": "BYTEA"}}
@@ -97,6 +101,7 @@ class ResultRow:
     unfamiliarity: float | None = None  # 0: typical of the training films ... 1: unlike any; None if not given
     report_status: str | None = None  # the structured report sent back: "sent", "failed: ...", None (not asked)
     site: str | None = None  # the onboarded site whose threshold decided; None: site not onboarded (the model's threshold)
+    site_decision: str | None = None  # "head": the site's own head gave P(COVID-19); "threshold": only its threshold
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,7 +7,7 @@ or viewer files and shows it next to that film. Its content tree:
       CODE     covidxray answer = COVID-19 positive / negative (model output), not answered, or not readable
       NUM      P(COVID-19)                    (when answered)
       NUM      Decision threshold             (positive at or above; the site's when onboarded)
-      TEXT     Site = the onboarded site whose threshold decided, or "site not onboarded: ..."
+      TEXT     Site = the onboarded site whose threshold (and own head, if it has one) decided, or "site not onboarded: ..."
       NUM      Unfamiliarity                  (when the model gives one)
       TEXT     Reason                         (when not answered or not readable)
       TEXT     Algorithm Name (DCM 111001) = model architecture@input size
@@ -110,8 +110,9 @@ def build_report(header: Dataset, row: ResultRow) -> Dataset:
     numbers = ((PROBABILITY, row.probability), (THRESHOLD, row.threshold), (UNFAMILIARITY, row.unfamiliarity))
     items += [hd.sr.NumContentItem(name, float(value), NO_UNITS, relationship_type="CONTAINS")
               for name, value in numbers if value is not None]
-    site = (f"{row.site}: decided at the site's own threshold {row.threshold:.4f}" if row.site and row.threshold is not None
-            else row.site or NOT_ONBOARDED)
+    how = ("P(COVID-19) from the site's own head (refitted on its normal films), decided at the site's own threshold"
+           if row.site_decision == "head" else "decided at the site's own threshold")
+    site = f"{row.site}: {how} {row.threshold:.4f}" if row.site and row.threshold is not None else row.site or NOT_ONBOARDED
     items.append(hd.sr.TextContentItem(SITE, site[:1024], relationship_type="CONTAINS"))
     if row.reason:
         text = f"{row.reason}: {row.message}" if row.message else row.reason

@@ -147,14 +147,19 @@ def classify_batch(
         png, site = None, site_of(header, sites)
         if isinstance(outcome, ImageError):
             row = ResultRow(**base, label="error", reason=error_reason(outcome), message=outcome.reason,
-                            threshold=predictor.threshold_at(site),
-                            site=site.name if site is not None else None)
+                            threshold=predictor.threshold_at(site), site=site.name if site is not None else None,
+                            site_decision=_decision(site, False))
         else:
-            row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)))
+            row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)), site_decision=_decision(site, outcome.answered))
             if explainer is not None and outcome.answered:
                 png = _heatmap(explainer, path)
         done.append(Classified(path, row, header, png))
     return done
+
+
+def _decision(site: SiteProfile | None, answered: bool) -> str | None:
+    """How ``site`` decided a film: "head" (its own head gave P(COVID-19)), "threshold", or None (no site)."""
+    return None if site is None else "head" if site.head is not None and answered else "threshold"
 
 
 def _answer(p: Prediction) -> dict:

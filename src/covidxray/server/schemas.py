@@ -87,6 +87,8 @@ class ResultOut(BaseModel):
     unfamiliarity: float | None = None
     report_status: str | None = Field(None, description="the structured report sent back: sent, failed: ..., or null")
     site: str | None = Field(None, description="the onboarded site whose threshold decided; null: site not onboarded")
+    site_decision: str | None = Field(None, description="'head': the site's own head gave P(COVID-19); 'threshold': "
+                                                        "the model's P(COVID-19) at the site's threshold; null: no site")
     heatmap: bool = Field(description="a Grad-CAM overlay is at /v1/results/heatmap?sop_instance_uid=...")
 
 
