@@ -324,9 +324,9 @@ class Predictor:
         whose head does not take this model's features (before any film meets it)."""
         sites = list(sites)
         for s in sites:
-            if s.head is not None and self.feature_count is not None and len(s.head_arrays()[0]) != self.feature_count:
-                raise DataError(f"site {s.name}: its head takes {len(s.head_arrays()[0])} features, the model "
-                                f"{self.name} gives {self.feature_count}; onboard the site again")
+            if s.head is not None and (count := self.feature_count) is not None and len(s.head["weight"]) != count:
+                raise DataError(f"site {s.name}: its head takes {len(s.head['weight'])} features, the model {self.name} "
+                                f"gives {count}; onboard the site again")
         if isinstance(self.runner, CascadeRunner):
             self.runner.watch([s.threshold for s in sites], [(*s.head_arrays(), s.threshold) for s in sites if s.head])
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # NumPy only where a site's head is used: `covidxray --help` 
     import numpy as np
 
 __all__ = ["FORMAT", "MIN_NORMALS", "NOT_ONBOARDED", "SiteMatcher", "SiteProfile", "SiteRegistry", "check_target", "default_sites_folder",
-           "normalise", "site_fields", "site_threshold"]
+           "normalise", "site_decision", "site_fields", "site_threshold"]
 
 FORMAT = "covidxray-site-1"  # the ``format`` field of a profile file
 MIN_NORMALS = 20  # answered normal films below which no threshold is set: one film would move it by 5 %
@@ -173,12 +173,18 @@ class SiteProfile:
         return self
 
 
+def site_decision(site: SiteProfile | None, answered: bool = True) -> str | None:
+    """How ``site`` decides a film: "head" (its own head gives an answered film's P(COVID-19)), "threshold" (the
+    model's P(COVID-19) at the site's threshold), or None (no site: the model's threshold)."""
+    return None if site is None else "head" if site.head is not None and answered else "threshold"
+
+
 def site_fields(site: SiteProfile | None, answered: bool = True) -> dict[str, Any]:
     """The site fields of an answer (`covidxray.predictor.Prediction`): which profile decided, or "not onboarded";
     a site with a head of its own says so in the note of an answered film (its P(COVID-19) is that head's)."""
     if site is None:
         return {"site": None, "site_onboarded": False, "note": NOT_ONBOARDED}
-    return {"site": site.name, "site_onboarded": True, "note": None if site.head is None or not answered else
+    return {"site": site.name, "site_onboarded": True, "note": None if site_decision(site, answered) != "head" else
             f"decided by site {site.name}'s own head, refitted on {site.head.get('site_films', '?')} of its normal films"}
 
 

@@ -23,7 +23,7 @@ from ..explain import explain, overlay_png
 from ..imaging import load_image
 from ..predictor import Prediction, Predictor
 from ..results import ResultRow, utc_now
-from ..sites import SiteMatcher, SiteProfile
+from ..sites import SiteMatcher, SiteProfile, site_decision
 
 __all__ = ["Classified", "InFlight", "classify_batch", "take", "error_reason", "read_header", "site_of", "HEATMAP_SIDE"]
 
@@ -148,18 +148,13 @@ def classify_batch(
         if isinstance(outcome, ImageError):
             row = ResultRow(**base, label="error", reason=error_reason(outcome), message=outcome.reason,
                             threshold=predictor.threshold_at(site), site=site.name if site is not None else None,
-                            site_decision=_decision(site, False))
+                            site_decision=site_decision(site, answered=False))
         else:
-            row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)), site_decision=_decision(site, outcome.answered))
+            row = ResultRow(**base, **_answer(predictor.at_site(outcome, site)), site_decision=site_decision(site, outcome.answered))
             if explainer is not None and outcome.answered:
                 png = _heatmap(explainer, path)
         done.append(Classified(path, row, header, png))
     return done
-
-
-def _decision(site: SiteProfile | None, answered: bool) -> str | None:
-    """How ``site`` decided a film: "head" (its own head gave P(COVID-19)), "threshold", or None (no site)."""
-    return None if site is None else "head" if site.head is not None and answered else "threshold"
 
 
 def _answer(p: Prediction) -> dict:
