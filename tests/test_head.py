@@ -105,8 +105,11 @@ def test_refit_head_command_rewrites_the_head_and_its_calibration(trained_run: P
     kept = HeadFeatures.load(run, meta)
     assert (len(kept.train), len(kept.val)) == (200, len(val)) and refit["features_file"] in {p.name for p in model_files(run)}
     assert (kept.val_y == [s.label for s in val]).all()
-    margin = np.log(probs / (1 - probs))[kept.val_y == 1]  # the validation sensitivity a site's head keeps
-    assert refit["val_sensitivity"] == pytest.approx((margin >= np.log(meta["threshold"] / (1 - meta["threshold"])) - 1e-9).mean())
+    # The validation sensitivity a site's head keeps: the share at or above the threshold. The threshold is one film's
+    # probability, which the network run again gives only to about 1e-6, so that film may fall on either side here.
+    margin, cut = np.log(probs / (1 - probs))[kept.val_y == 1], np.log(meta["threshold"] / (1 - meta["threshold"]))
+    assert (margin >= cut + 1e-4).mean() <= refit["val_sensitivity"] <= (margin >= cut - 1e-4).mean()
+    assert (margin >= cut - 1e-4).mean() - (margin >= cut + 1e-4).mean() <= 1 / len(margin)  # one film at most
     model_part = next(payload for kind, payload in build_card(run) if kind == "ul" and "Architecture" in payload[0])
     assert "last layer was refitted (`covidxray refit-head`)" in model_part[0] and f"C = {refit['c']:g}" in model_part[0]
     assert "refitted" not in next(p for k, p in build_card(trained_run) if k == "ul" and "Architecture" in p[0])[0]
