@@ -56,15 +56,17 @@ def onboard_site(
     kept = HeadFeatures.load(predictor.folder, predictor.meta) if refit_head else None  # before the scoring too
     results, counts = answered(predictor, normals)
     before, floor = predictor.threshold, None if allow_lower else predictor.threshold
-    threshold_for(probs_of(results), target_specificity, normals, floor)  # too few films: said before any fit
+    model_probs = probs_of(results)
+    threshold = threshold_for(model_probs, target_specificity, normals, floor)  # too few films: said before any fit
     site = _SiteHead(predictor, kept, results, target_specificity, floor) if kept is not None else None
     score = site.probs if site is not None else probs_of
-    probs = score(results)
-    threshold = threshold_for(probs, target_specificity, normals, floor)
+    probs = score(results) if site is not None else model_probs
+    if site is not None:  # the rule again, on the site head's probabilities
+        threshold = threshold_for(probs, target_specificity, normals, floor)
     rule = (f"lowest threshold calling >= {target_specificity:g} of {len(probs)} answered normal films of the site "
             f"normal{'' if allow_lower else f', not below the model threshold {before:.4f}'}" + (site.rule if site else ""))
     zeros = [0] * len(probs)
-    cost: dict[str, Any] = {"site_normals": {**counts, "specificity_before": rates(zeros, probs_of(results), before)["specificity"],
+    cost: dict[str, Any] = {"site_normals": {**counts, "specificity_before": rates(zeros, model_probs, before)["specificity"],
                                              "specificity_after": rates(zeros, probs, threshold)["specificity"]}}
     if site is not None and (held := site.held_out(normals)) is not None:
         cost["site_normals"]["specificity_held_out"] = rates([0] * len(held), held, 0.5)["specificity"]
