@@ -193,7 +193,7 @@ def _tiny_setup(images: torch.Tensor):
     """
     from torch.optim.swa_utils import AveragedModel
 
-    from covidxray import engine
+    from covidxray.optim import ema_update, make_optimizer
     from covidxray.models import build_model
     from covidxray.presets import Preprocess
 
@@ -201,8 +201,8 @@ def _tiny_setup(images: torch.Tensor):
     cfg = config_for("fast", size=images.shape[-1], batch_size=8, augment="none", optimizer="sgd", lr=0.05, seed=2)
     net = build_model("cxrnet", in_chans=1, num_classes=2).to(memory_format=torch.channels_last)
     frozen = [name for name, m in net.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.Dropout))]
-    optimizer, scheduler = engine._make_optimizer(net, cfg, -(-len(images) // cfg.batch_size))
-    ema = AveragedModel(net, multi_avg_fn=engine._ema_update(cfg.ema), use_buffers=True)
+    optimizer, scheduler = make_optimizer(net, cfg, -(-len(images) // cfg.batch_size))
+    ema = AveragedModel(net, multi_avg_fn=ema_update(cfg.ema), use_buffers=True)
     return cfg, net, frozen, optimizer, scheduler, ema, Preprocess(size=cfg.size)
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from . import distributed
 from .models import get_spec
 
-__all__ = ["OriginAdversary", "build_adversary", "reverse_gradient", "reversal_strength"]
+__all__ = ["OriginAdversary", "build_adversary", "pooled_features", "reverse_gradient", "reversal_strength"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,21 @@ class _Reverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return -ctx.strength * grad, None
+
+
+@contextmanager
+def pooled_features(model: nn.Module, head_name: str, who: str) -> Iterator[list[torch.Tensor]]:
+    """A list that collects the pooled features (the input of ``head_name``) of the forward passes inside the block."""
+    features: list[torch.Tensor] = []
+    handle = distributed.unwrap(model).get_submodule(head_name).register_forward_pre_hook(
+        lambda module, args: features.append(args[0]))
+    try:
+        yield features
+    finally:
+        handle.remove()
+    if not features:
+        raise RuntimeError(f"{who} saw no features at {head_name!r} (a compiled model hides its hooks: train without "
+                           "--compile)")
 
 
 def reverse_gradient(x: torch.Tensor, strength: float) -> torch.Tensor:
@@ -101,16 +116,8 @@ class OriginAdversary(nn.Module):
     @contextmanager
     def watch(self, model: nn.Module) -> Iterator[None]:
         """Capture the pooled features (the classifier head's input) of the forward passes inside the block."""
-        head = distributed.unwrap(model).get_submodule(self.head_name)
-        self._features = []
-        handle = head.register_forward_pre_hook(lambda module, args: self._features.append(args[0]))
-        try:
+        with pooled_features(model, self.head_name, "the origin adversary") as self._features:
             yield
-        finally:
-            handle.remove()
-        if not self._features:
-            raise RuntimeError(f"the origin adversary saw no features at {self.head_name!r} (a compiled model hides "
-                               "its hooks: train without --compile)")
 
     def loss(self, labels: torch.Tensor, sources: torch.Tensor, progress: float) -> torch.Tensor:
         """``weight`` x the mean, over labels with two or more sources in the batch, of the heads' cross-entropy.

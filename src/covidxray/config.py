@@ -74,6 +74,10 @@ class TrainConfig:
     mixstyle: float = _f(0.0, "probability per batch and layer that the early stages' outputs swap part of their "
                               "per-channel statistics with another film of the batch (MixStyle, `covidxray.invariance`; "
                               "training only; 0: off)")
+    finding_task: float = _f(0.0, "weight of a second task, another finding versus normal, on the films of sources "
+                                  "that give both (labels normal and other): they leave the COVID-19 question and "
+                                  "train a head of their own on the same features (`covidxray.findings`; training "
+                                  "only; 0: off)")
     augment: str = _f("cxr", "training augmentation", choices=AUGMENT_NAMES)
     freeze: bool = _f(True, "freeze the architecture's declared early layers (fast on CPU)")
     ema: float = _f(0.997, "per-step decay of the weight average that is validated and saved (0: off)")

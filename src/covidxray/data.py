@@ -72,10 +72,11 @@ class Sample:
     patient_id: str = ""  # "" when the source gives none
     split: str = ""  # train / val / test, "" when unassigned
     phash: str = ""  # perceptual hash (hex) when the manifest provides it
+    other: bool = False  # labelled ``other`` (another finding): label 0, but not a normal film
 
     @property
     def label_name(self) -> str:
-        return CLASS_NAMES[self.label]
+        return "other" if self.other else CLASS_NAMES[self.label]
 
 
 def parse_label(text: str) -> int | None:
@@ -154,6 +155,7 @@ def read_manifest(csv_path: str | os.PathLike) -> list[Sample]:
             path=p if p.is_absolute() else base / p, label=label, key=row["path"],
             source=(row.get("source") or "").strip(), patient_id=(row.get("patient_id") or "").strip(),
             split=SPLIT_ALIASES.get(split, ""), phash=(row.get("phash") or "").strip(),
+            other=row["label"].strip().lower() == "other",
         ))
     return samples
 

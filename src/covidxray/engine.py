@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from . import CLASS_NAMES, __version__, distributed
-from .adversary import OriginAdversary, build_adversary
+from .adversary import OriginAdversary, build_adversary, pooled_features
 from .cache import readable_images
 from .calibration import calibrate_model, covid_probability
 from .checkpoint import default_model_path, load_model, load_state, read_state_header, save_model, save_state
@@ -38,9 +38,11 @@ from .config import TrainConfig
 from .data import Sample, data_fingerprint, load_samples, make_splits, write_splits
 from .errors import CheckpointError, DataError
 from .familiarity import FILE as FAMILIARITY_FILE, WARN_ABOVE, Familiarity
+from .findings import FindingTask, build_finding_task, finding_sources, finding_targets
 from .inference import autocast, logits_and_features, predict_probs
 from .invariance import mixed_styles, twin_loss
 from .models import build_model, get_spec
+from .optim import ema_update, make_optimizer
 from .presets import AUGMENTS, Preprocess
 from .report import save_predictions_csv, write_history
 from .segment import LungSegmenter
@@ -53,20 +55,6 @@ log = logging.getLogger(__name__)
 FAMILIARITY_SAMPLE = 3000  # training films whose features define "familiar" (a sample: the statistics settle well before)
 
 
-def _ema_update(decay: float):
-    """EMA step for `AveragedModel` whose decay warms up as (1 + n) / (10 + n): short runs average recent weights."""
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        d = min(decay, (1 + float(n)) / (10 + float(n)))
-        for a, c in zip(averaged, current):
-            if a.is_floating_point():
-                a.lerp_(c, 1 - d)
-            else:  # integer buffers (BatchNorm's batch counter) just follow the model
-                a.copy_(c)
-
-    return update
-
-
 def _set_train_mode(model: nn.Module, frozen: Sequence[str]) -> None:
     model.train()
     for name in frozen:  # frozen layers keep their pretrained BatchNorm statistics
@@ -77,13 +65,15 @@ def train_one_epoch(
     model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: torch.Tensor, labels: torch.Tensor,
     cfg: TrainConfig, pre: Preprocess, epoch: int, frozen: Sequence[str], device: torch.device, ema: nn.Module | None = None,
     dist: distributed.DistEnv = distributed.DistEnv(), sources: torch.Tensor | None = None,
-    adversary: OriginAdversary | None = None,
+    adversary: OriginAdversary | None = None, findings: FindingTask | None = None, targets: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over the training images (updating ``ema`` after each step); returns mean loss, accuracy, img/s, seconds.
 
     With ``cfg.balanced`` both classes are drawn equally often; with ``cfg.balance_sources`` also every source
     (``sources``: an index per image) equally often within its class. An ``adversary`` adds its loss on the batch's
-    sources (`covidxray.adversary`) and its epoch numbers to the result. ``images`` ``(N, views, S, S)``: one view
+    sources (`covidxray.adversary`) and its epoch numbers to the result; so does a ``findings`` task
+    (`covidxray.findings`) on the films whose ``targets`` are 0 or 1, which leave the COVID-19 loss, the training
+    accuracy and the class balance (they are drawn as a third class). ``images`` ``(N, views, S, S)``: one view
     of each film is drawn per step. Under DDP (``dist.enabled``) every rank draws the same epoch order and trains on
     its slice ``batch[rank::world_size]`` of each global batch of ``cfg.batch_size`` images, so the steps, the class
     balance and the learning-rate schedule are those of a single process; the returned numbers are summed over ranks.
@@ -92,7 +82,8 @@ def train_one_epoch(
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and other global-RNG users
     n = len(labels)
     if cfg.balanced:
-        order = torch.multinomial(_sampling_weights(labels, sources if cfg.balance_sources else None), n, replacement=True,
+        drawn = labels if targets is None else torch.where(targets >= 0, 2, labels)
+        order = torch.multinomial(_sampling_weights(drawn, sources if cfg.balance_sources else None), n, replacement=True,
                                   generator=g)
     else:
         order = torch.randperm(n, generator=g)
@@ -105,7 +96,7 @@ def train_one_epoch(
     augment = AUGMENTS.get(cfg.augment)
     _set_train_mode(model, frozen)
     steps = math.ceil(len(order) / cfg.batch_size)
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, correct, counted, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
     bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=not dist.is_main)
     for step in bar:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][dist.rank::dist.world_size]
@@ -115,30 +106,35 @@ def train_one_epoch(
             x = augment(x, g, labels[idx])
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
+        covid = torch.ones_like(y, dtype=torch.bool) if targets is None else (targets[idx] < 0).to(device)
         with autocast(device), adversary.watch(model) if adversary is not None else nullcontext(), \
+                pooled_features(model, get_spec(cfg.arch).head, "the finding task") if findings else nullcontext() as feats, \
                 mixed_styles(distributed.unwrap(model), get_spec(cfg.arch).style, cfg.mixstyle):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")
+        loss = (ce * covid).sum() / covid.sum().clamp(min=1)
         adv = adversary.loss(y, sources[idx].to(device), (epoch + step / steps) / cfg.epochs) if adversary is not None else 0
         twin = twin_loss(model, x, logits, pre, g, cfg.consistency) if cfg.consistency else 0  # `covidxray.invariance`
+        find = findings.loss(feats[-1], targets[idx].to(device)) if findings is not None else 0
         optimizer.zero_grad(set_to_none=True)
-        (loss + adv + twin).backward()  # train_loss stays the classification loss alone
+        (loss + adv + twin + find).backward()  # train_loss stays the classification loss alone
         optimizer.step()
         if ema is not None:
             ema.update_parameters(distributed.unwrap(model))
         if cfg.scheduler == "cosine":
             scheduler.step()
-        loss_sum += loss.item() * len(idx)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(idx)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        loss_sum += loss.item() * int(covid.sum())
+        correct += ((logits.argmax(1) == y) & covid).sum().item()
+        counted, seen = counted + int(covid.sum()), seen + len(idx)
+        bar.set_postfix(loss=f"{loss_sum / max(counted, 1):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
     if cfg.scheduler == "step":
         scheduler.step()
     secs = time.perf_counter() - t0
     if dist.enabled:
-        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "img_per_s": seen / secs, "train_seconds": secs,
-            **(adversary.epoch_stats() if adversary is not None else {})}
+        loss_sum, correct, counted, seen = distributed.all_reduce_sum([loss_sum, correct, counted, seen])
+    return {"train_loss": loss_sum / max(counted, 1), "train_acc": correct / max(counted, 1), "img_per_s": seen / secs,
+            "train_seconds": secs, **(adversary.epoch_stats() if adversary is not None else {}),
+            **(findings.epoch_stats() if findings is not None else {})}
 
 
 def _sampling_weights(labels: torch.Tensor, sources: torch.Tensor | None) -> torch.Tensor:
@@ -147,34 +143,6 @@ def _sampling_weights(labels: torch.Tensor, sources: torch.Tensor | None) -> tor
     per_cell = torch.bincount(cell).float()
     cells_of_class = torch.bincount(torch.unique(cell) // (int(sources.max()) + 1 if sources is not None else 1), minlength=2)
     return 1.0 / (per_cell[cell] * cells_of_class[labels].float())
-
-
-def _make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int,
-                    extra: nn.Module | None = None) -> tuple[torch.optim.Optimizer, Any]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    else:
-        raise DataError(f"unknown optimizer {cfg.optimizer!r} (adamw, adam or sgd)")
-    if extra is not None:  # a second parameter group (the origin adversary), on the same schedule
-        opt.add_param_group({"params": list(extra.parameters())})
-    if cfg.scheduler == "step":
-        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.scheduler != "cosine":
-        raise DataError(f"unknown scheduler {cfg.scheduler!r} (cosine or step)")
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _split(samples: list[Sample], name: str, limit: int | None, seed: int) -> list[Sample]:
@@ -245,6 +213,7 @@ class _Data:
     xva: torch.Tensor
     yva: torch.Tensor
     val_samples: list[Sample]
+    findings: torch.Tensor | None = None  # per training film, with --finding-task: `covidxray.findings.finding_targets`
 
     @property
     def source_index(self) -> torch.Tensor:
@@ -259,30 +228,38 @@ def _load_data(cfg: TrainConfig, run: Path, pre: Preprocess) -> _Data:
         samples = make_splits(samples, seed=cfg.seed)
         write_splits(run / "splits.csv", samples)
         log.info("the data has no split: made a patient-grouped one and wrote %s", run / "splits.csv")
+    task = finding_sources([s for s in samples if s.split == "train"]) if cfg.finding_task else set()
+    if cfg.finding_task and not task:
+        raise DataError(f"{cfg.data}: --finding-task needs training films of a source that gives both normal films and "
+                        "films labelled 'other' (another finding); there are none")
     parts = []
     for name in ("train", "val"):
         part = _split(samples, name, cfg.limit, cfg.seed)
+        part = part if name == "train" else [s for s in part if s.source not in task]  # the COVID-19 question's alone
         if not part or len({s.label for s in part}) < 2:
             raise DataError(f"{cfg.data}: the {name} split needs images of both classes (found {len(part)} images)")
         with distributed.main_first():  # rank 0 decodes and fills the cache; the other ranks then read it
             kept, images, _ = readable_images(part, pre, cfg.cache_dir, f"decoding {name}", *(
                 (cfg.box_views, cfg.box_shift) if name == "train" else ()))
         parts += [images, torch.tensor([s.label for s in kept]), kept]
-    return _Data(*parts)
+    return _Data(*parts, findings=finding_targets(parts[2], task) if task else None)
 
 
 def _build(cfg: TrainConfig, resume: bool, device: torch.device, data: _Data):
-    """Model (frozen layers marked), origin adversary or None, optimiser, scheduler, and the weight average saved."""
+    """Model (frozen layers marked), origin adversary and finding task (or None), optimiser, scheduler, and the weight
+    average saved."""
     model = build_model(cfg.arch, in_chans=1, num_classes=2, weights=None if resume else cfg.weights)
     frozen = get_spec(cfg.arch).freezable if cfg.freeze else ()
     for name in frozen:
         model.get_submodule(name).requires_grad_(False)
     model = model.to(device).to(memory_format=torch.channels_last)
     adversary = build_adversary(model, cfg.arch, data.ytr, data.source_index, cfg.origin_adversary, cfg.seed, device)
-    optimizer, scheduler = _make_optimizer(model, cfg, math.ceil(len(data.ytr) / cfg.batch_size), adversary)
+    findings = build_finding_task(model, cfg.arch, data.findings, cfg.finding_task, cfg.seed, device)
+    extra = nn.ModuleList([m for m in (adversary, findings) if m is not None]) or None  # training-only heads
+    optimizer, scheduler = make_optimizer(model, cfg, math.ceil(len(data.ytr) / cfg.batch_size), extra)
     # The weights' moving average is validated and shipped: on small, noisy data it is steadier from epoch to epoch.
-    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
-    return model, frozen, adversary, optimizer, scheduler, ema
+    ema = AveragedModel(model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
+    return model, frozen, adversary, findings, optimizer, scheduler, ema
 
 
 def _validate(scored: nn.Module, data: _Data, pre: Preprocess, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -345,10 +322,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if dist.enabled:
         log.info("DDP on %d processes (%s): %d images per process per step; rank 0 validates and writes",
                  dist.world_size, device.type, cfg.batch_size // dist.world_size)
-    model, frozen, adversary, optimizer, scheduler, ema = _build(cfg, resume, device, data)
+    model, frozen, adversary, findings, optimizer, scheduler, ema = _build(cfg, resume, device, data)
     scored = ema.module if ema is not None else model
-    # the adversary is training state only: resumed with the rest, never part of the saved classifier
-    modules = {k: m for k, m in {"model": model, "ema": ema, "adversary": adversary}.items() if m is not None}
+    # the adversary and the finding task are training state only: resumed with the rest, never in the saved classifier
+    modules = {k: m for k, m in {"model": model, "ema": ema, "adversary": adversary, "findings": findings}.items()
+               if m is not None}
     fingerprint = data_fingerprint(cfg.data, cfg.splits)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, start = -1.0, -1, 0
@@ -366,7 +344,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             log.info("early stop: no better validation AUC for %d epochs", cfg.patience)
             break
         stats = train_one_epoch(trained, optimizer, scheduler, data.xtr, data.ytr, cfg, pre, epoch, frozen, device, ema,
-                                dist=dist, sources=data.source_index, adversary=adversary)
+                                dist=dist, sources=data.source_index, adversary=adversary, findings=findings,
+                                targets=data.findings)
         # rank 0 validates; its numbers decide best epoch and early stop on every rank
         row = {"epoch": epoch + 1, **stats, **_validate(scored, data, pre, cfg, device),
                "lr": optimizer.param_groups[0]["lr"]} if dist.is_main else None
