@@ -37,7 +37,7 @@ def test_only_films_of_sources_with_both_normals_and_another_finding_get_a_targe
 def test_a_manifest_keeps_other_apart_from_normal(tmp_path: Path):
     (tmp_path / "m.csv").write_text("path,label,source\na.jpg,normal,jsrt\nb.jpg,other,jsrt\nc.jpg,covid,x\n")
     films = read_manifest(tmp_path / "m.csv")
-    assert [(s.label, s.other, s.label_name) for s in films] == [(0, False, "normal"), (0, True, "other"), (1, False, "covid")]
+    assert [(s.label, s.other, s.label_name) for s in films] == [(0, False, "normal"), (0, True, "normal"), (1, False, "covid")]
 
 
 def test_the_loss_counts_only_the_task_films_and_reaches_the_features():
