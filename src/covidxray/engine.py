@@ -107,12 +107,13 @@ def train_one_epoch(
         x = ((x - pre.mean) / pre.std).to(device).contiguous(memory_format=torch.channels_last)
         y = labels[idx].to(device)
         covid = torch.ones_like(y, dtype=torch.bool) if targets is None else (targets[idx] < 0).to(device)
+        kept = int(covid.sum())  # the films of the COVID-19 question
         with autocast(device), adversary.watch(model) if adversary is not None else nullcontext(), \
                 pooled_features(model, get_spec(cfg.arch).head, "the finding task") if findings else nullcontext() as feats, \
                 mixed_styles(distributed.unwrap(model), get_spec(cfg.arch).style, cfg.mixstyle):
             logits = model(x)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="none")
-        loss = (ce * covid).sum() / covid.sum().clamp(min=1)
+        loss = (ce * covid).sum() / max(kept, 1)
         adv = adversary.loss(y, sources[idx].to(device), (epoch + step / steps) / cfg.epochs) if adversary is not None else 0
         twin = twin_loss(model, x, logits, pre, g, cfg.consistency) if cfg.consistency else 0  # `covidxray.invariance`
         find = findings.loss(feats[-1], targets[idx].to(device)) if findings is not None else 0
@@ -123,9 +124,9 @@ def train_one_epoch(
             ema.update_parameters(distributed.unwrap(model))
         if cfg.scheduler == "cosine":
             scheduler.step()
-        loss_sum += loss.item() * int(covid.sum())
+        loss_sum += loss.item() * kept
         correct += ((logits.argmax(1) == y) & covid).sum().item()
-        counted, seen = counted + int(covid.sum()), seen + len(idx)
+        counted, seen = counted + kept, seen + len(idx)
         bar.set_postfix(loss=f"{loss_sum / max(counted, 1):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
     if cfg.scheduler == "step":
         scheduler.step()
