@@ -111,7 +111,7 @@ class OriginAdversary(nn.Module):
         self._counts = torch.zeros_like(self.target, dtype=torch.float64)  # counted films per (label, source)
         if distributed.get_env().enabled:
             for p in self.heads.parameters():  # the heads sit outside DDP: average their gradients here
-                p.register_hook(_all_reduce_mean)
+                p.register_hook(distributed.average_gradient)
 
     @contextmanager
     def watch(self, model: nn.Module) -> Iterator[None]:
@@ -179,9 +179,3 @@ def build_adversary(model: nn.Module, arch: str, labels: torch.Tensor, sources: 
     log.info("origin adversary (weight %g) on %s", weight, ", ".join(
         f"label {k}: {h.out_features} sources" for k, h in adversary.heads.items()))
     return adversary.to(device)
-
-
-def _all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    torch.distributed.all_reduce(grad)
-    return grad / distributed.get_env().world_size

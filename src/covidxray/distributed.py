@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
-    "DistEnv", "default_device", "seed_everything", "get_env", "setup", "teardown", "barrier", "main_first", "all_reduce_sum", "broadcast_object",
+    "DistEnv", "default_device", "seed_everything", "get_env", "setup", "teardown", "barrier", "main_first", "all_reduce_sum", "average_gradient", "broadcast_object",
     "wrap", "unwrap", "pad_order", "rank_seed",
 ]
 
@@ -149,6 +149,13 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def average_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient hook for parameters outside DDP (training-only heads): the mean of ``grad`` over all ranks."""
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / get_env().world_size
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

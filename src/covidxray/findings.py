@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .adversary import _all_reduce_mean
 from .data import Sample
 from .models import get_spec
 
@@ -65,7 +64,7 @@ class FindingTask(nn.Module):
         self._sums = torch.zeros(3, dtype=torch.float64)  # BCE sum, correct, counted films
         if distributed.get_env().enabled:
             for p in self.head.parameters():  # the head sits outside DDP: average its gradients here
-                p.register_hook(_all_reduce_mean)
+                p.register_hook(distributed.average_gradient)
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``weight`` x the mean binary cross-entropy over the films with a target (0 or 1); films of -1 weigh 0.

@@ -60,7 +60,7 @@ def onboard_site(
     threshold = threshold_for(model_probs, target_specificity, normals, floor)  # too few films: said before any fit
     site = _SiteHead(predictor, kept, results, target_specificity, floor) if kept is not None else None
     score = site.probs if site is not None else probs_of
-    probs = score(results) if site is not None else model_probs
+    probs = site.probs(results) if site is not None else model_probs
     if site is not None:  # the rule again, on the site head's probabilities
         threshold = threshold_for(probs, target_specificity, normals, floor)
     rule = (f"lowest threshold calling >= {target_specificity:g} of {len(probs)} answered normal films of the site "
