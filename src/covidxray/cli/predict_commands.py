@@ -320,16 +320,21 @@ def _serve_workers(args: argparse.Namespace, workers: int, options: dict) -> int
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    import uvicorn
+    from ..server.workers import listening_sockets, run_workers
 
+    try:  # a socket per worker: the kernel spreads connections over them (`covidxray.server.workers`)
+        socks = listening_sockets(args.host, args.port, workers)
+    except OSError as e:
+        raise CovidXrayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as check:
         described = check.submit(_describe_model, args.model, args.backend, args.threads).result()
     _serving(described, args, workers)
     with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:  # every worker's counts, for /metrics
         app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
         for_workers(json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}), metrics)
-        uvicorn.run("covidxray.server:app_from_environment", factory=True, workers=workers, host=args.host,
-                    port=args.port, access_log=False, log_level="info")
+        if not run_workers({"app": "covidxray.server:app_from_environment", "factory": True, "access_log": False,
+                            "log_level": "info"}, socks):
+            raise CovidXrayError("a server process could not start; its log above says why")
     return 0
 
 
