@@ -261,8 +261,8 @@ def main() -> None:
         if args.backend == "onnx" and not (model / "model.onnx").is_file():
             export_onnx(model, model / "model.onnx")
         runs = [one_run(args, model, files, bad, Path(tmp)) for _ in range(args.repeat)]
-    # Several runs, each on a fresh server: with --workers N the kernel splits the clients' keep-alive connections
-    # between the workers once, at the start, and an uneven split holds for the whole run.
+    # Several runs, each on a fresh server: with --workers N the kernel hashes the clients' keep-alive connections over
+    # the workers' sockets once, at the start, and an uneven split holds for the whole run.
     model_name, workers, result = sorted(runs, key=lambda r: r[2]["requests_per_s"])[len(runs) // 2]
     result = {**result, "server_processes": workers, "runs_requests_per_s": [round(r[2]["requests_per_s"], 1) for r in runs]}
     load_after = os.getloadavg()
