@@ -1,11 +1,11 @@
 """``serve --workers N``: N uvicorn processes, each accepting connections on a listening socket of its own.
 
 uvicorn's own workers share one listening socket, and the process that wakes first accepts every connection that is
-waiting. A client's 8 keep-alive connections, opened together, then all went to one of two workers, which served them
-alone for the whole run at about 1.5 of 2 cores: 130-157 requests/s against 190-204 when spread (`bench/load.py`,
-idle 2-core machine). Here each worker gets its own socket, bound to the same port with ``SO_REUSEPORT``, and the
-kernel spreads new connections over the sockets by their addresses. Where the platform has no ``SO_REUSEPORT`` the
-workers share one socket, as uvicorn's do.
+waiting. A client's 8 keep-alive connections, opened together, then often all went to one of two workers, which
+served them alone for the whole run: 164 requests/s on 1.5 of 2 cores, against 199 on 1.9 with a socket each
+(`bench/load.py` on an idle 2-core machine; README, *REST API*). Here each worker gets its own socket, bound to the same port with ``SO_REUSEPORT``, and the
+kernel spreads new connections over the sockets by their addresses. Elsewhere than on Linux (BSD's and macOS's
+``SO_REUSEPORT`` does not spread them), or without it, the workers share one socket, as uvicorn's do.
 
 A worker that dies is started again on its socket (the connections the kernel gave that socket meanwhile wait in its
 queue); a worker that fails before it serves (uvicorn's exit code for that) stops them all.
@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import sys
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
-    """``n`` sockets bound to ``host:port`` with ``SO_REUSEPORT``, one per worker; without it, one socket ``n`` times.
+    """``n`` sockets bound to ``host:port`` with ``SO_REUSEPORT``, one per worker (Linux); elsewhere one socket ``n`` times.
 
     The port is first bound alone, without ``SO_REUSEPORT``: a port in use (by another ``serve`` too, which the kernel
     would otherwise let share it) is an `OSError` here, as with one socket. Port 0: a free port."""
@@ -52,8 +53,8 @@ def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
         return sock
 
     alone = bound(port, reuse_port=False)
-    if n == 1:
-        return [alone]
+    if n == 1 or not sys.platform.startswith("linux"):  # BSD and macOS give every connection to one of the sockets
+        return [alone] * n
     port = alone.getsockname()[1]
     alone.close()
     socks = [bound(port, reuse_port=True) for _ in range(n)]
