@@ -124,13 +124,13 @@ class SocketClient:
             fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
             await reader.readexactly(int(fields["content-length"]))
             if fields.get("connection", "").lower() == "close":
-                await self.close()
+                self.close()
             return int(head[0].split()[1])
-        except Exception:
-            await self.close()
+        except BaseException:  # a timeout's cancellation too: an answer left unread would be taken for the next one's
+            self.close()
             raise
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.streams is not None:
             self.streams[1].close()
             self.streams = None
@@ -175,8 +175,7 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
                                              headers={"Content-Type": "application/octet-stream"}) if raw else
                                    http.post("/v1/predict", params=params, files={"file": (name, data)}))
                         status = r.status_code
-                except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, KeyError,
-                        ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a dropped connection, a timeout, an answer it cannot read
                     status = type(exc).__name__
                 if status == expected == 200:
                     counts["ok"] += 1
@@ -186,7 +185,7 @@ async def run_load(url: str, pid: int, files: list[tuple[str, bytes]], bad: list
                 else:
                     counts["unexpected_errors"] += 1
                     unexpected[f"{name}: {status}"] = unexpected.get(f"{name}: {status}", 0) + 1
-            await own.close()
+            own.close()
 
         async def sample_rss() -> None:
             while time.perf_counter() < end:

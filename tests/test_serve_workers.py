@@ -18,7 +18,7 @@ import pytest
 
 from processes import free_port, spawned_pids
 from covidxray.cli import main
-from covidxray.server.workers import listening_sockets
+from covidxray.server.workers import close, listening_sockets, run_workers
 
 
 def test_each_worker_gets_a_socket_of_its_own_on_one_port():
@@ -97,10 +97,14 @@ def test_keep_alive_connections_opened_together_reach_every_worker(manifest: Pat
                 response.read()
                 return response.status
 
+            workers = spawned_pids(proc.pid)
+            deadline = time.monotonic() + 60  # counted once every connection is accepted: before any request
+            held = {pid: connections_of(pid, port) for pid in workers}
+            while sum(held.values()) < 32 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                held = {pid: connections_of(pid, port) for pid in workers}
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(post, clients))
-            workers = spawned_pids(proc.pid)
-            held = {pid: connections_of(pid, port) for pid in workers}
         finally:
             for c in clients:
                 c.close()
@@ -117,7 +121,21 @@ def test_keep_alive_connections_opened_together_reach_every_worker(manifest: Pat
                                                        timeout=60).status_code, range(16)))
         assert codes == [200] * 16
         assert "exited with -9; starting another on its socket" in log.read_text()
+        workers += spawned_pids(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
     assert proc.returncode == 0 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_workers_that_cannot_load_the_app_stop_the_server(caplog):
+    """A worker whose app fails to load exits with uvicorn's start-up failure, and every worker stops: it would fail
+    again each time it was started (a bad results database, say), so it is not started again and again."""
+    socks = listening_sockets("127.0.0.1", 0, 2)
+    try:
+        started = time.monotonic()
+        assert run_workers({"app": "no_such_module_here:app", "log_level": "warning"}, socks) is False
+    finally:
+        close(socks)
+    assert time.monotonic() - started < 60
+    assert "could not start: stopping the others" in caplog.text

@@ -320,21 +320,24 @@ def _serve_workers(args: argparse.Namespace, workers: int, options: dict) -> int
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from ..server.workers import listening_sockets, run_workers
+    from ..server.workers import close, listening_sockets, run_workers
 
     try:  # a socket per worker: the kernel spreads connections over them (`covidxray.server.workers`)
         socks = listening_sockets(args.host, args.port, workers)
     except OSError as e:
         raise CovidXrayError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as check:
-        described = check.submit(_describe_model, args.model, args.backend, args.threads).result()
-    _serving(described, args, workers)
-    with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:  # every worker's counts, for /metrics
-        app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
-        for_workers(json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}), metrics)
-        if not run_workers({"app": "covidxray.server:app_from_environment", "factory": True, "access_log": False,
-                            "log_level": "info"}, socks):
-            raise CovidXrayError("a server process could not start; its log above says why")
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as check:
+            described = check.submit(_describe_model, args.model, args.backend, args.threads).result()
+        _serving(described, args, workers, port=socks[0].getsockname()[1])
+        with tempfile.TemporaryDirectory(prefix="covidxray-metrics-") as metrics:  # every worker's counts, for /metrics
+            app = {"model": args.model, "backend": args.backend, "threads": args.threads, **options}
+            for_workers(json.dumps({"app": app, "log_level": logging.getLogger().getEffectiveLevel()}), metrics)
+            if not run_workers({"app": "covidxray.server:app_from_environment", "factory": True, "access_log": False,
+                                "log_level": "info"}, socks):
+                raise CovidXrayError("a server process could not start; its log above says why")
+    finally:
+        close(socks)
     return 0
 
 
@@ -345,6 +348,6 @@ def _describe_model(model: str | None, backend: str, threads: int | None) -> str
     return f"{predictor.name} ({predictor.backend})"
 
 
-def _serving(model: str, args: argparse.Namespace, workers: int) -> None:
-    print(f"covidxray: serving {model} at http://{args.host}:{args.port}/ (API docs at /docs)"
+def _serving(model: str, args: argparse.Namespace, workers: int, port: int | None = None) -> None:
+    print(f"covidxray: serving {model} at http://{args.host}:{port or args.port}/ (API docs at /docs)"
           f"{f' from {workers} processes' if workers > 1 else ''}; Ctrl-C stops. {DISCLAIMER}", flush=True)

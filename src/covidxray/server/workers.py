@@ -8,24 +8,31 @@ kernel spreads new connections over the sockets by their addresses. Elsewhere th
 ``SO_REUSEPORT`` does not spread them), or without it, the workers share one socket, as uvicorn's do.
 
 A worker that dies is started again on its socket (the connections the kernel gave that socket meanwhile wait in its
-queue); a worker that fails before it serves (uvicorn's exit code for that) stops them all.
+queue); a worker that fails before it serves, or dies soon after its start three times running, stops them all. The
+sockets listen from the start, so connections made while the workers load their models wait rather than fail, and a
+second ``serve`` on the same port is refused at once.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
+import threading
+import time
 from multiprocessing.connection import wait
 from typing import Any
 
 from uvicorn.config import STARTUP_FAILURE
 
-__all__ = ["listening_sockets", "run_workers"]
+__all__ = ["close", "listening", "listening_sockets", "run_workers"]
 
 log = logging.getLogger(__name__)
+
+QUICK_DEATH_S, QUICK_DEATHS = 10.0, 3  # a worker that dies this soon after its start, this many times running, stops all
 
 
 def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
@@ -49,32 +56,69 @@ def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
         except OSError:
             sock.close()
             raise
-        sock.set_inheritable(True)
         return sock
 
     alone = bound(port, reuse_port=False)
-    if n == 1 or not sys.platform.startswith("linux"):  # BSD and macOS give every connection to one of the sockets
-        return [alone] * n
-    port = alone.getsockname()[1]
-    alone.close()
-    socks = [bound(port, reuse_port=True) for _ in range(n)]
-    if all(socks):
-        return socks
-    for sock in filter(None, socks):
-        sock.close()
-    log.warning("no SO_REUSEPORT here: the %d workers share one listening socket", n)
-    return [bound(port, reuse_port=False)] * n
+    if n > 1 and sys.platform.startswith("linux"):  # BSD's and macOS's SO_REUSEPORT give every connection to one socket
+        port = alone.getsockname()[1]
+        alone.close()
+        socks: list[socket.socket | None] = []
+        try:
+            for _ in range(n):
+                socks.append(bound(port, reuse_port=True))
+        except OSError:
+            close(socks)
+            raise
+        if all(socks):
+            return listening(socks)  # type: ignore[arg-type]
+        close(socks)
+        log.warning("no SO_REUSEPORT here: the %d workers share one listening socket", n)
+        alone = bound(port, reuse_port=False)
+    return listening([alone] * n)  # type: ignore[list-item]
+
+
+def listening(socks: list[socket.socket]) -> list[socket.socket]:
+    """``socks``, listening at once: connections made while the workers load their models wait in the queue, and
+    another ``serve``'s first bind to the port fails meanwhile (two bound sockets that do not listen may share it)."""
+    for sock in {id(s): s for s in socks}.values():
+        sock.listen(2048)
+    return socks
+
+
+def close(socks: list[socket.socket | None]) -> None:
+    for sock in socks:
+        if sock is not None:
+            sock.close()
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this worker once the process that started it is gone (killed: nothing else would stop the worker)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker(options: dict[str, Any], sock: socket.socket) -> None:
     """One worker process: a uvicorn server on ``sock`` (uvicorn handles SIGINT and SIGTERM: a graceful stop)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(**options)).run(sockets=[sock])
+    threading.Thread(target=_stop_with_parent, name="covidxray-parent-watch", daemon=True).start()
+    config = uvicorn.Config(**options)
+    try:  # the app (its factory opens the results database): what fails here would fail in every worker started again
+        config.load()
+    except (Exception, SystemExit):
+        logging.getLogger("uvicorn.error").exception("the app could not be loaded")
+        sys.exit(STARTUP_FAILURE)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again after its graceful stop
+        pass
 
 
 def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
-    """Run a uvicorn worker per socket until SIGINT or SIGTERM; False when one could not start (the others are stopped).
+    """Run a uvicorn worker per socket until SIGINT, SIGTERM or SIGHUP; False when one could not start (the others are
+    then stopped): it failed before serving, or died within `QUICK_DEATH_S` of its start `QUICK_DEATHS` times in a row.
 
     Args:
         options: `uvicorn.Config`'s arguments (the app as an import string: workers are spawned processes).
@@ -82,36 +126,56 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
     """
     context = multiprocessing.get_context("spawn")
     stopping: list[int] = []
-    previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig))
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    processes: list[multiprocessing.process.BaseProcess] = []
+    started_at: list[float] = []
+    quick = [0] * len(socks)  # deaths soon after a start, in a row, per socket
 
-    def start(i: int) -> multiprocessing.process.BaseProcess:
+    def start(i: int) -> None:
         process = context.Process(target=_worker, args=(options, socks[i]), name=f"covidxray-worker-{i}")
         process.start()
-        return process
+        if i < len(processes):
+            processes[i], started_at[i] = process, time.monotonic()
+        else:
+            processes.append(process)
+            started_at.append(time.monotonic())
 
-    processes, started = [start(i) for i in range(len(socks))], True
+    def failed(i: int) -> bool:
+        """Whether worker ``i``'s exit ends the server (else it is started again)."""
+        process = processes[i]
+        quick[i] = quick[i] + 1 if time.monotonic() - started_at[i] < QUICK_DEATH_S else 0
+        if process.exitcode == STARTUP_FAILURE or quick[i] >= QUICK_DEATHS:
+            log.error("worker process %d %s: stopping the others", process.pid, "could not start"
+                      if process.exitcode == STARTUP_FAILURE else f"exited with {process.exitcode} {quick[i]} times running")
+            return True
+        log.error("worker process %d exited with %s; starting another on its socket", process.pid, process.exitcode)
+        return False
+
+    ok = True
     try:
+        for i in range(len(socks)):
+            start(i)
         while not stopping:
             wait([p.sentinel for p in processes], timeout=0.5)
             for i, process in enumerate(processes):
                 if process.exitcode is None or stopping:
                     continue
-                if process.exitcode == STARTUP_FAILURE:
-                    log.error("worker process %d could not start: stopping the others", process.pid)
+                if failed(i):
                     stopping.append(0)
-                    started = False
-                    break
-                log.error("worker process %d exited with %s; starting another on its socket", process.pid, process.exitcode)
-                processes[i] = start(i)
+                    ok = False
+                else:
+                    start(i)
     finally:
         for process in processes:
             if process.exitcode is None:
                 process.terminate()
+        deadline = time.monotonic() + 30
         for process in processes:
-            process.join(30)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.exitcode is None:
                 process.kill()
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return started
+    return ok
