@@ -28,7 +28,7 @@ from typing import Any
 
 from uvicorn.config import STARTUP_FAILURE
 
-__all__ = ["close", "listening", "listening_sockets", "run_workers"]
+__all__ = ["close", "listening_sockets", "run_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,14 @@ def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
             close(socks)
             raise
         if all(socks):
-            return listening(socks)  # type: ignore[arg-type]
+            return _listening(socks)  # type: ignore[arg-type]
         close(socks)
         log.warning("no SO_REUSEPORT here: the %d workers share one listening socket", n)
         alone = bound(port, reuse_port=False)
-    return listening([alone] * n)  # type: ignore[list-item]
+    return _listening([alone] * n)  # type: ignore[list-item]
 
 
-def listening(socks: list[socket.socket]) -> list[socket.socket]:
+def _listening(socks: list[socket.socket]) -> list[socket.socket]:
     """``socks``, listening at once: connections made while the workers load their models wait in the queue, and
     another ``serve``'s first bind to the port fails meanwhile (two bound sockets that do not listen may share it)."""
     for sock in {id(s): s for s in socks}.values():
@@ -128,18 +128,14 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
     stopping: list[int] = []
     previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig))
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    processes: list[multiprocessing.process.BaseProcess] = []
-    started_at: list[float] = []
-    quick = [0] * len(socks)  # deaths soon after a start, in a row, per socket
+    processes: dict[int, multiprocessing.process.BaseProcess] = {}  # by socket
+    started_at: dict[int, float] = {}
+    quick = dict.fromkeys(range(len(socks)), 0)  # deaths soon after a start, in a row
 
     def start(i: int) -> None:
-        process = context.Process(target=_worker, args=(options, socks[i]), name=f"covidxray-worker-{i}")
-        process.start()
-        if i < len(processes):
-            processes[i], started_at[i] = process, time.monotonic()
-        else:
-            processes.append(process)
-            started_at.append(time.monotonic())
+        processes[i] = context.Process(target=_worker, args=(options, socks[i]), name=f"covidxray-worker-{i}")
+        processes[i].start()
+        started_at[i] = time.monotonic()
 
     def failed(i: int) -> bool:
         """Whether worker ``i``'s exit ends the server (else it is started again)."""
@@ -157,8 +153,8 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
         for i in range(len(socks)):
             start(i)
         while not stopping:
-            wait([p.sentinel for p in processes], timeout=0.5)
-            for i, process in enumerate(processes):
+            wait([p.sentinel for p in processes.values()], timeout=0.5)
+            for i, process in list(processes.items()):
                 if process.exitcode is None or stopping:
                     continue
                 if failed(i):
@@ -167,11 +163,11 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
                 else:
                     start(i)
     finally:
-        for process in processes:
+        for process in processes.values():
             if process.exitcode is None:
                 process.terminate()
         deadline = time.monotonic() + 30
-        for process in processes:
+        for process in processes.values():
             process.join(max(0.0, deadline - time.monotonic()))
             if process.exitcode is None:
                 process.kill()
