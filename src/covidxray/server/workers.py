@@ -44,13 +44,13 @@ def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
 
     def bound(port: int, reuse_port: bool) -> socket.socket | None:
         sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        except (AttributeError, OSError):  # no SO_REUSEPORT on this platform
-            sock.close()
-            return None
+            except (AttributeError, OSError):  # no SO_REUSEPORT on this platform
+                sock.close()
+                return None
         try:
             sock.bind((host, port))
         except OSError:
