@@ -493,6 +493,22 @@ def test_file_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
         load_image(path.read_bytes(), name="upload")
 
 
+def test_a_file_that_grew_after_its_size_was_checked_is_read_whole_and_still_limited(tmp_path, monkeypatch):
+    path = _noise(tmp_path / "growing.png")
+    size, real_stat = path.stat().st_size, os.stat
+
+    def stale_stat(p, *args, **kwargs):  # the size the file had a moment before it was written to the end
+        fields = list(real_stat(p, *args, **kwargs))
+        fields[6] = size // 2
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(imaging.os, "stat", stale_stat)
+    assert imaging._read_file(str(path)) == path.read_bytes()  # read on past the stale size
+    monkeypatch.setattr(imaging, "MAX_FILE_BYTES", size - 1)  # the stale size passes the check; what is read does not
+    with pytest.raises(ImageError, match=r"growing\.png: file is too large"):
+        load_image(path)
+
+
 def test_import_leaves_pillow_globals_alone():
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's default
