@@ -86,7 +86,7 @@ def main() -> None:
                                          for n in ("infer_speed", "load-fast-path", "listener", "load-fast-path-httpx"))
     rows = targets(speed, load, listener, load_httpx)
     table = ["| target | measured | limit | from | met |", "|---|---:|---:|---|---|"]
-    table += [f"| {t} | {m:.2f} | {lim:.2f} | {frm} | {'yes' if ok else 'no'} |" for t, m, lim, frm, ok in rows]
+    table += [f"| {t} | {m:.3f} | {lim:.2f} | {frm} | {'yes' if ok else 'no'} |" for t, m, lim, frm, ok in rows]
     table.append(f"\n{os.cpu_count()} CPUs; load average (1 min) {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after. "
                  f"{args.note}")
     save("fast-path", {"title": "The fast path end to end (issue 20's targets; the REST API: the median of 3 runs)",
