@@ -62,10 +62,10 @@ DISTINCT_IMAGES = 64  # decoded once; each instance is one of them under a new U
 TIMEOUT_S = 900
 
 
-def make_files(folder: Path, n: int, syntax: str) -> list[Path]:
-    """``n`` CR instance files (512x512, 12 bits) in ``syntax``, each with its own study and UIDs."""
+def make_files(folder: Path, n: int, syntax: str, side: int = 512) -> list[Path]:
+    """``n`` CR instance files (``side`` x ``side``, 12 bits) in ``syntax``, each with its own study and UIDs."""
     folder.mkdir(parents=True)
-    templates = [dicoms.compressed(ds, syntax, folder) for ds in dicoms.films(DATA / "manifest.csv", DISTINCT_IMAGES, 512)]
+    templates = [dicoms.compressed(ds, syntax, folder) for ds in dicoms.films(DATA / "manifest.csv", DISTINCT_IMAGES, side)]
     for f in folder.glob("*.dcm"):
         f.unlink()  # dcmcjpeg's scratch files
     paths = []
