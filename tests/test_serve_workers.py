@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,3 +140,71 @@ def test_workers_that_cannot_load_the_app_stop_the_server(caplog):
         close(socks)
     assert time.monotonic() - started < 60
     assert "could not start: stopping the others" in caplog.text
+
+
+def _pid_of_a_worker(port: int) -> int | None:
+    """The process ID a new connection to ``port`` is answered with (None: no answer within 5 s)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /pid HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        return int(answer.rsplit(b"\r\n\r\n", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped counts: it has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _until(condition, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_a_worker_that_hangs_is_killed_and_started_again(caplog):
+    """A worker whose event loop is stuck answers nothing, yet the kernel keeps giving its socket a share of the new
+    connections: its health checks go unanswered, so it is killed and another is started on its socket."""
+    caplog.set_level("DEBUG", "covidxray.server.workers")
+    socks = listening_sockets("127.0.0.1", 0, 2)
+    port, seen, hung = socks[0].getsockname()[1], {}, []
+
+    def drive() -> None:
+        try:
+            first = _until(lambda: len(pids := {_pid_of_a_worker(port) for _ in range(8)} - {None}) == 2 and pids)
+            seen["first"] = first
+            # Both have answered a health check (one that hangs before its first is given STARTUP_S to answer).
+            _until(lambda: all(f"worker process {p} answers its health checks" in caplog.text for p in first))
+            stuck = socket.create_connection(("127.0.0.1", port), timeout=5)  # a worker takes it, then hangs
+            stuck.sendall(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+            hung.append(_until(lambda: next((p for p in first if connections_of(p, port)), None)))
+            _until(lambda: _gone(hung[0]))
+            # Every new connection is answered again, by the worker left and the one started in its place.
+            seen["after"] = _until(lambda: len(p := [_pid_of_a_worker(port) for _ in range(16)]) == 16 and None not in p
+                                   and len(set(p)) == 2 and p)
+            stuck.close()
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # run_workers takes it: a graceful stop
+
+    driver = threading.Thread(target=drive)
+    try:
+        driver.start()
+        assert run_workers({"app": "workers_app:app", "log_level": "warning"}, socks, health_every_s=0.5,
+                           health_timeout_s=3) is True
+        driver.join(60)
+    finally:
+        close(socks)
+    assert hung and f"worker process {hung[0]} did not answer a health check within 3 s: killing it" in caplog.text
+    assert f"worker process {hung[0]} exited with -9; starting another on its socket" in caplog.text
+    survivor = seen["first"] - {hung[0]}
+    assert len(survivor) == 1 and survivor <= set(seen["after"]) and hung[0] not in seen["after"]

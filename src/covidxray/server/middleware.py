@@ -18,6 +18,7 @@ __all__ = ["RequestContext"]
 log = logging.getLogger("covidxray.server")
 
 _TAME_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a client's own ID is echoed only if it is this tame
+_PROBES = frozenset({"/healthz", "/readyz"})  # asked every few seconds (serve's workers' supervisor, load balancers): DEBUG
 
 
 class RequestContext:
@@ -62,6 +63,7 @@ class RequestContext:
                 response = JSONResponse(error_body("internal_error", f"internal server error (request {request_id})"), 500)
                 await response(scope, counting_receive, send_with_id)
         finally:
-            log.info("request_id=%s %s %s status=%d bytes_in=%d %.1f ms", request_id, scope["method"], scope["path"],
-                     status, received, 1000 * (time.perf_counter() - start))
+            log.log(logging.DEBUG if scope["path"] in _PROBES and status == 200 else logging.INFO,
+                    "request_id=%s %s %s status=%d bytes_in=%d %.1f ms", request_id, scope["method"], scope["path"],
+                    status, received, 1000 * (time.perf_counter() - start))
             current_request_id.reset(token)

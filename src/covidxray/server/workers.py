@@ -11,6 +11,12 @@ A worker that dies is started again on its socket (the connections the kernel ga
 queue); a worker that fails before it serves, or dies soon after its start three times running, stops them all. The
 sockets listen from the start, so connections made while the workers load their models wait rather than fail, and a
 second ``serve`` on the same port is refused at once.
+
+A worker that hangs (its event loop stuck, so it answers nothing, while the kernel still gives its socket a share of
+the new connections) is killed and started again: each worker also serves on a Unix socket of its own, in a private
+folder, and ``GET /healthz`` is asked there every `HEALTH_EVERY_S`. A worker that answered before and does not within
+`HEALTH_TIMEOUT_S`, or has not answered once `STARTUP_S` after its start, is killed (SIGKILL); it is then started again
+like any worker that died.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -33,6 +42,9 @@ __all__ = ["close", "listening_sockets", "run_workers"]
 log = logging.getLogger(__name__)
 
 QUICK_DEATH_S, QUICK_DEATHS = 10.0, 3  # a worker that dies this soon after its start, this many times running, stops all
+# A health check every 10 s; 30 s to answer (a probe waits behind what holds the event loop: a micro-batch takes
+# milliseconds); 300 s to answer a first time (loading the model takes seconds).
+HEALTH_EVERY_S, HEALTH_TIMEOUT_S, STARTUP_S = 10.0, 30.0, 300.0
 
 
 def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
@@ -99,8 +111,57 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(options: dict[str, Any], sock: socket.socket) -> None:
-    """One worker process: a uvicorn server on ``sock`` (uvicorn handles SIGINT and SIGTERM: a graceful stop)."""
+def _answers(path: Path, timeout_s: float) -> bool:
+    """Whether the worker behind the Unix socket ``path`` answers ``GET /healthz`` with 200 within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(str(path))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
+            head = b""
+            while len(head) < 12 and (left := deadline - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not (chunk := sock.recv(12 - len(head))):
+                    break
+                head += chunk
+            return head == b"HTTP/1.1 200"
+    except OSError:  # refused, reset, timed out
+        return False
+
+
+def _check_health(processes: dict, started_at: dict[int, float], controls: list[Path], done: threading.Event,
+                  every_s: float, timeout_s: float) -> None:
+    """Until ``done``: every ``every_s``, ask each worker's control socket for ``/healthz``, and kill a worker that does
+    not answer within ``timeout_s`` though it answered before, or has not answered `STARTUP_S` after its start."""
+    served: set[int] = set()  # the workers (by process ID) that have answered once
+    while not done.wait(every_s):
+        for i, process in list(processes.items()):
+            if process.exitcode is not None:
+                continue
+            if _answers(controls[i], timeout_s):
+                if process.pid not in served:
+                    log.debug("worker process %d answers its health checks", process.pid)
+                served.add(process.pid)
+            elif not done.is_set() and (process.pid in served or time.monotonic() - started_at[i] > STARTUP_S):
+                log.error("worker process %d did not answer a health check within %g s: killing it", process.pid, timeout_s)
+                process.kill()
+
+
+def _control_sockets(folder: Path, n: int) -> list[socket.socket]:
+    """A listening Unix socket per worker in ``folder`` (this user's only): where its health is asked."""
+    socks = []
+    for i in range(n):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(folder / f"worker-{i}.sock"))
+        sock.listen(16)
+        socks.append(sock)
+    return socks
+
+
+def _worker(options: dict[str, Any], sock: socket.socket, control: socket.socket) -> None:
+    """One worker process: a uvicorn server on ``sock`` and its ``control`` socket (uvicorn handles SIGINT and SIGTERM:
+    a graceful stop)."""
     import uvicorn
 
     threading.Thread(target=_stop_with_parent, name="covidxray-parent-watch", daemon=True).start()
@@ -111,18 +172,21 @@ def _worker(options: dict[str, Any], sock: socket.socket) -> None:
         logging.getLogger("uvicorn.error").exception("the app could not be loaded")
         sys.exit(STARTUP_FAILURE)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=[sock, control])  # the port first: uvicorn's log names the first
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again after its graceful stop
         pass
 
 
-def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
+def run_workers(options: dict[str, Any], socks: list[socket.socket], health_every_s: float = HEALTH_EVERY_S,
+                health_timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
     """Run a uvicorn worker per socket until SIGINT, SIGTERM or SIGHUP; False when one could not start (the others are
     then stopped): it failed before serving, or died within `QUICK_DEATH_S` of its start `QUICK_DEATHS` times in a row.
+    A worker that stops answering its health checks is killed and started again (`_check_health`).
 
     Args:
         options: `uvicorn.Config`'s arguments (the app as an import string: workers are spawned processes).
         socks: from `listening_sockets`.
+        health_every_s, health_timeout_s: how often each worker is asked for ``/healthz``, and how long it has to answer.
     """
     context = multiprocessing.get_context("spawn")
     stopping: list[int] = []
@@ -131,9 +195,12 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
     processes: dict[int, multiprocessing.process.BaseProcess] = {}  # by socket
     started_at: dict[int, float] = {}
     quick = dict.fromkeys(range(len(socks)), 0)  # deaths soon after a start, in a row
+    folder = Path(tempfile.mkdtemp(prefix="covidxray-workers-"))  # 0700: only this user reaches the control sockets
+    controls = _control_sockets(folder, len(socks))
+    done = threading.Event()
 
     def start(i: int) -> None:
-        processes[i] = context.Process(target=_worker, args=(options, socks[i]), name=f"covidxray-worker-{i}")
+        processes[i] = context.Process(target=_worker, args=(options, socks[i], controls[i]), name=f"covidxray-worker-{i}")
         processes[i].start()
         started_at[i] = time.monotonic()
 
@@ -152,6 +219,9 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
     try:
         for i in range(len(socks)):
             start(i)
+        threading.Thread(target=_check_health, args=(processes, started_at, [Path(c.getsockname()) for c in controls],
+                                                     done, health_every_s, health_timeout_s),
+                         name="covidxray-worker-health", daemon=True).start()
         while not stopping:
             wait([p.sentinel for p in processes.values()], timeout=0.5)
             for i, process in list(processes.items()):
@@ -163,15 +233,23 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket]) -> bool:
                 else:
                     start(i)
     finally:
-        for process in processes.values():
-            if process.exitcode is None:
-                process.terminate()
-        deadline = time.monotonic() + 30
-        for process in processes.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
-                process.kill()
-                process.join()
+        done.set()
+        _stop(list(processes.values()))
+        close(controls)  # type: ignore[arg-type]
+        shutil.rmtree(folder, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return ok
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM (uvicorn's graceful stop), then SIGKILL what is still running 30 s later."""
+    for process in processes:
+        if process.exitcode is None:
+            process.terminate()
+    deadline = time.monotonic() + 30
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            process.kill()
+            process.join()
