@@ -190,8 +190,8 @@ def children_cpu(pid: int) -> float:
 
 def busy_cpu() -> float:
     """CPU time the whole machine has spent busy (every process, this one and the senders included; /proc/stat)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    user, nice, system, _, _, irq, softirq = (int(v) for v in Path("/proc/stat").read_text().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")  # not idle, iowait, steal (or guest: in user)
 
 
 def kill_run(paths: list[Path], work: Path, senders: int, sender: str = "storescu") -> dict:

@@ -163,9 +163,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _until(condition, timeout_s: float = 60):
+def _until(condition, timeout_s: float = 60, stop: threading.Event | None = None):
+    """``condition()``'s first true value, asked every 0.1 s; AssertionError after ``timeout_s`` or once ``stop`` is set."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         if value := condition():
             return value
         time.sleep(0.1)
@@ -177,32 +178,40 @@ def test_a_worker_that_hangs_is_killed_and_started_again(caplog):
     connections: its health checks go unanswered, so it is killed and another is started on its socket."""
     caplog.set_level("DEBUG", "covidxray.server.workers")
     socks = listening_sockets("127.0.0.1", 0, 2)
-    port, seen, hung = socks[0].getsockname()[1], {}, []
+    port, seen, hung, returned = socks[0].getsockname()[1], {}, [], threading.Event()
 
     def drive() -> None:
+        stuck = None
         try:
-            first = _until(lambda: len(pids := {_pid_of_a_worker(port) for _ in range(8)} - {None}) == 2 and pids)
+            first = _until(lambda: len(pids := {_pid_of_a_worker(port) for _ in range(8)} - {None}) == 2 and pids,
+                           stop=returned)
             seen["first"] = first
             # Both have answered a health check (one that hangs before its first is given STARTUP_S to answer).
-            _until(lambda: all(f"worker process {p} answers its health checks" in caplog.text for p in first))
+            _until(lambda: all(f"worker process {p} answers its health checks" in caplog.text for p in first), stop=returned)
             stuck = socket.create_connection(("127.0.0.1", port), timeout=5)  # a worker takes it, then hangs
             stuck.sendall(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
-            hung.append(_until(lambda: next((p for p in first if connections_of(p, port)), None)))
-            _until(lambda: _gone(hung[0]))
+            hung.append(_until(lambda: next((p for p in first if connections_of(p, port)), None), stop=returned))
+            _until(lambda: _gone(hung[0]), stop=returned)
             # Every new connection is answered again, by the worker left and the one started in its place.
             seen["after"] = _until(lambda: len(p := [_pid_of_a_worker(port) for _ in range(16)]) == 16 and None not in p
-                                   and len(set(p)) == 2 and p)
-            stuck.close()
+                                   and len(set(p)) == 2 and p, stop=returned)
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # run_workers takes it: a graceful stop
+            if stuck is not None:
+                stuck.close()
+            if not returned.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)  # run_workers takes it: a graceful stop
 
+    # A SIGTERM that arrives after run_workers has put the handler back is ignored, not the end of the test session.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     driver = threading.Thread(target=drive)
     try:
         driver.start()
         assert run_workers({"app": "workers_app:app", "log_level": "warning"}, socks, health_every_s=0.5,
                            health_timeout_s=3) is True
-        driver.join(60)
     finally:
+        returned.set()
+        driver.join()
+        signal.signal(signal.SIGTERM, previous)
         close(socks)
     assert hung and f"worker process {hung[0]} did not answer a health check within 3 s: killing it" in caplog.text
     assert f"worker process {hung[0]} exited with -9; starting another on its socket" in caplog.text

@@ -336,6 +336,8 @@ def _serve_workers(args: argparse.Namespace, workers: int, options: dict) -> int
             if not run_workers({"app": "covidxray.server:app_from_environment", "factory": True, "access_log": False,
                                 "log_level": "info"}, socks):
                 raise CovidXrayError("a server process could not start; its log above says why")
+    except OSError as e:  # the workers' control sockets (a temporary folder that cannot be written, say)
+        raise CovidXrayError(f"cannot start the server's workers: {e}") from None
     finally:
         close(socks)
     return 0

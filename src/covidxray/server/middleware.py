@@ -13,12 +13,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api_errors import current_request_id, error_body
 
-__all__ = ["RequestContext"]
+__all__ = ["RequestContext", "supervisor_probe"]
 
 log = logging.getLogger("covidxray.server")
 
 _TAME_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # a client's own ID is echoed only if it is this tame
 _PROBES = frozenset({"/healthz", "/readyz"})  # asked every few seconds (serve's workers' supervisor, load balancers): DEBUG
+
+
+def supervisor_probe(scope: Scope) -> bool:
+    """Whether a request is ``serve --workers``' health check: ``/healthz`` over a worker's Unix control socket (no
+    client address). Not counted in ``/metrics``."""
+    return scope.get("client") is None and scope.get("path") == "/healthz"
 
 
 class RequestContext:

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..telemetry import CONTENT_TYPE, Telemetry
+from .middleware import supervisor_probe
 
 __all__ = ["RequestMetrics", "metrics_router"]
 
@@ -41,7 +42,7 @@ class RequestMetrics:
         self.app, self.telemetry = app, telemetry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or supervisor_probe(scope):
             await self.app(scope, receive, send)
             return
         start, status, body = time.perf_counter(), 0, bytearray()

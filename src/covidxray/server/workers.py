@@ -14,13 +14,14 @@ second ``serve`` on the same port is refused at once.
 
 A worker that hangs (its event loop stuck, so it answers nothing, while the kernel still gives its socket a share of
 the new connections) is killed and started again: each worker also serves on a Unix socket of its own, in a private
-folder, and ``GET /healthz`` is asked there every `HEALTH_EVERY_S`. A worker that answered before and does not within
+folder, and ``GET /healthz`` is asked there, of every worker at once, `HEALTH_EVERY_S` after the last round. A worker that answered before and does not within
 `HEALTH_TIMEOUT_S`, or has not answered once `STARTUP_S` after its start, is killed (SIGKILL); it is then started again
 like any worker that died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -31,8 +32,10 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 from uvicorn.config import STARTUP_FAILURE
@@ -42,8 +45,8 @@ __all__ = ["close", "listening_sockets", "run_workers"]
 log = logging.getLogger(__name__)
 
 QUICK_DEATH_S, QUICK_DEATHS = 10.0, 3  # a worker that dies this soon after its start, this many times running, stops all
-# A health check every 10 s; 30 s to answer (a probe waits behind what holds the event loop: a micro-batch takes
-# milliseconds); 300 s to answer a first time (loading the model takes seconds).
+# A health check every 10 s; 30 s to answer (the event loop only hands work to threads: the API's decoding and model
+# calls run in them); 300 s to answer a first time (loading the model takes seconds).
 HEALTH_EVERY_S, HEALTH_TIMEOUT_S, STARTUP_S = 10.0, 30.0, 300.0
 
 
@@ -132,31 +135,48 @@ def _answers(path: Path, timeout_s: float) -> bool:
 
 def _check_health(processes: dict, started_at: dict[int, float], controls: list[Path], done: threading.Event,
                   every_s: float, timeout_s: float) -> None:
-    """Until ``done``: every ``every_s``, ask each worker's control socket for ``/healthz``, and kill a worker that does
-    not answer within ``timeout_s`` though it answered before, or has not answered `STARTUP_S` after its start."""
-    served: set[int] = set()  # the workers (by process ID) that have answered once
-    while not done.wait(every_s):
-        for i, process in list(processes.items()):
-            if process.exitcode is not None:
-                continue
-            if _answers(controls[i], timeout_s):
-                if process.pid not in served:
-                    log.debug("worker process %d answers its health checks", process.pid)
-                served.add(process.pid)
-            elif not done.is_set() and (process.pid in served or time.monotonic() - started_at[i] > STARTUP_S):
-                log.error("worker process %d did not answer a health check within %g s: killing it", process.pid, timeout_s)
-                process.kill()
+    """Until ``done``: ``every_s`` after each round, ask every worker's control socket for ``/healthz`` (all at once),
+    and kill a worker that does not answer within ``timeout_s`` though it answered before, or has not answered
+    `STARTUP_S` after its start. The main loop then starts another, as for any worker that died."""
+    served: set = set()  # the worker processes that have answered once
+    with ThreadPoolExecutor(len(controls), thread_name_prefix="covidxray-health") as pool:
+        while not done.wait(every_s):
+            try:
+                now = dict(processes)
+                answered = dict(zip(now, pool.map(lambda i: _answers(controls[i], timeout_s), now)))
+                for i, process in now.items():
+                    if answered[i]:
+                        if process not in served:
+                            log.debug("worker process %d answers its health checks", process.pid)
+                        served.add(process)
+                    elif (not done.is_set() and process.exitcode is None and processes.get(i) is process  # not gone
+                          and (process in served or time.monotonic() - started_at[i] > STARTUP_S)):
+                        log.error("worker process %d did not answer a health check within %g s: killing it",
+                                  process.pid, timeout_s)
+                        process.kill()
+                served &= set(processes.values())
+            except Exception:  # noqa: BLE001 - the checks must go on; a dead thread would end them without a word
+                log.exception("the workers' health check failed; trying again in %g s", every_s)
 
 
-def _control_sockets(folder: Path, n: int) -> list[socket.socket]:
-    """A listening Unix socket per worker in ``folder`` (this user's only): where its health is asked."""
-    socks = []
-    for i in range(n):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(folder / f"worker-{i}.sock"))
-        sock.listen(16)
-        socks.append(sock)
-    return socks
+@contextlib.contextmanager
+def _control_sockets(n: int) -> Iterator[list[socket.socket]]:
+    """A listening Unix socket per worker, where its health is asked, in a folder of this user's only (0700); both are
+    gone afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="covidxray-workers-"))
+    if len(os.fsencode(folder / f"worker-{n}.sock")) > 100:  # a Unix socket's path holds 107 bytes: a long TMPDIR
+        shutil.rmtree(folder)
+        folder = Path(tempfile.mkdtemp(prefix="covidxray-workers-", dir="/tmp"))
+    socks: list[socket.socket] = []
+    try:
+        for i in range(n):
+            socks.append(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            socks[-1].bind(str(folder / f"worker-{i}.sock"))
+            socks[-1].listen()
+        yield socks
+    finally:
+        close(socks)  # type: ignore[arg-type]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _worker(options: dict[str, Any], sock: socket.socket, control: socket.socket) -> None:
@@ -172,7 +192,7 @@ def _worker(options: dict[str, Any], sock: socket.socket, control: socket.socket
         logging.getLogger("uvicorn.error").exception("the app could not be loaded")
         sys.exit(STARTUP_FAILURE)
     try:
-        uvicorn.Server(config).run(sockets=[sock, control])  # the port first: uvicorn's log names the first
+        uvicorn.Server(config).run(sockets=[sock, control])
     except KeyboardInterrupt:  # uvicorn raises Ctrl-C's SIGINT again after its graceful stop
         pass
 
@@ -189,20 +209,14 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket], health_ever
         health_every_s, health_timeout_s: how often each worker is asked for ``/healthz``, and how long it has to answer.
     """
     context = multiprocessing.get_context("spawn")
-    stopping: list[int] = []
-    previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig))
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     processes: dict[int, multiprocessing.process.BaseProcess] = {}  # by socket
     started_at: dict[int, float] = {}
     quick = dict.fromkeys(range(len(socks)), 0)  # deaths soon after a start, in a row
-    folder = Path(tempfile.mkdtemp(prefix="covidxray-workers-"))  # 0700: only this user reaches the control sockets
-    controls = _control_sockets(folder, len(socks))
-    done = threading.Event()
 
     def start(i: int) -> None:
-        processes[i] = context.Process(target=_worker, args=(options, socks[i], controls[i]), name=f"covidxray-worker-{i}")
-        processes[i].start()
-        started_at[i] = time.monotonic()
+        process = context.Process(target=_worker, args=(options, socks[i], controls[i]), name=f"covidxray-worker-{i}")
+        process.start()
+        started_at[i], processes[i] = time.monotonic(), process  # in this order: the health checks read both
 
     def failed(i: int) -> bool:
         """Whether worker ``i``'s exit ends the server (else it is started again)."""
@@ -215,30 +229,32 @@ def run_workers(options: dict[str, Any], socks: list[socket.socket], health_ever
         log.error("worker process %d exited with %s; starting another on its socket", process.pid, process.exitcode)
         return False
 
-    ok = True
-    try:
-        for i in range(len(socks)):
-            start(i)
-        threading.Thread(target=_check_health, args=(processes, started_at, [Path(c.getsockname()) for c in controls],
-                                                     done, health_every_s, health_timeout_s),
-                         name="covidxray-worker-health", daemon=True).start()
-        while not stopping:
-            wait([p.sentinel for p in processes.values()], timeout=0.5)
-            for i, process in list(processes.items()):
-                if process.exitcode is None or stopping:
-                    continue
-                if failed(i):
-                    stopping.append(0)
-                    ok = False
-                else:
-                    start(i)
-    finally:
-        done.set()
-        _stop(list(processes.values()))
-        close(controls)  # type: ignore[arg-type]
-        shutil.rmtree(folder, ignore_errors=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with _control_sockets(len(socks)) as controls:
+        stopping: list[int] = []
+        previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig))
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        done, ok = threading.Event(), True
+        try:
+            for i in range(len(socks)):
+                start(i)
+            threading.Thread(target=_check_health, args=(processes, started_at, [Path(c.getsockname()) for c in controls],
+                                                         done, health_every_s, health_timeout_s),
+                             name="covidxray-worker-health", daemon=True).start()
+            while not stopping:
+                wait([p.sentinel for p in processes.values()], timeout=0.5)
+                for i, process in list(processes.items()):
+                    if process.exitcode is None or stopping:
+                        continue
+                    if failed(i):
+                        stopping.append(0)
+                        ok = False
+                    else:
+                        start(i)
+        finally:
+            done.set()
+            _stop(list(processes.values()))
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return ok
 
 
