@@ -14,7 +14,8 @@ After each throughput run the listener's ``/metrics`` is read and its answers by
 compared with the database's rows by label (they must agree); the listener process's CPU time
 (every thread, from /proc) gives its CPU per instance and the cores it used, while the senders
 were sending and overall (2 cores: 2.0 is all of them); beside it, while sending, the cores its classifier process used
-and those the whole machine used (senders and this bench included: what is left of 2.0 was idle).
+and those the whole machine used (senders and this bench included: what is left of 2.0 was idle), and the CPU the
+``storescu`` processes took per instance.
 
 The senders are dcmtk's ``storescu`` by default (``--sender storescu``: one process each, C++, as a modality
 or PACS would send), or pynetdicom threads in this process (``--sender pynetdicom``, the tests' client: several
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -158,11 +160,13 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     acked: list[Path] = []
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start, cpu_start, classifying_start, busy_start = time.perf_counter(), cpu_seconds(proc.pid), children_cpu(proc.pid), busy_cpu()
+    senders_start = reaped_cpu()
     try:
         for t in send(paths, port, senders, acked, failures, sender):
             t.join()
         sent, cpu_sent, classifying_sent, busy_sent = (time.perf_counter(), cpu_seconds(proc.pid), children_cpu(proc.pid),
                                                        busy_cpu())
+        senders_cpu = reaped_cpu() - senders_start  # the storescu processes, each waited for by its thread
         done = wait_recorded(db, {uids[p] for p in acked})
         cpu = cpu_seconds(proc.pid) - cpu_start
         checked = metrics_against_rows(log, db)
@@ -178,7 +182,9 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
             "listener_cores_while_sending": round((cpu_sent - cpu_start) / (sent - start), 2),
             "listener_cores": round(cpu / (done - start), 2),
             "classifier_process_cores_while_sending": round((classifying_sent - classifying_start) / (sent - start), 2),
-            "machine_cores_while_sending": round((busy_sent - busy_start) / (sent - start), 2), **checked, "not_acknowledged": failures,
+            "machine_cores_while_sending": round((busy_sent - busy_start) / (sent - start), 2),
+            "sender_processes_cpu_ms_per_instance": (round(senders_cpu / max(1, len(acked)) * 1000, 2)
+                                                     if sender == "storescu" else None), **checked, "not_acknowledged": failures,
             "slow_spool_writes": [line for line in log.read_text().splitlines() if "spooling one instance" in line],
             **({"listener_log_tail": log.read_text().splitlines()[-15:]} if failures else {})}
 
@@ -186,6 +192,12 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
 def children_cpu(pid: int) -> float:
     """CPU time of the listener's child processes (its classifier process), without its own."""
     return sum(cpu_seconds(c, child=True) for c in child_pids(pid))
+
+
+def reaped_cpu() -> float:
+    """CPU time of this process's child processes that have ended and been waited for (the senders, after a run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def busy_cpu() -> float:
@@ -319,13 +331,14 @@ def main() -> None:
                 kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders, args.sender)]
     table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s | "
              "listener CPU ms per instance | cores it used (while sending) | its classifier process, while sending | "
-             "the whole machine, while sending |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the whole machine, while sending | storescu CPU ms per instance |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
               f"{({True: 'yes', False: 'NO'}).get(r.get('metrics_agree'), '—')} | "
               f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} | {r.get('listener_cpu_ms_per_instance', '—')} | "
               f"{r.get('listener_cores', '—')} ({r.get('listener_cores_while_sending', '—')}) | "
-              f"{r.get('classifier_process_cores_while_sending', '—')} | {r.get('machine_cores_while_sending', '—')} |" for r in rows]
+              f"{r.get('classifier_process_cores_while_sending', '—')} | {r.get('machine_cores_while_sending', '—')} | "
+              f"{r.get('sender_processes_cpu_ms_per_instance') or '—'} |" for r in rows]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0)")
     save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders ({args.sender}), 512x512 CR, end to end", "rows": rows,
