@@ -14,9 +14,9 @@ second ``serve`` on the same port is refused at once.
 
 A worker that hangs (its event loop stuck, so it answers nothing, while the kernel still gives its socket a share of
 the new connections) is killed and started again: each worker also serves on a Unix socket of its own, in a private
-folder, and ``GET /healthz`` is asked there, of every worker at once, `HEALTH_EVERY_S` after the last round. A worker that answered before and does not within
-`HEALTH_TIMEOUT_S`, or has not answered once `STARTUP_S` after its start, is killed (SIGKILL); it is then started again
-like any worker that died.
+folder, and ``GET /healthz`` is asked there, of every worker at once, `HEALTH_EVERY_S` after the last round. A worker
+that answered before and does not within `HEALTH_TIMEOUT_S`, or has not answered once `STARTUP_S` after its start, is
+killed (SIGKILL); it is then started again like any worker that died.
 """
 
 from __future__ import annotations
