@@ -11,11 +11,12 @@ spooled (fsync), classified and committed. Runs: uncompressed (explicit VR littl
 Lossless SV1 (dcmtk's ``dcmcjpeg``), and a kill -9 of the listener half-way through a stream
 followed by a restart, counting acknowledged instances missing from the database and duplicates.
 After each throughput run the listener's ``/metrics`` is read and its answers by label are
-compared with the database's rows by label (they must agree); the listener process's CPU time
-(every thread, from /proc) gives its CPU per instance and the cores it used, while the senders
-were sending and overall (2 cores: 2.0 is all of them); beside it, while sending, the cores its classifier process used
-and those the whole machine used (senders and this bench included: what is left of 2.0 was idle), and the CPU the
-``storescu`` processes took per instance.
+compared with the database's rows by label (they must agree). From /proc, every thread counted:
+the listener's CPU per instance (and its classifier process's), and the cores it used while the
+senders were sending and overall (2 cores: 2.0 is all of them); while sending, the cores its
+classifier process used, those the whole machine used (senders and this bench included: what is
+left of 2.0 was idle), and the receiving process's own CPU per instance as user and system time
+(its classifier process left out); and the CPU the ``storescu`` processes took per instance.
 
 The senders are dcmtk's ``storescu`` by default (``--sender storescu``: one process each, C++, as a modality
 or PACS would send), or pynetdicom threads in this process (``--sender pynetdicom``, the tests' client: several
@@ -160,15 +161,16 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
     acked: list[Path] = []
     failures: list[str] = []  # C-STOREs not acknowledged (refused, timed out, association aborted): not the listener's to keep
     start, cpu_start, classifying_start, busy_start = time.perf_counter(), cpu_seconds(proc.pid), children_cpu(proc.pid), busy_cpu()
-    senders_start = reaped_cpu()
+    senders_start, receiving_start = reaped_cpu(), own_cpu(proc.pid)
     try:
         for t in send(paths, port, senders, acked, failures, sender):
             t.join()
         sent, cpu_sent, classifying_sent, busy_sent = (time.perf_counter(), cpu_seconds(proc.pid), children_cpu(proc.pid),
                                                        busy_cpu())
         senders_cpu = reaped_cpu() - senders_start  # the storescu processes, each waited for by its thread
+        receiving = [b - a for a, b in zip(receiving_start, own_cpu(proc.pid))]
         done = wait_recorded(db, {uids[p] for p in acked})
-        cpu = cpu_seconds(proc.pid) - cpu_start
+        cpu, classifying = cpu_seconds(proc.pid) - cpu_start, children_cpu(proc.pid) - classifying_start
         checked = metrics_against_rows(log, db)
     finally:  # a failed check must not leave the listener running
         proc.terminate()
@@ -181,8 +183,11 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
             "listener_cpu_ms_per_instance": round(cpu / max(1, len(acked)) * 1000, 1),
             "listener_cores_while_sending": round((cpu_sent - cpu_start) / (sent - start), 2),
             "listener_cores": round(cpu / (done - start), 2),
+            "classifier_process_cpu_ms_per_instance": round(classifying / max(1, len(acked)) * 1000, 1),
             "classifier_process_cores_while_sending": round((classifying_sent - classifying_start) / (sent - start), 2),
             "machine_cores_while_sending": round((busy_sent - busy_start) / (sent - start), 2),
+            "receiving_process_user_ms_per_instance": round(receiving[0] / max(1, len(acked)) * 1000, 2),
+            "receiving_process_system_ms_per_instance": round(receiving[1] / max(1, len(acked)) * 1000, 2),
             "sender_processes_cpu_ms_per_instance": (round(senders_cpu / max(1, len(acked)) * 1000, 2)
                                                      if sender == "storescu" else None), **checked, "not_acknowledged": failures,
             "slow_spool_writes": [line for line in log.read_text().splitlines() if "spooling one instance" in line],
@@ -192,6 +197,13 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
 def children_cpu(pid: int) -> float:
     """CPU time of the listener's child processes (its classifier process), without its own."""
     return sum(cpu_seconds(c, child=True) for c in child_pids(pid))
+
+
+def own_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU time of the listener's own threads (the receiving: pynetdicom, the spool, the database), its
+    classifier process left out."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def reaped_cpu() -> float:
@@ -298,6 +310,12 @@ def save_comparison(args: argparse.Namespace, rows: list[dict], medians: dict, l
     print(f"medians {medians}, ratio {ratio}")
 
 
+def _split(row: dict) -> str:
+    if "receiving_process_user_ms_per_instance" not in row:
+        return "—"
+    return f"{row['receiving_process_user_ms_per_instance']} + {row['receiving_process_system_ms_per_instance']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=400)
@@ -330,15 +348,18 @@ def main() -> None:
                     sender=args.sender),
                 kill_run(make_files(work / "kill", args.kill_instances, uid.ExplicitVRLittleEndian), work, args.senders, args.sender)]
     table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s | "
-             "listener CPU ms per instance | cores it used (while sending) | its classifier process, while sending | "
-             "the whole machine, while sending | storescu CPU ms per instance |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "listener CPU ms per instance (its classifier process's) | cores it used (while sending) | "
+             "its classifier process, while sending | "
+             "the whole machine, while sending | receiving process CPU ms per instance, user + system (while sending) | "
+             "storescu CPU ms per instance |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
               f"{({True: 'yes', False: 'NO'}).get(r.get('metrics_agree'), '—')} | "
-              f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} | {r.get('listener_cpu_ms_per_instance', '—')} | "
+              f"{r.get('end_to_end_s', '—')} | {r.get('instances_per_s', '—')} | "
+              f"{r.get('listener_cpu_ms_per_instance', '—')} ({r.get('classifier_process_cpu_ms_per_instance', '—')}) | "
               f"{r.get('listener_cores', '—')} ({r.get('listener_cores_while_sending', '—')}) | "
               f"{r.get('classifier_process_cores_while_sending', '—')} | {r.get('machine_cores_while_sending', '—')} | "
-              f"{r.get('sender_processes_cpu_ms_per_instance') or '—'} |" for r in rows]
+              f"{_split(r)} | {r.get('sender_processes_cpu_ms_per_instance') or '—'} |" for r in rows]
     note = args.note or (f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
                          "(2 cores: other work shares them when it is above 0)")
     save("listener", {"title": f"DICOM listener — {args.senders} concurrent senders ({args.sender}), 512x512 CR, end to end", "rows": rows,
