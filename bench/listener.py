@@ -12,11 +12,11 @@ Lossless SV1 (dcmtk's ``dcmcjpeg``), and a kill -9 of the listener half-way thro
 followed by a restart, counting acknowledged instances missing from the database and duplicates.
 After each throughput run the listener's ``/metrics`` is read and its answers by label are
 compared with the database's rows by label (they must agree). From /proc, every thread counted:
-the listener's CPU per instance (and its classifier process's), and the cores it used while the
-senders were sending and overall (2 cores: 2.0 is all of them); while sending, the cores its
-classifier process used, those the whole machine used (senders and this bench included: what is
-left of 2.0 was idle), and the receiving process's own CPU per instance as user and system time
-(its classifier process left out); and the CPU the ``storescu`` processes took per instance.
+the listener's CPU per instance, its classifier process's, and the rest (the receiving process's own
+threads: pynetdicom, the spool, the database) as user and system time; the cores the listener used
+while the senders were sending and overall (2 cores: 2.0 is all of them); while sending, the cores
+its classifier process used and those the whole machine used (senders and this bench included: what
+is left of 2.0 was idle); and the CPU the ``storescu`` processes took per instance.
 
 The senders are dcmtk's ``storescu`` by default (``--sender storescu``: one process each, C++, as a modality
 or PACS would send), or pynetdicom threads in this process (``--sender pynetdicom``, the tests' client: several
@@ -168,9 +168,9 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
         sent, cpu_sent, classifying_sent, busy_sent = (time.perf_counter(), cpu_seconds(proc.pid), children_cpu(proc.pid),
                                                        busy_cpu())
         senders_cpu = reaped_cpu() - senders_start  # the storescu processes, each waited for by its thread
-        receiving = [b - a for a, b in zip(receiving_start, own_cpu(proc.pid))]
         done = wait_recorded(db, {uids[p] for p in acked})
         cpu, classifying = cpu_seconds(proc.pid) - cpu_start, children_cpu(proc.pid) - classifying_start
+        receiving = [b - a for a, b in zip(receiving_start, own_cpu(proc.pid))]  # the same window: its CPU less the child's
         checked = metrics_against_rows(log, db)
     finally:  # a failed check must not leave the listener running
         proc.terminate()
@@ -350,7 +350,7 @@ def main() -> None:
     table = ["| run | instances | acknowledged | lost | duplicated | /metrics agree with rows | end to end s | instances/s | "
              "listener CPU ms per instance (its classifier process's) | cores it used (while sending) | "
              "its classifier process, while sending | "
-             "the whole machine, while sending | receiving process CPU ms per instance, user + system (while sending) | "
+             "the whole machine, while sending | receiving process CPU ms per instance, user + system | "
              "storescu CPU ms per instance |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     # lost: acknowledged (success status sent back) but missing from the database; duplicated: rows beyond one per instance
     table += [f"| {r['run']} | {r['instances']} | {r['acknowledged']} | {r['lost']} | {r['duplicated']} | "
