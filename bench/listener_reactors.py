@@ -82,7 +82,7 @@ def main() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(work / "patch"), *([stock_path] if stock_path else [])])
         paths = make_files(work / "films", args.instances, uid.ExplicitVRLittleEndian)
         try:
-            for r in range(args.repeat):
+            for _ in range(args.repeat):
                 for way, patches in WAYS.items():
                     os.environ["COVIDXRAY_BENCH_REACTORS"] = patches
                     name = f"run-{len(rows)}"
