@@ -20,16 +20,21 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def own_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process (Linux /proc), all its threads, its child processes left out."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int, child: bool = False) -> float:
     """User + system CPU time of a process (Linux /proc), all its threads and its living child processes included
     (a child that ends while it is read counts 0: its time is gone with it)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = sum(own_cpu(pid))
     except FileNotFoundError:
         if child:
             return 0.0
         raise
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return own + sum(cpu_seconds(c, child=True) for c in child_pids(pid))
 
 

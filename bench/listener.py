@@ -52,7 +52,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread, uid
 
-from common import ROOT, child_pids, cpu_seconds, save
+from common import ROOT, child_pids, cpu_seconds, own_cpu, save
 
 sys.path.insert(0, str(ROOT / "tests"))
 import dicoms  # noqa: E402  (the tests' DICOM builders: CR films from real X-rays, dcmcjpeg)
@@ -197,13 +197,6 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
 def children_cpu(pid: int) -> float:
     """CPU time of the listener's child processes (its classifier process), without its own."""
     return sum(cpu_seconds(c, child=True) for c in child_pids(pid))
-
-
-def own_cpu(pid: int) -> tuple[float, float]:
-    """User and system CPU time of the listener's own threads (the receiving: pynetdicom, the spool, the database), its
-    classifier process left out."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def reaped_cpu() -> float:
