@@ -35,7 +35,12 @@ def cpu_seconds(pid: int, child: bool = False) -> float:
         if child:
             return 0.0
         raise
-    return own + sum(cpu_seconds(c, child=True) for c in child_pids(pid))
+    return own + children_cpu(pid)
+
+
+def children_cpu(pid: int) -> float:
+    """User + system CPU time of the living child processes of ``pid`` (and theirs), without its own."""
+    return sum(cpu_seconds(c, child=True) for c in child_pids(pid))
 
 
 def child_pids(pid: int) -> list[int]:

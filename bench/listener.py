@@ -52,7 +52,7 @@ import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread, uid
 
-from common import ROOT, child_pids, cpu_seconds, own_cpu, save
+from common import ROOT, children_cpu, cpu_seconds, own_cpu, save
 
 sys.path.insert(0, str(ROOT / "tests"))
 import dicoms  # noqa: E402  (the tests' DICOM builders: CR films from real X-rays, dcmcjpeg)
@@ -192,11 +192,6 @@ def run(paths: list[Path], work: Path, senders: int, name: str, db: str | Path |
                                                      if sender == "storescu" else None), **checked, "not_acknowledged": failures,
             "slow_spool_writes": [line for line in log.read_text().splitlines() if "spooling one instance" in line],
             **({"listener_log_tail": log.read_text().splitlines()[-15:]} if failures else {})}
-
-
-def children_cpu(pid: int) -> float:
-    """CPU time of the listener's child processes (its classifier process), without its own."""
-    return sum(cpu_seconds(c, child=True) for c in child_pids(pid))
 
 
 def reaped_cpu() -> float:
